@@ -1,0 +1,287 @@
+"""The method contract: a read-only view of the cache in, a plan of what to keep (and merge) out.
+
+Methods are pure numpy: nothing here imports llama.cpp. The runtime builds a `KVView` from the parsed
+state blob, calls `method.plan(view, budget)`, and the packer (`edgekv.kv.packer`) writes the plan back
+with per-slot packing (design.md section 2): every (layer, KV head) slot row may hold a different token.
+
+Shapes: L layers of the compressed cache block, H_kv KV heads, H query heads (group g = H / H_kv),
+T tokens (cells) in position order, d head dim, W captured query-window length (last W prompt tokens).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import ClassVar, Literal
+
+import numpy as np
+
+from edgekv.errors import BudgetError
+
+Modality = Literal["text", "media"]
+
+
+@dataclass(frozen=True)
+class Span:
+    """Tokens [start, stop) of one prompt piece. `media_index` numbers images/frames (-1 for text)."""
+
+    start: int
+    stop: int
+    kind: Modality
+    media_index: int = -1
+
+
+@dataclass(eq=False)
+class KVView:
+    """What a method may look at. Arrays are read-only float32.
+
+    keys, values: [L, H_kv, T, d] post-RoPE K and V as cached, tokens in position order.
+    candidates:   [T] bool, tokens the method may evict or merge (the media spans by default). Every
+                  other token is protected: the packer keeps it at its true position in every layer.
+    spans:        the prompt pieces covering [0, T) with their modality.
+    queries:      [L, H, W, d] post-RoPE queries of the last W prompt tokens (the observation window,
+                  the tail of the question), or None when no window was captured (flash attention
+                  callers that skip capture, multi-turn before the question is known).
+    scale:        attention scale from the model's hyper-parameters (1/sqrt(d) for most models).
+    positions:    [T] logical positions (labels) of the tokens.
+    seed:         for methods that draw random numbers.
+    """
+
+    keys: np.ndarray
+    values: np.ndarray
+    candidates: np.ndarray
+    spans: tuple[Span, ...] = ()
+    queries: np.ndarray | None = None
+    scale: float | None = None
+    positions: np.ndarray | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.keys.ndim != 4 or self.keys.shape != self.values.shape:
+            raise ValueError(f"keys/values must be [L, H_kv, T, d] of one shape, got {self.keys.shape} "
+                             f"and {self.values.shape}")
+        if self.candidates.shape != (self.n_tokens,):
+            raise ValueError(f"candidates must be [T={self.n_tokens}], got {self.candidates.shape}")
+        if self.queries is not None:
+            L, H, W, d = self.queries.shape
+            if L != self.n_layers or d != self.head_dim or H % self.n_kv_heads or W > self.n_tokens:
+                raise ValueError(f"queries {self.queries.shape} do not fit keys {self.keys.shape}")
+        if self.scale is None:
+            self.scale = 1.0 / float(np.sqrt(self.head_dim))
+        if self.positions is None:
+            self.positions = np.arange(self.n_tokens)
+        if not self.spans:
+            self.spans = (Span(0, self.n_tokens, "media"),)
+        for a in (self.keys, self.values, self.candidates):
+            if a.flags.writeable and a.flags.owndata:
+                a.flags.writeable = False
+
+    # --- shapes ---------------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.keys.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.keys.shape[3]
+
+    @property
+    def n_candidates(self) -> int:
+        return int(self.candidates.sum())
+
+    @property
+    def window(self) -> int:
+        return 0 if self.queries is None else self.queries.shape[2]
+
+    @cached_property
+    def media_mask(self) -> np.ndarray:
+        """[T] bool, True on media (image/frame) tokens."""
+        m = np.zeros(self.n_tokens, dtype=bool)
+        for s in self.spans:
+            if s.kind == "media":
+                m[s.start:s.stop] = True
+        return m
+
+    # --- attention of the observation window ----------------------------------------------------
+    @cached_property
+    def window_attention(self) -> np.ndarray:
+        """[L, H_kv, W, T] softmax(Q K^T * scale) of the window queries, causal, GQA-averaged.
+
+        Query j is token T-W+j and sees keys 0..T-W+j. Computed in float32, one layer at a time.
+        With flash attention on, llama.cpp never materialises these probabilities, so we recompute
+        them here from the captured queries (cheap: W x T per head).
+        """
+        if self.queries is None:
+            raise ValueError("this method needs a captured query window (view.queries is None)")
+        L, H, W, d = self.queries.shape
+        Hk, T, g = self.n_kv_heads, self.n_tokens, H // self.n_kv_heads
+        causal = np.arange(T)[None, :] > (T - W + np.arange(W))[:, None]  # [W, T] True = masked
+        out = np.empty((L, Hk, W, T), dtype=np.float32)
+        for layer in range(L):
+            q = self.queries[layer].reshape(Hk, g, W, d).astype(np.float32, copy=False)
+            logits = np.einsum("hgwd,htd->hgwt", q, self.keys[layer], optimize=True) * np.float32(self.scale)
+            logits[..., causal] = -np.inf
+            logits -= logits.max(axis=-1, keepdims=True)
+            np.exp(logits, out=logits)
+            logits /= logits.sum(axis=-1, keepdims=True)
+            out[layer] = logits.mean(axis=1)
+        out.flags.writeable = False
+        return out
+
+
+@dataclass
+class Plan:
+    """What to keep: per (layer, KV head) a row of C token indices, plus optional merges.
+
+    keep:         [L, H_kv, C] int64 indices into the view's tokens, all candidates, unique per row.
+                  C is the number of cells the compressed span will occupy (the largest per-head
+                  budget); a head whose own budget is smaller fills its spare slots with its next-best
+                  tokens (never worse than its own budget).
+    nominal:      [L, H_kv] the method's own per-(layer, head) budgets (<= C).
+    merge_to:     optional [L, H_kv, T] int64: the slot (0..C-1, an index into keep's last axis) that
+                  evicted token t is averaged into, -1 for tokens not merged (kept or dropped).
+    merge_weight: optional [L, H_kv, T] float32 weight of every token in its slot's weighted mean; the
+                  kept token of a slot contributes with its own weight.
+    info:         free-form notes for the report (allocator, layer strategies, ...).
+    """
+
+    keep: np.ndarray
+    nominal: np.ndarray
+    merge_to: np.ndarray | None = None
+    merge_weight: np.ndarray | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def n_slots(self) -> int:
+        return self.keep.shape[-1]
+
+    def validate(self, view: KVView) -> "Plan":
+        L, Hk, T = view.n_layers, view.n_kv_heads, view.n_tokens
+        if self.keep.ndim != 3 or self.keep.shape[:2] != (L, Hk):
+            raise ValueError(f"plan.keep must be [L={L}, H_kv={Hk}, C], got {self.keep.shape}")
+        if self.nominal.shape != (L, Hk):
+            raise ValueError(f"plan.nominal must be [{L}, {Hk}], got {self.nominal.shape}")
+        if self.keep.size:
+            if self.keep.min() < 0 or self.keep.max() >= T:
+                raise ValueError("plan.keep indexes outside the view")
+            if not view.candidates[self.keep].all():
+                raise ValueError("plan.keep selects a protected (non-candidate) token")
+            srt = np.sort(self.keep, axis=-1)
+            if (np.diff(srt, axis=-1) == 0).any():
+                raise ValueError("plan.keep has a duplicated token in a row")
+        if (self.nominal > self.n_slots).any():
+            raise ValueError("a nominal budget exceeds the slots used")
+        if (self.merge_to is None) != (self.merge_weight is None):
+            raise ValueError("merge_to and merge_weight come together")
+        if self.merge_to is not None:
+            if self.merge_to.shape != (L, Hk, T) or self.merge_weight.shape != (L, Hk, T):
+                raise ValueError("merge arrays must be [L, H_kv, T]")
+            if self.merge_to.max(initial=-1) >= self.n_slots or self.merge_to.min(initial=-1) < -1:
+                raise ValueError("merge_to names a slot that does not exist")
+        return self
+
+
+class Method(ABC):
+    """A compression method. Subclasses are dataclasses whose fields are the hyper-parameters."""
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""           # link to the paper (or code) the method follows
+    needs_queries: ClassVar[bool] = False  # True when plan() requires view.queries
+
+    @abstractmethod
+    def plan(self, view: KVView, budget: int) -> Plan:
+        """Keep `budget` candidate cells per (layer, KV head) on average (1 <= budget <= candidates)."""
+
+
+class ScoreMethod(Method):
+    """kvpress-style: a method only says `score` (higher = keep); top-k and bookkeeping live here.
+
+    `budgets` may be overridden for variable per-(layer, head) allocations (PyramidKV, AdaKV, ...):
+    the cell count becomes the largest budget and smaller heads are padded with their next-best tokens.
+    """
+
+    @abstractmethod
+    def score(self, view: KVView) -> np.ndarray:
+        """[L, H_kv, T] importance of every token for every (layer, KV head); only candidates count."""
+
+    def budgets(self, view: KVView, budget: int, scores: np.ndarray) -> np.ndarray:
+        """[L, H_kv] per-slot budgets; uniform by default."""
+        return np.full((view.n_layers, view.n_kv_heads), budget, dtype=np.int64)
+
+    def plan(self, view: KVView, budget: int) -> Plan:
+        budget = check_budget(budget, view.n_candidates)
+        scores = np.asarray(self.score(view), dtype=np.float64)
+        if scores.shape != (view.n_layers, view.n_kv_heads, view.n_tokens):
+            raise ValueError(f"{self.name}.score returned {scores.shape}")
+        nominal = np.asarray(self.budgets(view, budget, scores), dtype=np.int64)
+        keep = top_k(scores, view.candidates, int(nominal.max()))
+        return Plan(keep=keep, nominal=nominal, info={"method": self.name}).validate(view)
+
+
+def check_budget(budget: int, n_candidates: int) -> int:
+    """A per-head cell budget must be 1..n_candidates (the runtime resolves ratios before this)."""
+    if int(budget) != budget or not 1 <= budget <= n_candidates:
+        raise BudgetError(f"budget must be an integer in 1..{n_candidates} cells, got {budget}")
+    return int(budget)
+
+
+def top_k(scores: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:
+    """[L, H, k] indices of the k best candidates per row, best first; ties go to the earlier token.
+
+    NaN scores count as the worst candidates. Deterministic: a stable sort on the negated scores.
+    """
+    big = np.finfo(np.float64).max / 2  # finite for every candidate, so non-candidates sort last
+    s = np.where(candidates, np.nan_to_num(scores, nan=-big, posinf=big, neginf=-big), -np.inf)
+    order = np.argsort(-s, axis=-1, kind="stable")[..., :k]
+    return order.astype(np.int64)
+
+
+def pool1d(x: np.ndarray, kernel: int, mode: Literal["avg", "max"] = "avg") -> np.ndarray:
+    """1-D pooling along the last axis with stride 1 and 'same' zero padding (torch avg_pool1d,
+    count_include_pad=True, as SnapKV uses it)."""
+    if kernel <= 1:
+        return x
+    pad = kernel // 2
+    xp = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(pad, kernel - 1 - pad)],
+                constant_values=0.0 if mode == "avg" else -np.inf)
+    win = np.lib.stride_tricks.sliding_window_view(xp, kernel, axis=-1)
+    return win.mean(axis=-1) if mode == "avg" else win.max(axis=-1)
+
+
+def resolve_budget(budget: float | int | str, n_candidates: int) -> int:
+    """A user budget -> cells per head. A ratio 0 < r <= 1 ('0.25') or an absolute count ('512').
+
+    Integers >= 2 are cell counts; '1' and '1.0' mean the whole span. An absolute budget above the
+    number of compressible tokens keeps them all.
+    """
+    b = parse_budget(budget)
+    if n_candidates <= 0:
+        return 0
+    if isinstance(b, float):
+        return max(1, min(n_candidates, int(round(b * n_candidates))))
+    return min(b, n_candidates)
+
+
+def parse_budget(budget: float | int | str) -> float | int:
+    """'0.25' -> 0.25 (ratio), '512' -> 512 (cells), '1' -> 1.0. Anything else is a BudgetError."""
+    text = str(budget).strip()
+    try:
+        value = float(text)
+    except ValueError:
+        raise BudgetError(f"budget must be a ratio in (0, 1] or a number of cells, got {budget!r}") from None
+    if not np.isfinite(value) or value <= 0:
+        raise BudgetError(f"budget must be > 0 (a ratio in (0, 1] or a number of cells), got {budget!r}")
+    if value <= 1.0:
+        return float(value)
+    if value != int(value):
+        raise BudgetError(f"budget {budget!r} is above 1 but not a whole number of cells; "
+                          "use a ratio in (0, 1] or an integer cell count")
+    return int(value)
