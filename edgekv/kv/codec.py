@@ -1,0 +1,228 @@
+"""Bytes <-> cells: one sequence's KV state as `llama_state_seq_get_data` writes it.
+
+Layout (llama-cpp-python 0.3.36, vendored llama.cpp 0c1e57098; see llama-state-format.md):
+
+    u32 magic 0xaf143cd8, i32 seq_id
+    per KV block (1 for a plain cache; 2 for iSWA: base then sliding-window):
+      u32 n_stream (must be 1), u32 cell_count
+      cell_count x { i32 pos, u32 n_seq_id (=1), [i32 x, i32 y, i32 tok if ext], i32 seq_id }
+      u32 v_trans, u32 n_layer
+      n_layer x { i32 k_type, u64 k_row_size, cell_count*k_row_size bytes }
+      v_trans=0: n_layer x { i32 v_type, u64 v_row_size, cell_count*v_row_size bytes }
+      v_trans=1: n_layer x { i32 v_type, u32 v_el_size, u32 n_embd_v, n_embd_v*cell_count*el bytes (dim-major) }
+
+The blob does not say whether cells carry the 12-byte ext (M-RoPE models) nor how many blocks follow:
+the caller passes `has_ext` and `n_blocks` from the model. Everything else is checked: a blob whose sizes do
+not add up exactly is rejected with StateFormatError before anything reaches llama.cpp.
+
+V is held cell-major in memory ([cells, row bytes]) whatever `v_trans` says, so selection and packing
+are the same code for both layouts; `serialize_state` transposes back.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from edgekv.errors import StateFormatError
+
+MAGIC = 0xAF143CD8
+
+# ggml_type id -> (name, values per block, bytes per block). The cache types llama.cpp supports for K/V.
+GGML_TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("f32", 1, 4),
+    1: ("f16", 1, 2),
+    2: ("q4_0", 32, 18),
+    8: ("q8_0", 32, 34),
+    30: ("bf16", 1, 2),
+}
+TYPE_IDS = {name: tid for tid, (name, _, _) in GGML_TYPES.items()}
+
+
+def type_name(type_id: int) -> str:
+    try:
+        return GGML_TYPES[type_id][0]
+    except KeyError:
+        raise StateFormatError(f"KV cache type id {type_id} is not supported (f32, f16, bf16, q8_0, q4_0)") from None
+
+
+def row_elements(type_id: int, row_bytes: int) -> int:
+    """Values in a row of `row_bytes` bytes of `type_id` (whole ggml blocks)."""
+    _, blck, size = GGML_TYPES[type_id]
+    if row_bytes % size:
+        raise StateFormatError(f"a {type_name(type_id)} row of {row_bytes} bytes is not whole blocks")
+    return row_bytes // size * blck
+
+
+@dataclass(eq=False)
+class LayerKV:
+    """One layer's K and V rows for the block's cells, cell-major uint8 [n_cells, row_bytes]."""
+
+    k_type: int
+    k: np.ndarray
+    v_type: int
+    v: np.ndarray
+
+    @property
+    def n_embd_k(self) -> int:
+        return row_elements(self.k_type, self.k.shape[1])
+
+    @property
+    def n_embd_v(self) -> int:
+        return row_elements(self.v_type, self.v.shape[1])
+
+
+@dataclass(eq=False)
+class KVBlock:
+    """The cells of one KV cache (base or sliding-window) for one sequence, in blob order."""
+
+    pos: np.ndarray                      # [n] int32 logical position (label) of each cell
+    seq_id: np.ndarray                   # [n] int32 (always the saved sequence)
+    ext: np.ndarray | None               # [n, 3] int32 (x, y, tok) for M-RoPE cells, else None
+    v_trans: bool
+    layers: list[LayerKV] = field(default_factory=list)
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.pos.shape[0])
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def nbytes(self) -> int:
+        """K and V bytes held by these cells."""
+        return int(sum(l.k.nbytes + l.v.nbytes for l in self.layers))
+
+    def take(self, idx: np.ndarray) -> "KVBlock":
+        """The block restricted to cells `idx` (in that order); rows are copied byte for byte."""
+        idx = np.asarray(idx, dtype=np.int64)
+        return replace(self, pos=self.pos[idx], seq_id=self.seq_id[idx],
+                       ext=None if self.ext is None else self.ext[idx],
+                       layers=[LayerKV(l.k_type, l.k[idx], l.v_type, l.v[idx]) for l in self.layers])
+
+
+@dataclass(eq=False)
+class SeqState:
+    seq_id: int
+    blocks: list[KVBlock]
+    has_ext: bool
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.blocks)
+
+
+class _Reader:
+    def __init__(self, blob: bytes | bytearray | memoryview):
+        self.buf = memoryview(blob).cast("B")
+        self.off = 0
+
+    def need(self, n: int, what: str) -> None:
+        if n < 0 or self.off + n > len(self.buf):
+            raise StateFormatError(f"KV state blob is truncated or not understood (reading {what} at byte "
+                                   f"{self.off}, {len(self.buf)} bytes in all)")
+
+    def unpack(self, fmt: str, what: str):
+        n = struct.calcsize(fmt)
+        self.need(n, what)
+        vals = struct.unpack_from(fmt, self.buf, self.off)
+        self.off += n
+        return vals if len(vals) > 1 else vals[0]
+
+    def array(self, dtype, count: int, what: str) -> np.ndarray:
+        n = np.dtype(dtype).itemsize * count
+        self.need(n, what)
+        a = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.off).copy()
+        self.off += n
+        return a
+
+
+def parse_state(blob: bytes | bytearray | memoryview, *, has_ext: bool = False, n_blocks: int = 1) -> SeqState:
+    """Parse a `llama_state_seq_get_data` blob. Raises StateFormatError on anything unexpected."""
+    r = _Reader(blob)
+    magic = r.unpack("<I", "magic")
+    if magic != MAGIC:
+        raise StateFormatError(f"not a llama.cpp sequence state (magic {magic:#x}, expected {MAGIC:#x}); "
+                               "it may come from another llama.cpp version")
+    seq_id = r.unpack("<i", "seq_id")
+    blocks = [_parse_block(r, has_ext, i) for i in range(n_blocks)]
+    if r.off != len(r.buf):
+        raise StateFormatError(f"KV state blob has {len(r.buf) - r.off} unexpected trailing bytes "
+                               "(another llama.cpp version or model layout?)")
+    return SeqState(seq_id=seq_id, blocks=blocks, has_ext=has_ext)
+
+
+def _parse_block(r: _Reader, has_ext: bool, index: int) -> KVBlock:
+    n_stream = r.unpack("<I", "n_stream")
+    if n_stream != 1:
+        raise StateFormatError(f"KV block {index} has {n_stream} streams; edgekv handles one sequence per "
+                               "context (n_seq_max=1 or a unified cache)")
+    n = r.unpack("<I", "cell_count")
+    if n == 0:
+        return KVBlock(pos=np.zeros(0, np.int32), seq_id=np.zeros(0, np.int32),
+                       ext=np.zeros((0, 3), np.int32) if has_ext else None, v_trans=False, layers=[])
+    width = 2 + (3 if has_ext else 0) + 1
+    meta = r.array("<i4", n * width, "cell metadata").reshape(n, width)
+    if (meta[:, 1] != 1).any():
+        raise StateFormatError("KV cells shared by several sequences are not supported (n_seq_id != 1)")
+    pos = meta[:, 0].astype(np.int32)
+    ext = meta[:, 2:5].astype(np.int32) if has_ext else None
+    seq = meta[:, -1].astype(np.int32)
+    v_trans, n_layer = r.unpack("<II", "v_trans/n_layer")
+    if v_trans not in (0, 1) or not 0 < n_layer <= 1024:
+        raise StateFormatError(f"KV block {index} header not understood (v_trans={v_trans}, n_layer={n_layer})")
+    ks = []
+    for il in range(n_layer):
+        k_type, k_row = r.unpack("<iQ", f"layer {il} K header")
+        type_name(k_type)
+        row_elements(k_type, k_row)
+        ks.append((k_type, r.array(np.uint8, n * k_row, f"layer {il} K").reshape(n, k_row)))
+    layers = []
+    for il in range(n_layer):
+        if not v_trans:
+            v_type, v_row = r.unpack("<iQ", f"layer {il} V header")
+            type_name(v_type)
+            row_elements(v_type, v_row)
+            v = r.array(np.uint8, n * v_row, f"layer {il} V").reshape(n, v_row)
+        else:
+            v_type, el, n_embd_v = r.unpack("<iII", f"layer {il} V header")
+            name, blck, size = GGML_TYPES.get(v_type, (None, 0, 0))
+            if name is None or blck != 1 or el != size:
+                raise StateFormatError(f"transposed V of type id {v_type} (element {el} B) is not supported")
+            raw = r.array(np.uint8, n_embd_v * n * el, f"layer {il} V")
+            v = raw.reshape(n_embd_v, n, el).transpose(1, 0, 2).reshape(n, n_embd_v * el).copy()
+        layers.append(LayerKV(ks[il][0], ks[il][1], v_type, v))
+    return KVBlock(pos=pos, seq_id=seq, ext=ext, v_trans=bool(v_trans), layers=layers)
+
+
+def serialize_state(state: SeqState) -> bytes:
+    """The exact inverse of `parse_state`."""
+    out = bytearray(struct.pack("<Ii", MAGIC, state.seq_id))
+    for b in state.blocks:
+        out += struct.pack("<II", 1, b.n_cells)
+        if b.n_cells == 0:
+            continue
+        cols = [b.pos[:, None], np.ones((b.n_cells, 1), np.int32)]
+        if state.has_ext:
+            if b.ext is None:
+                raise ValueError("state has_ext but a block has no ext")
+            cols.append(b.ext)
+        cols.append(b.seq_id[:, None])
+        out += np.ascontiguousarray(np.concatenate(cols, axis=1), dtype="<i4").tobytes()
+        out += struct.pack("<II", int(b.v_trans), b.n_layers)
+        for l in b.layers:
+            out += struct.pack("<iQ", l.k_type, l.k.shape[1])
+            out += np.ascontiguousarray(l.k).tobytes()
+        for l in b.layers:
+            if not b.v_trans:
+                out += struct.pack("<iQ", l.v_type, l.v.shape[1])
+                out += np.ascontiguousarray(l.v).tobytes()
+            else:
+                el = GGML_TYPES[l.v_type][2]
+                n_embd_v = l.v.shape[1] // el
+                out += struct.pack("<iII", l.v_type, el, n_embd_v)
+                out += np.ascontiguousarray(l.v.reshape(b.n_cells, n_embd_v, el).transpose(1, 0, 2)).tobytes()
+    return bytes(out)

@@ -1,0 +1,99 @@
+"""Plan -> fewer cells, with per-slot packing (design.md section 2).
+
+llama.cpp cells are shared by all layers and KV heads, but K is cached after RoPE, so a cell is only a
+slot: for every (layer, KV head) we write that head's own selected token into the same slot. C slots
+then give every head its own top-C at the memory of C cells.
+
+- Protected tokens (non-candidates: system text, the question, the `pos_max` cell) are copied whole, at
+  their true positions, in every layer.
+- Slot labels: the C candidates chosen by the most (layer, head) rows, in position order, lend their
+  position (and M-RoPE ext) to the slots. Under a causal mask a label only decides visibility, and every
+  later token sees the whole span, so any increasing labels from the span are exact.
+- Rows move as bytes whenever a head spans whole quantization blocks (always for f32/f16/bf16, and for
+  q8_0/q4_0 with head_dim % 32 == 0): selection is lossless for every cache type. Merged slots are
+  computed in float32 and converted back (re-quantizing q8_0/q4_0 blocks).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from edgekv.kv.codec import KVBlock, LayerKV
+from edgekv.kv.dtypes import bytes_per_head, from_float, to_float
+from edgekv.methods.base import Plan
+
+
+def slot_labels(plan: Plan, candidates: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """[C] token indices that label the slots: the most-chosen candidates, in position order."""
+    T = candidates.shape[0]
+    votes = np.bincount(plan.keep.ravel(), minlength=T).astype(np.float64)
+    votes[~candidates] = -1.0
+    # Most votes first; ties to the earlier token. Stable sort keeps it deterministic.
+    chosen = np.argsort(-votes, kind="stable")[: plan.n_slots]
+    return chosen[np.lexsort((chosen, positions[chosen]))]
+
+
+def pack_block(block: KVBlock, plan: Plan, candidates: np.ndarray, n_kv_heads: int,
+               merged: tuple[np.ndarray, np.ndarray] | None = None) -> KVBlock:
+    """The block with candidates replaced by `plan.n_slots` packed slots.
+
+    block:      the cells the plan was made on, in the view's token order.
+    candidates: [T] bool, the view's candidates.
+    merged:     optional (K, V) float32 [L, H_kv, C, d] slot contents (when the plan merges tokens).
+    """
+    T = block.n_cells
+    if candidates.shape != (T,) or plan.keep.shape[0] != block.n_layers:
+        raise ValueError("plan, candidates and block do not describe the same cells")
+    labels = slot_labels(plan, candidates, block.pos)
+    protected = np.flatnonzero(~candidates)
+    src = np.concatenate([protected, labels])
+    is_slot = np.concatenate([np.zeros(len(protected), bool), np.ones(len(labels), bool)])
+    order = np.lexsort((src, block.pos[src]))     # new cells sorted by position, then token index
+    src, is_slot = src[order], is_slot[order]
+    slot_rows = np.flatnonzero(is_slot)           # row of slot s in the new block (labels are sorted)
+
+    out = block.take(src)
+    for il, layer in enumerate(out.layers):
+        keep = plan.keep[il].T                    # [C, H_kv]: token of slot s for head h
+        old = block.layers[il]
+        mk = None if merged is None else merged[0][il]
+        mv = None if merged is None else merged[1][il]
+        layer.k = _fill_slots(layer.k, old.k, old.k_type, keep, slot_rows, n_kv_heads, mk)
+        layer.v = _fill_slots(layer.v, old.v, old.v_type, keep, slot_rows, n_kv_heads, mv)
+    if T and out.n_cells and out.pos.max() != block.pos.max():
+        raise AssertionError("the pos_max cell was not kept")
+    return out
+
+
+def _fill_slots(new: np.ndarray, old: np.ndarray, type_id: int, keep: np.ndarray, slot_rows: np.ndarray,
+                n_heads: int, merged: np.ndarray | None) -> np.ndarray:
+    """Write each head's selected token (or merged value) into the slot rows of `new` (uint8 rows)."""
+    n_new, row_bytes = new.shape
+    C = len(slot_rows)
+    if C == 0:
+        return new
+    hb = bytes_per_head(type_id, row_bytes, n_heads)
+    if merged is None and hb is not None:
+        heads = np.arange(n_heads)[None, :]
+        view = new.reshape(n_new, n_heads, hb)
+        view[slot_rows[:, None], heads] = old.reshape(old.shape[0], n_heads, hb)[keep, heads]
+        return new
+    # Float path: merged values, or heads that split a quantization block.
+    if merged is not None:
+        rows = merged.transpose(1, 0, 2).reshape(C, -1)          # [C, H_kv * d]
+    else:
+        f = to_float(old, type_id)
+        d = f.shape[1] // n_heads
+        heads = np.arange(n_heads)[None, :]
+        rows = f.reshape(-1, n_heads, d)[keep, heads].reshape(C, -1)
+    new[slot_rows] = from_float(rows, type_id)
+    return new
+
+
+def layer_floats(block: KVBlock, n_kv_heads: int) -> tuple[np.ndarray, np.ndarray]:
+    """K and V of the block as float32 [L, H_kv, T, d] (the methods' view)."""
+    ks, vs = [], []
+    for layer in block.layers:
+        for rows, t, acc in ((layer.k, layer.k_type, ks), (layer.v, layer.v_type, vs)):
+            f = to_float(rows, t)
+            acc.append(f.reshape(f.shape[0], n_kv_heads, -1).transpose(1, 0, 2))
+    return np.stack(ks), np.stack(vs)
