@@ -95,7 +95,8 @@ def test_pack_writes_each_heads_own_tokens(k_type, v_type, v_trans):
     keep = np.stack([np.stack([rng.choice(np.arange(2, T - 3), 5, replace=False) for _ in range(H)])
                      for _ in range(L)])
     plan = Plan(keep=keep, nominal=np.full((L, H), 5))
-    out = pack_block(block, plan, cand, H)
+    out, src = pack_block(block, plan, cand, H)
+    assert np.array_equal(out.pos, block.pos[src])
     assert out.n_cells == 5 + 5
     assert np.all(np.diff(out.pos) > 0)
     assert out.pos.max() == block.pos.max()
@@ -122,7 +123,7 @@ def test_pack_merged_values_are_written():
     plan = Plan(keep=np.array([[[0, 1], [2, 3]]]), nominal=np.full((1, 2), 2))
     mk = rng.normal(size=(L, H, 2, d)).astype(np.float32)
     mv = rng.normal(size=(L, H, 2, d)).astype(np.float32)
-    out = pack_block(block, plan, cand, H, merged=(mk, mv))
+    out, _ = pack_block(block, plan, cand, H, merged=(mk, mv))
     K2, V2 = layer_floats(out, H)
     np.testing.assert_allclose(K2[0, :, :2], mk[0], atol=2e-3)
     np.testing.assert_allclose(V2[0, :, :2], mv[0], atol=2e-3)

@@ -33,8 +33,9 @@ def slot_labels(plan: Plan, candidates: np.ndarray, positions: np.ndarray) -> np
 
 
 def pack_block(block: KVBlock, plan: Plan, candidates: np.ndarray, n_kv_heads: int,
-               merged: tuple[np.ndarray, np.ndarray] | None = None) -> KVBlock:
-    """The block with candidates replaced by `plan.n_slots` packed slots.
+               merged: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[KVBlock, np.ndarray]:
+    """The block with candidates replaced by `plan.n_slots` packed slots, and the source cell of every
+    new cell (a protected cell itself, or the candidate that labels a slot).
 
     block:      the cells the plan was made on, in the view's token order.
     candidates: [T] bool, the view's candidates.
@@ -61,7 +62,7 @@ def pack_block(block: KVBlock, plan: Plan, candidates: np.ndarray, n_kv_heads: i
         layer.v = _fill_slots(layer.v, old.v, old.v_type, keep, slot_rows, n_kv_heads, mv)
     if T and out.n_cells and out.pos.max() != block.pos.max():
         raise AssertionError("the pos_max cell was not kept")
-    return out
+    return out, src
 
 
 def _fill_slots(new: np.ndarray, old: np.ndarray, type_id: int, keep: np.ndarray, slot_rows: np.ndarray,

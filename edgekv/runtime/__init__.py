@@ -1,0 +1,7 @@
+"""llama.cpp side: model loading, the session (prefill, compaction, generation), query capture."""
+from __future__ import annotations
+
+from edgekv.runtime.model import Model, ModelLayout
+from edgekv.runtime.session import CompactionReport, GenerationResponse, Session
+
+__all__ = ["Model", "ModelLayout", "Session", "CompactionReport", "GenerationResponse"]

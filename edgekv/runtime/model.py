@@ -1,0 +1,310 @@
+"""Loading a GGUF text model (+ optional mmproj) into a llama.cpp context, with every check llama.cpp
+would otherwise fail on made first, in Python, with a clear message."""
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from edgekv.errors import ModelLoadError
+from edgekv.kv.codec import GGML_TYPES, TYPE_IDS
+from edgekv.runtime import lib
+from edgekv.runtime.lib import llama_cpp, mtmd_cpp
+
+FlashAttn = Literal["auto", "on", "off"]
+CACHE_TYPES = ("f16", "bf16", "q8_0", "q4_0", "f32")
+_FA = {"auto": -1, "off": 0, "on": 1}
+_LLAMA_ROPE_TYPE_MROPE = 8  # LLAMA_ROPE_TYPE_MROPE (and IMROPE=40, VISION=24 share the bit)
+
+# Interleaved sliding-window layouts llama.cpp hard-codes per architecture (llama-model.cpp
+# set_swa_pattern): layer il uses the sliding window unless (il + 1) % pattern == 0.
+_SWA_PATTERNS = {"gemma3": 6, "gemma3n": 5, "gemma2": 2, "cohere2": 4, "gemma-embedding": 6}
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """What edgekv needs to know about a model's KV cache (also what `edgekv info` prints)."""
+
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    head_dim_v: int
+    n_ctx_train: int
+    n_vocab: int
+    n_swa: int
+    swa_layers: tuple[bool, ...]       # per model layer: True when it attends through the sliding window
+    mrope: bool
+    attn_scale: float
+    n_params: int = 0
+
+    @property
+    def iswa(self) -> bool:
+        return self.n_swa > 0 and any(self.swa_layers)
+
+    @property
+    def global_layers(self) -> list[int]:
+        """Model layer indices whose cells live in the compressible (base) cache block."""
+        return [il for il, swa in enumerate(self.swa_layers) if not swa]
+
+    def bytes_per_cell(self, type_k: str = "f16", type_v: str = "f16") -> int:
+        """K+V bytes one cell costs in the compressible block (all global layers)."""
+        _, bk, sk = GGML_TYPES[TYPE_IDS[type_k]]
+        _, bv, sv = GGML_TYPES[TYPE_IDS[type_v]]
+        per_layer = self.n_head_kv * (self.head_dim * sk // bk + self.head_dim_v * sv // bv)
+        return per_layer * len(self.global_layers)
+
+
+def _meta(model, key: str) -> str | None:
+    buf = ctypes.create_string_buffer(256)
+    n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+
+def check_gguf(path: str | os.PathLike, what: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelLoadError(f"{what} not found: {p}")
+    if p.is_dir():
+        raise ModelLoadError(f"{what} is a directory, not a GGUF file: {p}")
+    try:
+        with open(p, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {what} {p}: {e.strerror}") from None
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{what} is not a GGUF file (bad magic {magic!r}): {p}")
+    return p
+
+
+def mmproj_output_dim(path: Path) -> int | None:
+    """The projector's output width (must equal the text model's n_embd), read from the GGUF header."""
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+    except Exception as e:  # a GGUF the gguf package cannot parse is corrupt for llama.cpp too
+        raise ModelLoadError(f"mmproj file is corrupt or unreadable: {path} ({e})") from None
+    arch = reader.fields.get("general.architecture")
+    if arch is not None and bytes(arch.parts[-1]).decode() != "clip":
+        raise ModelLoadError(f"{path} is a '{bytes(arch.parts[-1]).decode()}' model, not an mmproj "
+                             "(projector) file; pass the text model with -m and the projector with --mmproj")
+    dims = {t.name: [int(x) for x in t.shape] for t in reader.tensors if t.name.startswith("mm.")}
+    weights = sorted(n for n in dims if n.endswith(".weight"))
+    if not weights:
+        return None
+    last = max(weights, key=lambda n: int(n.split(".")[1]) if n.split(".")[1].isdigit() else -1)
+    return dims[last][-1] if len(dims[last]) > 1 else None
+
+
+@dataclass(eq=False)
+class Model:
+    """A loaded text model, its llama.cpp context, and (optionally) the mtmd projector context."""
+
+    model: object
+    ctx: object
+    mtmd: object | None
+    layout: ModelLayout
+    path: Path
+    mmproj_path: Path | None
+    n_ctx: int
+    n_batch: int
+    threads: int
+    flash_attn: FlashAttn
+    cache_type_k: str
+    cache_type_v: str
+    capture: object | None = None
+    _closed: bool = field(default=False, repr=False)
+
+    @classmethod
+    def load(cls, model_path: str | os.PathLike, mmproj_path: str | os.PathLike | None = None, *,
+             n_ctx: int = 4096, n_batch: int = 512, n_gpu_layers: int = 0, threads: int | None = None,
+             flash_attn: FlashAttn = "auto", cache_type_k: str = "f16", cache_type_v: str = "f16",
+             capture_queries: bool = True, image_max_tokens: int | None = None) -> "Model":
+        """Load model (+ mmproj). Raises ModelLoadError with a clear message on any problem."""
+        from edgekv.runtime.capture import QueryCapture
+
+        path = check_gguf(model_path, "model")
+        mm = check_gguf(mmproj_path, "mmproj") if mmproj_path else None
+        for name, t in (("--cache-type-k", cache_type_k), ("--cache-type-v", cache_type_v)):
+            if t not in CACHE_TYPES:
+                raise ModelLoadError(f"{name} must be one of {', '.join(CACHE_TYPES)}, got {t!r}")
+        if flash_attn not in _FA:
+            raise ModelLoadError(f"flash attention must be on, off or auto, got {flash_attn!r}")
+        if cache_type_v not in ("f16", "bf16", "f32") and flash_attn == "off":
+            raise ModelLoadError(f"a quantized V cache ({cache_type_v}) needs flash attention: "
+                                 "use --flash-attn on (or auto), or --cache-type-v f16")
+        if n_ctx < 16 or n_batch < 1:
+            raise ModelLoadError(f"context size must be >= 16 and batch >= 1 (got {n_ctx}, {n_batch})")
+        threads = threads or max(1, min(os.cpu_count() or 1, 8))
+
+        lib.init()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+        if not model:
+            raise ModelLoadError(f"llama.cpp could not load the model {path}:\n{lib.recent_log()}")
+        try:
+            layout = read_layout(model)
+            if llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model):
+                raise ModelLoadError(f"{layout.arch} keeps a recurrent state: edgekv compresses attention "
+                                     "KV caches only")
+            if mm is not None:
+                out_dim = mmproj_output_dim(mm)
+                if out_dim is not None and out_dim != layout.n_embd:
+                    raise ModelLoadError(f"mmproj does not match the model: the projector outputs {out_dim}-dim "
+                                         f"embeddings but {path.name} has n_embd {layout.n_embd}")
+            capture = QueryCapture(layout) if capture_queries else None
+            cparams = llama_cpp.llama_context_default_params()
+            cparams.n_ctx = n_ctx
+            cparams.n_batch = n_batch
+            cparams.n_ubatch = n_batch  # non-causal image chunks must fit one ubatch
+            cparams.n_seq_max = 1
+            cparams.n_threads = threads
+            cparams.n_threads_batch = threads
+            cparams.flash_attn_type = _FA[flash_attn]
+            cparams.type_k = TYPE_IDS[cache_type_k]
+            cparams.type_v = TYPE_IDS[cache_type_v]
+            cparams.no_perf = True
+            if capture is not None:
+                cparams.cb_eval = capture.callback
+                cparams.cb_eval_user_data = None
+            ctx = llama_cpp.llama_init_from_model(model, cparams)
+            if not ctx:
+                raise ModelLoadError(f"llama.cpp could not create a context (n_ctx={n_ctx}, "
+                                     f"K {cache_type_k}, V {cache_type_v}, flash attention {flash_attn}):\n"
+                                     f"{lib.recent_log()}")
+        except BaseException:
+            llama_cpp.llama_model_free(model)
+            raise
+        self = cls(model=model, ctx=ctx, mtmd=None, layout=layout, path=path, mmproj_path=mm,
+                   n_ctx=llama_cpp.llama_n_ctx(ctx), n_batch=n_batch, threads=threads, flash_attn=flash_attn,
+                   cache_type_k=cache_type_k, cache_type_v=cache_type_v, capture=capture)
+        if mm is not None:
+            try:
+                self.mtmd = _init_mtmd(mm, model, threads, n_gpu_layers > 0, image_max_tokens)
+            except BaseException:
+                self.close()
+                raise
+        return self
+
+    @property
+    def vocab(self):
+        return llama_cpp.llama_model_get_vocab(self.model)
+
+    @property
+    def n_vocab(self) -> int:
+        return self.layout.n_vocab
+
+    def tokenize(self, text: str, add_bos: bool = False, special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 16
+        buf = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_bos, special)
+        if n < 0:
+            buf = (llama_cpp.llama_token * -n)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, -n, add_bos, special)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: list[int], special: bool = False) -> str:
+        return b"".join(self.token_bytes(t, special) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    @property
+    def bos(self) -> int:
+        return int(llama_cpp.llama_vocab_bos(self.vocab))
+
+    @property
+    def add_bos(self) -> bool:
+        return bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+
+    def chat_template(self) -> str | None:
+        t = llama_cpp.llama_model_chat_template(self.model, None)
+        return t.decode("utf-8", "replace") if t else None
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.mtmd:
+            mtmd_cpp.mtmd_free(self.mtmd)
+        if self.ctx:
+            llama_cpp.llama_free(self.ctx)
+        if self.model:
+            llama_cpp.llama_model_free(self.model)
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def read_layout(model) -> ModelLayout:
+    arch = _meta(model, "general.architecture") or "unknown"
+    n_layer = llama_cpp.llama_model_n_layer(model)
+    n_embd = llama_cpp.llama_model_n_embd(model)
+    n_head = llama_cpp.llama_model_n_head(model)
+    n_head_kv = llama_cpp.llama_model_n_head_kv(model)
+    key_len = _meta(model, f"{arch}.attention.key_length")
+    val_len = _meta(model, f"{arch}.attention.value_length")
+    head_dim = int(key_len) if key_len else n_embd // max(n_head, 1)
+    head_dim_v = int(val_len) if val_len else head_dim
+    n_swa = llama_cpp.llama_model_n_swa(model)
+    if n_swa > 0:
+        pattern = _SWA_PATTERNS.get(arch)
+        if pattern is None:
+            # Unknown interleaving: treat all as global; the codec then checks block sizes against it.
+            swa = tuple(False for _ in range(n_layer))
+        else:
+            swa = tuple((il + 1) % pattern != 0 for il in range(n_layer))
+    else:
+        swa = tuple(False for _ in range(n_layer))
+    scale_meta = _meta(model, f"{arch}.attention.scale")
+    attn_scale = float(scale_meta) if scale_meta and float(scale_meta) > 0 else 1.0 / math.sqrt(head_dim)
+    mrope = (llama_cpp.llama_model_rope_type(model) & _LLAMA_ROPE_TYPE_MROPE) != 0 and \
+        llama_cpp.llama_model_rope_type(model) > 0
+    return ModelLayout(arch=arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
+                       head_dim=head_dim, head_dim_v=head_dim_v,
+                       n_ctx_train=llama_cpp.llama_model_n_ctx_train(model),
+                       n_vocab=llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model)),
+                       n_swa=n_swa, swa_layers=swa, mrope=mrope, attn_scale=attn_scale,
+                       n_params=int(llama_cpp.llama_model_n_params(model)))
+
+
+def _init_mtmd(mmproj: Path, model, threads: int, use_gpu: bool, image_max_tokens: int | None):
+    params = mtmd_cpp.mtmd_context_params_default()
+    params.use_gpu = use_gpu
+    params.n_threads = threads
+    params.print_timings = False
+    if image_max_tokens is not None and hasattr(params, "image_max_tokens"):
+        params.image_max_tokens = image_max_tokens
+    ctx = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), model, params)
+    if not ctx:
+        raise ModelLoadError(f"could not load the mmproj {mmproj} (does it belong to this model?):\n"
+                             f"{lib.recent_log()}")
+    if not mtmd_cpp.mtmd_support_vision(ctx):
+        mtmd_cpp.mtmd_free(ctx)
+        raise ModelLoadError(f"{mmproj} has no vision encoder (audio-only projectors are not supported)")
+    return ctx
