@@ -37,8 +37,9 @@ def init() -> None:
         if _initialised:
             return
         llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
-        if hasattr(mtmd_cpp, "mtmd_log_set"):
-            mtmd_cpp.mtmd_log_set(_log_callback, ctypes.c_void_p(0))
+        for name in ("mtmd_log_set", "mtmd_helper_log_set"):
+            if hasattr(mtmd_cpp, name):
+                getattr(mtmd_cpp, name)(_log_callback, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
         _initialised = True
 

@@ -1,0 +1,1 @@
+"""The `edgekv` command line: one module per command, thin over the Python API."""

@@ -1,0 +1,104 @@
+"""Options shared by commands (llama.cpp's flag names where they exist), and click types that check
+their values so the user sees one clear line."""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import click
+
+from edgekv.errors import BudgetError, ModelLoadError
+
+CACHE_TYPES = ["f16", "bf16", "q8_0", "q4_0", "f32"]
+
+
+class BudgetType(click.ParamType):
+    name = "BUDGET"
+
+    def convert(self, value, param, ctx):
+        from edgekv.methods import parse_budget
+
+        try:
+            return parse_budget(value)
+        except BudgetError as e:
+            self.fail(str(e), param, ctx)
+
+
+class ImagePath(click.ParamType):
+    """An existing, readable file (decoded later by Pillow with its own clear errors)."""
+
+    name = "IMAGE"
+
+    def convert(self, value, param, ctx):
+        p = Path(value).expanduser()
+        if not p.exists():
+            self.fail(f"image not found: {p}", param, ctx)
+        if not p.is_file():
+            self.fail(f"not a file: {p}", param, ctx)
+        if not os.access(p, os.R_OK):
+            self.fail(f"cannot read {p}", param, ctx)
+        return p
+
+
+def method_choice() -> click.Choice:
+    from edgekv.methods import METHODS
+
+    return click.Choice(sorted(METHODS), case_sensitive=False)
+
+
+def model_options(f):
+    """-m/--mmproj/-hf and the llama.cpp context knobs."""
+    opts = [
+        click.option("-m", "--model", "model", type=click.Path(dir_okay=False, path_type=Path), envvar="EDGEKV_MODEL",
+                     help="Text model GGUF."),
+        click.option("--mmproj", type=click.Path(dir_okay=False, path_type=Path), envvar="EDGEKV_MMPROJ",
+                     help="Multimodal projector GGUF (needed for images)."),
+        click.option("-hf", "--hf-repo", "hf_repo", metavar="OWNER/REPO[:QUANT]",
+                     help="Model and mmproj from a Hugging Face repo (downloaded once, then cached)."),
+        click.option("--offline", is_flag=True, help="Use the Hugging Face cache only (like HF_HUB_OFFLINE=1)."),
+        click.option("-c", "--ctx-size", "n_ctx", type=click.IntRange(16), default=4096, show_default=True,
+                     help="Context size in cells."),
+        click.option("-b", "--batch-size", "n_batch", type=click.IntRange(1), default=512, show_default=True,
+                     help="Prefill batch (an image chunk must fit one batch)."),
+        click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int, default=0, show_default=True,
+                     help="Layers to offload to the GPU."),
+        click.option("-fa", "--flash-attn", "flash_attn", type=click.Choice(["auto", "on", "off"]), default="auto",
+                     show_default=True),
+        click.option("-ctk", "--cache-type-k", "cache_type_k", type=click.Choice(CACHE_TYPES), default="f16",
+                     show_default=True),
+        click.option("-ctv", "--cache-type-v", "cache_type_v", type=click.Choice(CACHE_TYPES), default="f16",
+                     show_default=True),
+        click.option("-t", "--threads", type=click.IntRange(1), default=None, help="CPU threads (default: cores)."),
+        click.option("--image-max-tokens", type=click.IntRange(1), default=None,
+                     help="Cap the tokens of one image (dynamic-resolution projectors); compression comes after."),
+    ]
+    return functools.reduce(lambda acc, o: o(acc), reversed(opts), f)
+
+
+def method_options(f):
+    opts = [
+        click.option("--method", default="auto", show_default=True, type=method_choice(),
+                     help="Compression method (see `edgekv methods`)."),
+        click.option("--budget", type=BudgetType(), default="0.25", show_default=True,
+                     help="Ratio in (0, 1] of the media cells to keep, or an absolute cell count."),
+        click.option("--compress", type=click.Choice(["media", "all"]), default="media", show_default=True,
+                     help="Compress only image/frame spans, or every prompt token (text-only use)."),
+    ]
+    return functools.reduce(lambda acc, o: o(acc), reversed(opts), f)
+
+
+def load_model_from_options(model, mmproj, hf_repo, offline, **kw):
+    """Resolve -hf, then Model.load with the context options."""
+    from edgekv.runtime import Model
+
+    if hf_repo:
+        if model:
+            raise ModelLoadError("use either -m/--model or -hf, not both")
+        from edgekv.runtime.hub import resolve
+
+        model, hf_mmproj = resolve(hf_repo, offline=offline or None)
+        mmproj = mmproj or hf_mmproj
+    if not model:
+        raise ModelLoadError("no model: pass -m MODEL.gguf (and --mmproj for images) or -hf owner/repo")
+    return Model.load(model, mmproj, **kw)

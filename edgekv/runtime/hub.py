@@ -1,0 +1,71 @@
+"""`-hf owner/repo[:quant]`: pick the model GGUF and its mmproj from a Hugging Face repo and download
+them with huggingface-hub (its cache, its offline mode: HF_HUB_OFFLINE=1 or --offline)."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from edgekv.errors import ModelLoadError
+
+PREFERRED_QUANTS = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q8_0", "Q4_0", "F16", "BF16")
+
+
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    """'owner/repo[:quant]' -> (repo, quant)."""
+    repo, _, quant = spec.partition(":")
+    if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", repo):
+        raise ModelLoadError(f"-hf expects owner/repo[:quant], got {spec!r}")
+    return repo, quant or None
+
+
+def pick_files(files: list[str], quant: str | None) -> tuple[str, str | None]:
+    """Choose (model file, mmproj file) among a repo's file names, like llama.cpp's -hf does."""
+    ggufs = sorted(f for f in files if f.lower().endswith(".gguf"))
+    mmprojs = [f for f in ggufs if "mmproj" in Path(f).name.lower()]
+    models = [f for f in ggufs if f not in mmprojs]
+    # Split models (-00001-of-00003): only the first part is named to llama.cpp.
+    models = [f for f in models if not re.search(r"-\d{5}-of-\d{5}\.gguf$", f) or "-00001-of-" in f]
+    if not models:
+        raise ModelLoadError("the repo has no model .gguf file")
+    if quant:
+        hits = [f for f in models if quant.lower() in Path(f).name.lower()]
+        if not hits:
+            names = ", ".join(Path(f).name for f in models)
+            raise ModelLoadError(f"no file for quant {quant!r} in the repo (found: {names})")
+        model = hits[0]
+    else:
+        model = next((f for q in PREFERRED_QUANTS for f in models if q.lower() in Path(f).name.lower()), models[0])
+    mmproj = None
+    if mmprojs:
+        mmproj = next((f for q in ("f16", "bf16", "q8_0") for f in mmprojs if q in Path(f).name.lower()), mmprojs[0])
+    return model, mmproj
+
+
+def resolve(spec: str, offline: bool | None = None) -> tuple[Path, Path | None]:
+    """Download (or find in the cache) the model and mmproj for `spec`. Returns local paths."""
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo, quant = parse_spec(spec)
+    if offline is None:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    try:
+        if offline:
+            snap = Path(snapshot_download(repo, local_files_only=True))
+            files = [str(p.relative_to(snap)) for p in snap.rglob("*.gguf")]
+        else:
+            files = HfApi().list_repo_files(repo)
+        model_f, mmproj_f = pick_files(files, quant)
+        model = Path(hf_hub_download(repo, model_f, local_files_only=offline))
+        mmproj = Path(hf_hub_download(repo, mmproj_f, local_files_only=offline)) if mmproj_f else None
+    except LocalEntryNotFoundError:
+        raise ModelLoadError(f"{spec} is not in the Hugging Face cache and offline mode is on "
+                             "(HF_HUB_OFFLINE / --offline): download it once online, or pass -m/--mmproj "
+                             "with local files") from None
+    except HfHubHTTPError as e:
+        raise ModelLoadError(f"Hugging Face refused {spec}: {e}") from None
+    except OSError as e:  # network down, DNS, ...
+        raise ModelLoadError(f"could not reach Hugging Face for {spec} ({e}); set HF_HUB_OFFLINE=1 to use "
+                             "the cache only") from None
+    return model, mmproj
