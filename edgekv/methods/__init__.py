@@ -5,7 +5,12 @@ from edgekv.methods.base import KVView, Method, Plan, ScoreMethod, Span, parse_b
 from edgekv.methods.registry import METHODS, get_method, register
 
 # Each import registers its methods.
-from edgekv.methods import full, snapkv, streaming  # noqa: E402,F401
+from edgekv.methods import (  # noqa: E402,F401
+    adakv, flashcache, flowmm, full, hybridkv, keydiff, knorm, mixkv, pyramidkv, randomkv, snapkv, streaming,
+    vnorm,
+)
 
 __all__ = ["KVView", "Method", "Plan", "ScoreMethod", "Span", "METHODS", "get_method", "register",
            "parse_budget", "resolve_budget"]
+
+from edgekv.methods import auto  # noqa: E402,F401  (after the others: it names them)

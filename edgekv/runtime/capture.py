@@ -30,7 +30,7 @@ class QueryCapture:
         self.extra_prefixes: tuple[bytes, ...] = ()  # tests: also copy e.g. b"kq_soft_max"
         self.extra: dict[str, np.ndarray] = {}
         self.probe_kv = False                       # record attention window sizes (n_kv) only
-        self.n_kv: dict[int, int] = {}
+        self.n_kv: dict[str, int] = {}   # attention node name -> n_kv
         self.error: str | None = None
         self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._cb)
 
@@ -47,16 +47,15 @@ class QueryCapture:
         try:
             t = ggml_tensor.from_address(t_ptr)
             name = t.name
-            if self.probe_kv and (name.startswith(b"kq-") or name.startswith(b"__fattn__-")):
-                if ask:
+            if self.probe_kv:
+                # kq-<il> [n_kv, n_tokens, n_head] without flash attention; FLASH_ATTN_EXT's K (src[1]) with it
+                fattn = not name.startswith(b"kq-") and op_name(t.op) == "FLASH_ATTN_EXT"
+                if name.startswith(b"kq-") or fattn:
+                    if ask:
+                        return True
+                    n_kv = ggml_tensor.from_address(t.src[1]).ne[1] if fattn else t.ne[0]
+                    self.n_kv[name.decode()] = int(n_kv)
                     return True
-                il = int(name.split(b"-")[-1])
-                if name.startswith(b"kq-"):
-                    self.n_kv[il] = int(t.ne[0])
-                else:  # FLASH_ATTN_EXT: src[1] is K, ne[1] = n_kv
-                    k = ggml_tensor.from_address(t.src[1])
-                    self.n_kv[il] = int(k.ne[1])
-                return True
             if not self.armed:
                 return not ask
             if name.startswith(b"Qcur-") and name[5:].isdigit():

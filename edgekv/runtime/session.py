@@ -19,7 +19,7 @@ from typing import Iterator, Literal
 
 import numpy as np
 
-from edgekv.errors import CompactionError, ContextOverflowError, EdgeKVError, MediaError, StateFormatError
+from edgekv.errors import BudgetError, CompactionError, ContextOverflowError, EdgeKVError, MediaError, StateFormatError
 from edgekv.kv.codec import SeqState, parse_state, serialize_state
 from edgekv.kv.packer import layer_floats, pack_block
 from edgekv.methods import KVView, Method, Span, get_method, parse_budget, resolve_budget
@@ -93,6 +93,8 @@ class Session:
         self.method_name = method if isinstance(method, str) else method.name
         self.method = get_method(method, **(method_kwargs or {})) if isinstance(method, str) else method
         self.budget = parse_budget(budget)
+        if isinstance(self.budget, int) and self.budget > model.n_ctx:
+            raise BudgetError(f"budget of {self.budget} cells is larger than the context ({model.n_ctx} cells)")
         self.compress = compress
         self.window = int(window)
         self.seed = seed
@@ -334,8 +336,10 @@ class Session:
         K, V = layer_floats(base, lay.n_head_kv)
         view = KVView(keys=K, values=V, candidates=cand, spans=self._spans(), queries=self._window_q,
                       scale=lay.attn_scale, positions=base.pos.astype(np.int64), seed=self.seed)
+        label = meth.name
         if getattr(meth, "resolve", None):
             meth = meth.resolve(view)  # `auto`: picks by regime (query window or not)
+            label = f"auto -> {meth.name}"
         if meth.needs_queries and view.queries is None:
             raise EdgeKVError(f"method {meth.name!r} needs the question's queries, but none were captured "
                               "(flash attention capture off, or no text after the media): use "
@@ -345,7 +349,7 @@ class Session:
         plan_s = time.perf_counter() - t1
         if plan is None:  # budget covers everything: keep the cells as they are
             self.kind[cand] = PACKED
-            return self._report(meth.name, budget_cells, cand, state, state, t0, plan_s, None, view)
+            return self._report(label, budget_cells, cand, state, state, t0, plan_s, None, view)
         merged = None
         if plan.merge_to is not None:
             
@@ -362,7 +366,7 @@ class Session:
         # Bookkeeping follows the packer's cell order: protected cells in place, slots marked PACKED.
         self.kind = np.where(cand[src], PACKED, self.kind[src]).astype(np.int8)
         self.media = self.media[src]
-        return self._report(meth.name, budget_cells, cand, state, new_state, t0, plan_s, plan, view)
+        return self._report(label, budget_cells, cand, state, new_state, t0, plan_s, plan, view)
 
     def _report(self, name, budget_cells, cand, before: SeqState, after: SeqState, t0, plan_s, plan, view):
         r = CompactionReport(
