@@ -1,7 +1,18 @@
 """`edgekv methods`: every compression method, one line each."""
 from __future__ import annotations
 
+import sys
+
 import click
+
+
+def summary(method) -> str:
+    """First line of the class docstring, or of its module's when the class has only dataclass's stub."""
+    cls = type(method)
+    doc = (cls.__doc__ or "").strip()
+    if not doc or doc.startswith(cls.__name__ + "("):
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip()
+    return doc.splitlines()[0] if doc else ""
 
 
 @click.command()
@@ -11,7 +22,5 @@ def methods():
 
     for name in sorted(METHODS):
         m = get_method(name)
-        doc = (type(m).__doc__ or "").strip().splitlines()
-        summary = doc[0] if doc else ""
-        need = "query window" if getattr(m, "needs_queries", False) else "query-agnostic"
-        click.echo(f"{name:<16} {need:<15} {summary}" + (f"  {m.paper}" if m.paper else ""))
+        need = "either" if hasattr(m, "resolve") else ("query window" if m.needs_queries else "query-agnostic")
+        click.echo(f"{name:<16} {need:<15} {summary(m)}" + (f"  {m.paper}" if m.paper else ""))

@@ -75,6 +75,7 @@ def continuation_documents() -> list[Document]:
 
 
 _BLANK = re.compile(r"\n\s*\n")
+_RULE = set("*=-~^#")
 
 
 def paragraphs(text: str, min_chars: int = 40) -> list[str]:
@@ -92,9 +93,11 @@ def filler_paragraphs() -> tuple[str, ...]:
     """Prose paragraphs for haystacks: the Python Language Reference, grammar blocks excluded."""
     out = []
     for p in paragraphs(python_docs().text):
-        lines = p.splitlines()
-        # keep prose: skip indented code/grammar blocks and rst heading rules
-        if all(ln.startswith("   ") for ln in lines) or set(p.strip()) <= set("*=-~^"):
+        # drop rst heading rules, skip indented code/grammar blocks, join wrapped lines
+        lines = [ln for ln in p.splitlines() if ln.strip() and not set(ln.strip()) <= _RULE]
+        if not lines or all(ln.startswith("   ") for ln in lines):
             continue
-        out.append(" ".join(ln.strip() for ln in lines))
+        text = " ".join(ln.strip() for ln in lines)
+        if len(text) >= 40:
+            out.append(text)
     return tuple(out)

@@ -115,7 +115,7 @@ class KVView:
     def window_attention(self) -> np.ndarray:
         """[L, H_kv, W, T] softmax(Q K^T * scale) of the window queries, causal, GQA-averaged.
 
-        Query j is token T-W+j and sees keys 0..T-W+j. Computed in float32, one layer at a time.
+        Query j is token T-W+j and sees keys 0..T-W+j. Computed in float32, one (layer, KV head) at a time.
         With flash attention on, llama.cpp never materialises these probabilities, so we recompute
         them here from the captured queries (cheap: W x T per head).
         """
@@ -123,16 +123,18 @@ class KVView:
             raise ValueError("this method needs a captured query window (view.queries is None)")
         L, H, W, d = self.queries.shape
         Hk, T, g = self.n_kv_heads, self.n_tokens, H // self.n_kv_heads
-        causal = np.arange(T)[None, :] > (T - W + np.arange(W))[:, None]  # [W, T] True = masked
+        future = np.triu(np.ones((W, W), dtype=bool), 1)  # only the window's own keys can be in the future
+        scale = np.float32(self.scale)
         out = np.empty((L, Hk, W, T), dtype=np.float32)
         for layer in range(L):
-            q = self.queries[layer].reshape(Hk, g, W, d).astype(np.float32, copy=False)
-            logits = np.einsum("hgwd,htd->hgwt", q, self.keys[layer], optimize=True) * np.float32(self.scale)
-            logits[..., causal] = -np.inf
-            logits -= logits.max(axis=-1, keepdims=True)
-            np.exp(logits, out=logits)
-            logits /= logits.sum(axis=-1, keepdims=True)
-            out[layer] = logits.mean(axis=1)
+            for h in range(Hk):  # one KV head's query group at a time: a [g*W, T] block stays in cache
+                q = self.queries[layer, h * g:(h + 1) * g].reshape(g * W, d).astype(np.float32) * scale
+                p = q @ self.keys[layer, h].T                                  # [g*W, T] logits
+                p.reshape(g, W, T)[:, :, T - W:][:, future] = -np.inf
+                p -= p.max(axis=-1, keepdims=True)
+                np.exp(p, out=p)
+                p *= 1.0 / (g * p.sum(axis=-1, keepdims=True))                # softmax / g
+                np.sum(p.reshape(g, W, T), axis=0, out=out[layer, h])         # GQA mean
         out.flags.writeable = False
         return out
 
@@ -222,8 +224,13 @@ class ScoreMethod(Method):
         if scores.shape != (view.n_layers, view.n_kv_heads, view.n_tokens):
             raise ValueError(f"{self.name}.score returned {scores.shape}")
         nominal = np.asarray(self.budgets(view, budget, scores), dtype=np.int64)
-        keep = top_k(scores, view.candidates, int(nominal.max()))
-        return Plan(keep=keep, nominal=nominal, info={"method": self.name}).validate(view)
+        return plan_from_scores(self.name, view, scores, nominal)
+
+
+def plan_from_scores(name: str, view: KVView, scores: np.ndarray, nominal: np.ndarray, **info) -> Plan:
+    """The plan keeping each row's top max(nominal) candidates (smaller budgets pad with next-best)."""
+    keep = top_k(scores, view.candidates, int(nominal.max()))
+    return Plan(keep=keep, nominal=nominal, info={"method": name, **info}).validate(view)
 
 
 def check_budget(budget: int, n_candidates: int) -> int:
@@ -236,12 +243,22 @@ def check_budget(budget: int, n_candidates: int) -> int:
 def top_k(scores: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:
     """[L, H, k] indices of the k best candidates per row, best first; ties go to the earlier token.
 
-    NaN scores count as the worst candidates. Deterministic: a stable sort on the negated scores.
+    NaN scores count as the worst candidates. Deterministic: the result of a stable sort on the
+    negated scores, computed as a partition (O(T)) and a stable sort of the k best only.
     """
     big = np.finfo(np.float64).max / 2  # finite for every candidate, so non-candidates sort last
-    s = np.where(candidates, np.nan_to_num(scores, nan=-big, posinf=big, neginf=-big), -np.inf)
-    order = np.argsort(-s, axis=-1, kind="stable")[..., :k]
-    return order.astype(np.int64)
+    scores = np.asarray(scores, dtype=np.float64)  # float32 input would overflow on `big`
+    neg = -np.where(candidates, np.nan_to_num(scores, nan=-big, posinf=big, neginf=-big), -np.inf)
+    T = neg.shape[-1]
+    if k <= 0 or 4 * k >= T:
+        return np.argsort(neg, axis=-1, kind="stable")[..., :max(k, 0)].astype(np.int64)
+    rows = neg.reshape(-1, T)
+    kth = np.partition(rows, k - 1, axis=-1)[:, k - 1]
+    out = np.empty((rows.shape[0], k), dtype=np.int64)
+    for i in range(rows.shape[0]):  # the k best and any ties with the k-th, then a stable sort
+        idx = np.flatnonzero(rows[i] <= kth[i])
+        out[i] = idx[np.argsort(rows[i, idx], kind="stable")[:k]]
+    return out.reshape(neg.shape[:-1] + (k,))
 
 
 def pool1d(x: np.ndarray, kernel: int, mode: Literal["avg", "max"] = "avg") -> np.ndarray:
@@ -254,6 +271,57 @@ def pool1d(x: np.ndarray, kernel: int, mode: Literal["avg", "max"] = "avg") -> n
                 constant_values=0.0 if mode == "avg" else -np.inf)
     win = np.lib.stride_tricks.sliding_window_view(xp, kernel, axis=-1)
     return win.mean(axis=-1) if mode == "avg" else win.max(axis=-1)
+
+
+def row_norms(x: np.ndarray) -> np.ndarray:
+    """[..., T, d] -> [..., T] float32 L2 norms of the last axis, without a squared temporary."""
+    x = np.asarray(x, dtype=np.float32)
+    out = np.empty(x.shape[:-1], dtype=np.float32)
+    flat_x, flat_out = x.reshape(-1, *x.shape[-2:]), out.reshape(-1, x.shape[-2])
+    for i in range(flat_x.shape[0]):  # one (layer, head) at a time keeps temporaries small
+        np.einsum("td,td->t", flat_x[i], flat_x[i], out=flat_out[i])
+    return np.sqrt(out, out=out)
+
+
+def allocate(weights: np.ndarray, total: int, lo: int = 0, hi: int | None = None) -> np.ndarray:
+    """Integer budgets proportional to `weights`, each in [lo, hi], summing exactly to `total`.
+
+    Water-filling: x_i = clip(c * w_i, lo, hi) with the scale c chosen so that sum(x) == total, so a
+    floor or cap on one entry redistributes its overflow to the others in proportion to their weights;
+    then largest-remainder rounding (ties to the earlier entry). All-zero weights mean uniform.
+    Used by the per-layer / per-head allocators (PyramidKV, AdaKV, FlashCache, HybridKV).
+    """
+    w = np.maximum(np.asarray(weights, dtype=np.float64).ravel(), 0.0)
+    w = np.nan_to_num(w, nan=0.0, posinf=0.0)
+    n = w.size
+    hi = int(total) if hi is None else int(hi)
+    lo = int(lo)
+    if not n * lo <= total <= n * hi:
+        raise ValueError(f"cannot split {total} over {n} entries within [{lo}, {hi}]")
+    if not w.any():
+        w = np.ones(n)
+    pos = w > 0
+    # clip(c*w) grows with c; past c_max every positive weight sits at hi.
+    c_lo, c_hi = 0.0, hi / w[pos].min()
+    for _ in range(200):
+        c = 0.5 * (c_lo + c_hi)
+        if np.clip(c * w, lo, hi).sum() < total:
+            c_lo = c
+        else:
+            c_hi = c
+    x = np.clip(c_hi * w, lo, hi)
+    short = total - x.sum()
+    if short > 1e-9 and (~pos).any():  # zero-weight entries absorb what the positive ones cannot
+        x[~pos] = np.minimum(hi, lo + short / (~pos).sum())
+    out = np.floor(x + 1e-9).astype(np.int64)
+    rem = int(total - out.sum())
+    if rem > 0:
+        frac = np.where(out < hi, x - out, -np.inf)
+        out[np.argsort(-frac, kind="stable")[:rem]] += 1
+    elif rem < 0:  # only from float slack: take back from the smallest remainders above lo
+        frac = np.where(out > lo, x - out, np.inf)
+        out[np.argsort(frac, kind="stable")[:-rem]] -= 1
+    return out
 
 
 def resolve_budget(budget: float | int | str, n_candidates: int) -> int:

@@ -42,23 +42,33 @@ def pick_files(files: list[str], quant: str | None) -> tuple[str, str | None]:
     return model, mmproj
 
 
+def cache_dir() -> str | None:
+    """The hub cache, read from the environment now (huggingface-hub reads it once at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return None
+
+
 def resolve(spec: str, offline: bool | None = None) -> tuple[Path, Path | None]:
     """Download (or find in the cache) the model and mmproj for `spec`. Returns local paths."""
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     repo, quant = parse_spec(spec)
+    cache = cache_dir()
     if offline is None:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     try:
         if offline:
-            snap = Path(snapshot_download(repo, local_files_only=True))
+            snap = Path(snapshot_download(repo, local_files_only=True, cache_dir=cache))
             files = [str(p.relative_to(snap)) for p in snap.rglob("*.gguf")]
         else:
             files = HfApi().list_repo_files(repo)
         model_f, mmproj_f = pick_files(files, quant)
-        model = Path(hf_hub_download(repo, model_f, local_files_only=offline))
-        mmproj = Path(hf_hub_download(repo, mmproj_f, local_files_only=offline)) if mmproj_f else None
+        model = Path(hf_hub_download(repo, model_f, local_files_only=offline, cache_dir=cache))
+        mmproj = Path(hf_hub_download(repo, mmproj_f, local_files_only=offline, cache_dir=cache)) if mmproj_f else None
     except LocalEntryNotFoundError:
         raise ModelLoadError(f"{spec} is not in the Hugging Face cache and offline mode is on "
                              "(HF_HUB_OFFLINE / --offline): download it once online, or pass -m/--mmproj "

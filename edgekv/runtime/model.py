@@ -94,6 +94,14 @@ def mmproj_output_dim(path: Path) -> int | None:
     if arch is not None and bytes(arch.parts[-1]).decode() != "clip":
         raise ModelLoadError(f"{path} is a '{bytes(arch.parts[-1]).decode()}' model, not an mmproj "
                              "(projector) file; pass the text model with -m and the projector with --mmproj")
+    # llava tiling asserts (and aborts the process) when a grid pinpoint is not a multiple of the tile
+    pins, size = reader.fields.get("clip.vision.image_grid_pinpoints"), reader.fields.get("clip.vision.image_size")
+    if pins is not None and size is not None:
+        tile = int(size.parts[-1][0])
+        values = [int(pins.parts[i][0]) for i in pins.data]
+        if tile <= 0 or any(v <= 0 or v % tile for v in values):
+            raise ModelLoadError(f"mmproj {path.name}: image_grid_pinpoints {values} are not multiples of the "
+                                 f"image size {tile}; llama.cpp would abort on this file")
     dims = {t.name: [int(x) for x in t.shape] for t in reader.tensors if t.name.startswith("mm.")}
     weights = sorted(n for n in dims if n.endswith(".weight"))
     if not weights:

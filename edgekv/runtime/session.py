@@ -352,7 +352,8 @@ class Session:
             return self._report(label, budget_cells, cand, state, state, t0, plan_s, None, view)
         merged = None
         if plan.merge_to is not None:
-            
+            from edgekv.methods.merge import merged_kv
+
             merged = merged_kv(K, V, plan)
         new_base, src = pack_block(base, plan, cand, lay.n_head_kv, merged)
         new_state = SeqState(state.seq_id, [new_base] + state.blocks[1:], state.has_ext)

@@ -1,0 +1,177 @@
+"""What the runner needs from a model: prefill a sample once, then compact copies of that cache.
+
+`Engine` is the small interface the runner drives; `RuntimeEngine` implements it on
+`edgekv.runtime` (llama.cpp). Tests drive the runner with a pure-python engine.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from edgekv.eval.tasks import Sample, Tokenizer
+
+
+@dataclass
+class CompactInfo:
+    """What a compaction did (from the runtime's CompactionReport), for the records."""
+
+    cells_before: int
+    cells_after: int
+    bytes_before: int
+    bytes_after: int
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+class Engine(ABC):
+    tokenizer: Tokenizer
+    name: str = "engine"
+
+    @abstractmethod
+    def prefill(self, sample: Sample, window: int = 32) -> float:
+        """Build the full cache of prefix + context (compressible) + question, capturing the queries
+        of the question's last `window` tokens. Returns seconds."""
+
+    @abstractmethod
+    def compact(self, method: str, budget: float, window: int) -> CompactInfo:
+        """Start from the prefilled cache of the current sample and compress its context span."""
+
+    @abstractmethod
+    def generate(self, max_tokens: int) -> str:
+        """Greedy continuation of the current (compacted) cache."""
+
+    @abstractmethod
+    def eval_logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Teacher forcing: [len(ids), n_vocab] logits; row i predicts ids[i] (row 0 comes from the
+        cache alone, i.e. the logits after the last prompt token)."""
+
+    def describe(self) -> dict:
+        return {"engine": self.name}
+
+    def close(self) -> None:
+        pass
+
+
+class ModelTokenizer:
+    """`Tokenizer` over a loaded `edgekv.runtime.Model`: real text is tokenized with special=False."""
+
+    def __init__(self, model):
+        self.model = model
+        self.bos_id = model.bos if model.add_bos else None
+
+    def encode(self, text: str) -> list[int]:
+        return self.model.tokenize(text, add_bos=False, special=False)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.model.detokenize(list(ids))
+
+
+class RuntimeEngine(Engine):
+    """The runner's engine on `edgekv.runtime` (llama.cpp).
+
+    prefill(): prefix (protected), context (compressible), question minus its last token (protected;
+    its tail is the observation window); the state blob and the session's bookkeeping are snapshotted.
+    compact(): restores the snapshot, compacts, then appends the question's last token, so that every
+    answer token (the first one too) is computed from the compacted cache.
+    """
+
+    name = "edgekv.runtime"
+
+    def __init__(self, model_path, *, n_ctx: int, threads: int = 2, n_batch: int = 512,
+                 flash_attn: str = "off", cache_type_k: str = "f16", cache_type_v: str = "f16", seed: int = 0):
+        from edgekv.runtime import Model
+
+        self.model_path = str(model_path)
+        self.model = Model.load(model_path, n_ctx=n_ctx, n_batch=n_batch, threads=threads, flash_attn=flash_attn,
+                                cache_type_k=cache_type_k, cache_type_v=cache_type_v)
+        self.tokenizer = ModelTokenizer(self.model)
+        self.seed = seed
+        self.settings = {"n_ctx": self.model.n_ctx, "threads": threads, "n_batch": n_batch,
+                         "flash_attn": flash_attn, "cache_type_k": cache_type_k, "cache_type_v": cache_type_v}
+        self.sess = None
+        self._snap = None
+        self._last: list[int] = []
+
+    def _session(self, window: int):
+        from edgekv.runtime import Session
+
+        if self.sess is None or self.sess.window != window:
+            if self.sess is not None:
+                self.sess.close()
+            self.sess = Session(self.model, method="full", budget=1.0, window=window, seed=self.seed,
+                                auto_compact=False)
+        return self.sess
+
+    def prefill(self, sample: Sample, window: int = 32) -> float:
+        import time
+
+        s = self._session(window)
+        s.clear()
+        t0 = time.perf_counter()
+        s.append_tokens(list(sample.prefix), compressible=False)
+        s.append_tokens(list(sample.context), compressible=True)
+        s.append_tokens(list(sample.question[:-1]), compressible=False)
+        seconds = time.perf_counter() - t0
+        self._last = list(sample.question[-1:])
+        self._snap = {"blob": s.state_blob(), "kind": s.kind.copy(), "media": s.media.copy(),
+                      "n_past": s.n_past, "window_q": s._window_q, "window_rows": s._window_rows,
+                      "logits": s._logits, "n_media": s.n_media}
+        return seconds
+
+    def _restore(self) -> None:
+        s, snap = self.sess, self._snap
+        if snap is None:
+            raise RuntimeError("prefill() first")
+        if not s._set_state(snap["blob"]):
+            from edgekv.errors import CompactionError
+
+            raise CompactionError("llama.cpp refused the saved prefill state")
+        s.kind, s.media = snap["kind"].copy(), snap["media"].copy()
+        s.n_past, s.n_media = snap["n_past"], snap["n_media"]
+        s._window_q, s._window_rows, s._logits = snap["window_q"], snap["window_rows"], snap["logits"]
+
+    def compact(self, method: str, budget: float, window: int) -> CompactInfo:
+        s = self.sess
+        self._restore()
+        n_cells = s.n_cells
+        if method == "full":
+            nbytes = s.kv_bytes()
+            info = CompactInfo(n_cells, n_cells, nbytes, nbytes, 0.0)
+        else:
+            r = s.compact(method=method, budget=budget)
+            if r is None:
+                nbytes = s.kv_bytes()
+                info = CompactInfo(n_cells, n_cells, nbytes, nbytes, 0.0)
+            else:
+                info = CompactInfo(r.cells_before, r.cells_after, r.bytes_before, r.bytes_after, r.seconds,
+                                   {"plan_s": round(r.plan_seconds, 4), "budget_cells": r.budget_cells,
+                                    "n_candidates": r.n_candidates, "window_rows": r.window,
+                                    "merged": r.merged})
+        if self._last:
+            s.append_tokens(self._last, compressible=False, capture=False)
+        return info
+
+    def generate(self, max_tokens: int) -> str:
+        return "".join(r.text for r in self.sess.generate(max_tokens=max_tokens, temperature=0.0))
+
+    def eval_logits(self, ids: Sequence[int]) -> np.ndarray:
+        ids = list(ids)
+        first = self.sess.logits.copy()[None, :]
+        if len(ids) == 1:
+            return first
+        return np.concatenate([first, self.sess.eval_logits(ids[:-1])], axis=0)
+
+    def describe(self) -> dict:
+        lay = self.model.layout
+        return {"engine": self.name, "model": self.model_path, "arch": lay.arch, "n_layer": lay.n_layer,
+                "n_head_kv": lay.n_head_kv, "head_dim": lay.head_dim, "n_swa": lay.n_swa,
+                "global_layers": len(lay.global_layers), "n_params": lay.n_params, **self.settings}
+
+    def close(self) -> None:
+        if self.sess is not None:
+            self.sess.close()
+            self.sess = None
+        self.model.close()

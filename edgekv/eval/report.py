@@ -1,0 +1,200 @@
+"""Records -> results.csv, summary.json and results.md (tables). Pure python, no model needed."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+from typing import Iterable
+
+from edgekv.eval.runner import CONFIG, FULL, iter_errors, load_records
+
+CSV_FIELDS = ["task", "length", "depth", "index", "method", "budget", "score", "kl", "kl_max", "top1",
+              "nll", "target_acc", "generated", "answer", "cells_before", "cells_after", "bytes_before",
+              "bytes_after", "compact_s", "prefill_s", "run_s", "n_prompt", "n_context", "sample"]
+
+
+def write_csv(records: Iterable[dict], path: Path) -> None:
+    rows = sorted(records, key=_order)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in CSV_FIELDS})
+
+
+def _order(r: dict):
+    return (r["task"], r["length"], r["method"] != FULL, r["method"], -r["budget"], r["sample"])
+
+
+def _mean(xs) -> float | None:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return mean(xs) if xs else None
+
+
+def aggregate(records: list[dict]) -> list[dict]:
+    """One row per (task, length | 'all', method, budget): mean score, its ratio to the full cache on
+    the same samples, and for continuation KL / top-1. Lengths are also pooled ('all')."""
+    full = {r["sample"]: r for r in records if r["method"] == FULL}
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        for length in (r["length"], "all"):
+            groups[(r["task"], length, r["method"], r["budget"])].append(r)
+    rows = []
+    for (task, length, method, budget), rs in groups.items():
+        paired = [r for r in rs if r["sample"] in full]
+        score = _mean(r.get("score") for r in rs)
+        ref = _mean(full[r["sample"]].get("score") for r in paired)
+        own = _mean(r.get("score") for r in paired)
+        rows.append({
+            "task": task, "length": length, "method": method, "budget": budget, "n": len(rs),
+            "score": score,
+            "full_score": ref,
+            "relative": (own / ref) if (ref and own is not None) else None,
+            "kl": _mean(r.get("kl") for r in rs),
+            "top1": _mean(r.get("top1") for r in rs),
+            "nll": _mean(r.get("nll") for r in rs),
+            "cells_before": _mean(r.get("cells_before") for r in rs),
+            "cells_after": _mean(r.get("cells_after") for r in rs),
+            "bytes_before": _mean(r.get("bytes_before") for r in rs),
+            "bytes_after": _mean(r.get("bytes_after") for r in rs),
+            "compact_s": _mean(r.get("compact_s") for r in rs),
+            "prefill_s": _mean(r.get("prefill_s") for r in rs),
+        })
+    rows.sort(key=lambda r: (r["task"], str(r["length"]) if r["length"] == "all" else f"{r['length']:08d}",
+                             r["method"] != FULL, r["method"], -r["budget"]))
+    return rows
+
+
+def _fmt(x, spec=".2f", none="–") -> str:
+    return none if x is None else format(x, spec)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def markdown(records: list[dict], config: dict | None = None, errors: list[dict] | None = None,
+             title: str = "edgekv eval") -> str:
+    agg = aggregate(records)
+    by = {(r["task"], r["length"], r["method"], r["budget"]): r for r in agg}
+    tasks = sorted({r["task"] for r in records}, key=lambda t: ("passkey", "kv", "continuation").index(t)
+                   if t in ("passkey", "kv", "continuation") else 9)
+    lengths = sorted({r["length"] for r in records})
+    methods = sorted({r["method"] for r in records if r["method"] != FULL})
+    budgets = sorted({r["budget"] for r in records if r["method"] != FULL}, reverse=True)
+    parts = [f"# {title}", ""]
+    if config:
+        g = config.get("grid", {})
+        parts.append(f"Model `{Path(g.get('model', '?')).name}`, window {g.get('window')}, "
+                     f"Python {config.get('python')}, started {config.get('started')}.")
+        parts.append("")
+
+    parts += ["## Full-cache baseline", "",
+              "Accuracy of the uncompressed cache (retrieval: greedy answer contains the key; "
+              "continuation: top-1 agreement with itself = 1 by definition, NLL of the real text).", ""]
+    rows = []
+    for t in tasks:
+        cells = []
+        for L in lengths:
+            r = by.get((t, L, FULL, 1.0))
+            if r is None:
+                cells.append("–")
+            elif t == "continuation":
+                cells.append(f"nll {_fmt(r['nll'])} (n={r['n']})")
+            else:
+                cells.append(f"{_fmt(r['score'])} (n={r['n']})")
+        rows.append([t] + cells)
+    parts += [_table(["task"] + [f"{L} tok" for L in lengths], rows), ""]
+
+    for t in tasks:
+        if t == "continuation":
+            parts += ["## continuation: top-1 agreement / KL(full || compressed) in nats, all lengths", ""]
+            rows = []
+            for m in methods:
+                cells = []
+                for b in budgets:
+                    r = by.get((t, "all", m, b))
+                    cells.append("–" if r is None else f"{_fmt(r['top1'])} / {_fmt(r['kl'], '.3f')}")
+                rows.append([m] + cells)
+            parts += [_table(["method"] + [f"budget {b:g}" for b in budgets], rows), ""]
+        else:
+            parts += [f"## {t}: accuracy (relative to full cache), all lengths", ""]
+            rows = []
+            for m in methods:
+                cells = []
+                for b in budgets:
+                    r = by.get((t, "all", m, b))
+                    cells.append("–" if r is None else f"{_fmt(r['score'])} ({_fmt(r['relative'])})")
+                rows.append([m] + cells)
+            parts += [_table(["method"] + [f"budget {b:g}" for b in budgets], rows), ""]
+        if len(lengths) > 1:
+            parts += [f"### {t} by length ({'top-1 agreement' if t == 'continuation' else 'accuracy'})", ""]
+            rows = []
+            for m in methods:
+                for b in budgets:
+                    key = "top1" if t == "continuation" else "score"
+                    cells = [_fmt((by.get((t, L, m, b)) or {}).get(key)) for L in lengths]
+                    rows.append([m, f"{b:g}"] + cells)
+            parts += [_table(["method", "budget"] + [f"{L} tok" for L in lengths], rows), ""]
+
+    parts += ["## Cache size and compaction time (mean over samples)", ""]
+    rows = []
+    for L in lengths:
+        for b in budgets:
+            rs = [r for r in records if r["length"] == L and r["budget"] == b and r["method"] != FULL
+                  and r.get("cells_after") is not None]
+            if not rs:
+                continue
+            rows.append([str(L), f"{b:g}", _fmt(_mean(r["cells_before"] for r in rs), ".0f"),
+                         _fmt(_mean(r["cells_after"] for r in rs), ".0f"),
+                         _fmt(_mean(r["bytes_before"] for r in rs) / 2**20, ".2f"),
+                         _fmt(_mean(r["bytes_after"] for r in rs) / 2**20, ".2f"),
+                         _fmt(_mean(r["prefill_s"] for r in rs), ".2f"),
+                         _fmt(_mean(r["compact_s"] for r in rs), ".3f"),
+                         _fmt(100 * _mean(r["compact_s"] / r["prefill_s"] for r in rs if r.get("prefill_s")), ".1f")])
+    parts += [_table(["length", "budget", "cells before", "cells after", "KV MiB before", "KV MiB after",
+                      "prefill s", "compact s", "compact % of prefill"], rows), ""]
+    per_method = []
+    for m in methods:
+        rs = [r for r in records if r["method"] == m and r.get("compact_s") is not None]
+        if rs:
+            per_method.append([m, _fmt(_mean(r["compact_s"] for r in rs), ".3f"),
+                               _fmt(100 * _mean(r["compact_s"] / r["prefill_s"] for r in rs if r.get("prefill_s")), ".1f")])
+    if per_method:
+        parts += ["Compaction time by method (mean over all lengths and budgets):", "",
+                  _table(["method", "compact s", "% of prefill"], per_method), ""]
+    if errors:
+        parts += ["## Errors", "", "Runs that raised (recorded, not scored):", ""]
+        seen = {}
+        for e in errors:
+            seen.setdefault((e["method"], e["error"].splitlines()[0][:160]), 0)
+            seen[(e["method"], e["error"].splitlines()[0][:160])] += 1
+        parts += [f"- `{m}` x{n}: {msg}" for (m, msg), n in sorted(seen.items())] + [""]
+    return "\n".join(parts)
+
+
+def write_reports(out_dir: str | os.PathLike, plots: bool = True, title: str = "edgekv eval") -> dict:
+    """Write results.csv, summary.json, results.md (and plots) from records.jsonl. Returns paths."""
+    out = Path(out_dir)
+    records = load_records(out)
+    done = {r["key"] for r in records}
+    errors = [e for e in iter_errors(out) if e["key"] not in done]
+    cfg_path = out / CONFIG
+    config = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
+    paths = {"csv": out / "results.csv", "json": out / "summary.json", "md": out / "results.md"}
+    write_csv(records, paths["csv"])
+    paths["json"].write_text(json.dumps({"config": config, "aggregate": aggregate(records),
+                                         "n_records": len(records), "n_errors": len(errors),
+                                         "errors": errors[:50]}, indent=2, default=str))
+    paths["md"].write_text(markdown(records, config, errors, title=title))
+    if plots and records:
+        from edgekv.eval.plots import plot_scores
+
+        paths.update(plot_scores(records, out))
+    return paths

@@ -1,0 +1,89 @@
+"""Planning-time benchmark: every registered method on a 7B-shaped cache (numpy only, no model).
+
+Shape of Qwen2.5-VL-7B: 28 layers, 4 KV heads, 28 query heads, head dim 128; 8192 media tokens followed
+by a 32-token text window whose queries were captured. K/V/Q are random, with a per-head query
+temperature so some heads attend sharply and others broadly (HybridKV then sees both head types).
+
+    python scripts/bench_planning.py                      # budget 10 % of the media
+    python scripts/bench_planning.py --budget 0.2 --budget 819 --repeats 3
+
+"warm" = plan() on a view whose window attention is already computed (the runtime computes it once
+per compaction and every attention method shares it); "cold" = plan() on a fresh view, so the window
+attention is included. The window-attention and merged_kv costs are printed as their own rows.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+from edgekv.methods import METHODS, KVView, Span, get_method, resolve_budget
+from edgekv.methods.merge import merged_kv
+
+
+def make_view(layers: int, kv_heads: int, heads: int, head_dim: int, media: int, window: int,
+              seed: int = 0) -> KVView:
+    rng = np.random.default_rng(seed)
+    T = media + window
+    keys = rng.standard_normal((layers, kv_heads, T, head_dim), dtype=np.float32)
+    values = rng.standard_normal((layers, kv_heads, T, head_dim), dtype=np.float32)
+    queries = rng.standard_normal((layers, heads, window, head_dim), dtype=np.float32)
+    queries *= rng.uniform(0.5, 4.0, size=(layers, heads, 1, 1)).astype(np.float32)  # sharp/broad
+    candidates = np.zeros(T, dtype=bool)
+    candidates[:media] = True
+    spans = (Span(0, media, "media", 0), Span(media, T, "text"))
+    return KVView(keys, values, candidates, spans=spans, queries=queries)
+
+
+def fresh(view: KVView) -> KVView:
+    return KVView(view.keys, view.values, view.candidates, spans=view.spans, queries=view.queries)
+
+
+def timed(fn, repeats: int):
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget", action="append", help="ratio of the media (0.1) or cells (819); repeatable")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=28)
+    ap.add_argument("--media", type=int, default=8192)
+    ap.add_argument("--method", action="append", help="only these methods (default: all registered)")
+    ap.add_argument("--no-cold", action="store_true", help="skip the fresh-view (cold) timings")
+    args = ap.parse_args()
+
+    view = make_view(args.layers, 4, 28, 128, args.media, 32)
+    names = args.method or sorted(METHODS)
+    t_attn, _ = timed(lambda: fresh(view).window_attention, args.repeats)
+    _ = view.window_attention
+    print(f"cache: L={args.layers} H_kv=4 H=28 d=128 T={view.n_tokens} ({args.media} media + 32 window)")
+    print()
+    print("| method | budget (cells) | warm plan s | cold plan s | cells used | nominal mean |")
+    print("|---|---:|---:|---:|---:|---:|")
+    print(f"| (window attention, once per view) | | | {t_attn:.3f} | | |")
+    for raw in args.budget or ["0.1"]:
+        budget = resolve_budget(raw, view.n_candidates)
+        for name in names:
+            method = get_method(name)
+            warm, plan = timed(lambda: method.plan(view, budget), args.repeats)
+            cold = "" if args.no_cold or not getattr(method, "needs_queries", False) else \
+                f"{timed(lambda: method.plan(fresh(view), budget), args.repeats)[0]:.3f}"
+            if not cold and not args.no_cold:
+                cold = f"{warm:.3f}"
+            print(f"| {name} | {budget} | {warm:.3f} | {cold} | {plan.n_slots} | {plan.nominal.mean():.1f} |",
+                  flush=True)
+            if plan.merge_to is not None:
+                t_merge, _ = timed(lambda: merged_kv(view.keys, view.values, plan), args.repeats)
+                print(f"| merged_kv({name}) | {budget} | {t_merge:.3f} | | {plan.n_slots} | |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
