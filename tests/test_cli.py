@@ -216,3 +216,22 @@ def test_hf_offline_from_cache_picks_model_and_mmproj(tiny_pairs, tmp_path, monk
 
 def test_hf_spec_is_validated():
     assert_clean_error(run("chat", "-hf", "not a repo", "-p", "x"), "owner/repo")
+
+
+def _all_methods():
+    from edgekv.methods import METHODS
+
+    return sorted(METHODS)
+
+
+@pytest.mark.parametrize("method", _all_methods())
+@pytest.mark.parametrize("variant,cache", [("llava-tiles", ["-fa", "on", "-ctk", "q8_0", "-ctv", "q8_0"]),
+                                           ("qwen2vl", ["-fa", "off"])])
+def test_every_method_through_chat(tiny_pairs, method, variant, cache):
+    r = run(*chat_args(tiny_pairs, variant, "-p", "describe the picture", "--method", method, "--budget", "0.2",
+                       "-n", 3, *cache))
+    assert r.exit_code == 0, r.output
+    m = re.search(r"KV cells\s+(\d+) -> (\d+)", r.output)
+    assert m, r.output
+    before, after = int(m.group(1)), int(m.group(2))
+    assert (after == before) if method == "full" else (after < 0.75 * before), r.output

@@ -193,3 +193,23 @@ def test_corrupt_image_is_a_media_error(tiny_pairs, tmp_path):
         with pytest.raises(MediaError, match="cannot read image"):
             list(s.chat("describe", [bad]))
         s.close()
+
+
+def test_context_sized_for_the_budget_holds_a_many_tile_image(tiny_pairs):
+    """2560 image tokens in a 1024-cell context: tiles are compacted early, before the question."""
+    image = tiny_pairs["llava-tiles"][2]
+    with load(tiny_pairs, "llava-tiles", n_ctx=1024) as m:
+        strict = Session(m, method="snapkv", budget=0.25, early_compact=False)
+        with pytest.raises(ContextOverflowError):
+            list(strict.chat("describe", [image], max_tokens=2))
+        strict.close()
+
+        s = Session(m, method="snapkv", budget=0.25)
+        out = list(s.chat("describe", [image], max_tokens=4))
+        assert out[-1].finish_reason in ("length", "stop")
+        early = [r for r in s.reports if "early" in r.method]
+        assert early and all("auto -> " in r.method for r in early)   # snapkv has no question yet: auto's pick
+        assert "snapkv" in s.reports[-1].method and s.reports[-1].window > 0
+        assert sum(r.n_candidates for r in s.reports) == 2560
+        assert s.n_cells <= 1024 and s.n_media == 10
+        s.close()

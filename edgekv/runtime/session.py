@@ -82,11 +82,15 @@ class Session:
     compress: "media" compresses image/frame spans (and spans appended with compressible=True);
               "all" compresses every prompt token except the first and the observation window.
     window:   observation-window length W (the last W prompt tokens, whose queries are captured).
+    early_compact: when the next media chunk would not fit the context, compact the media already
+              prefilled first (query-agnostic: the question has not arrived). This is what lets a context
+              sized for the budget hold a many-tile image or many frames (design.md section 4).
     """
 
     def __init__(self, model: Model, *, method: str | Method = "auto", budget: float | int | str = 0.25,
                  compress: Literal["media", "all"] = "media", window: int = 32, seed: int = 0,
-                 auto_compact: bool = True, method_kwargs: dict | None = None) -> None:
+                 auto_compact: bool = True, early_compact: bool = True,
+                 method_kwargs: dict | None = None) -> None:
         if compress not in ("media", "all"):
             raise EdgeKVError(f"compress must be 'media' or 'all', got {compress!r}")
         self.model = model
@@ -99,6 +103,7 @@ class Session:
         self.window = int(window)
         self.seed = seed
         self.auto_compact = auto_compact
+        self.early_compact = early_compact
         self._batch = llama_cpp.llama_batch_init(model.n_batch, 0, 1)
         self.reports: list[CompactionReport] = []
         self.prompt_tokens = 0
@@ -168,6 +173,15 @@ class Session:
                 f"the prompt needs {n} more cells but only {self.model.n_ctx - self.n_cells} of "
                 f"{self.model.n_ctx} are free; raise -c/--ctx-size or lower the image size or budget")
 
+    def _make_room(self, n: int) -> None:
+        """Compact pending media early if `n` more cells would not fit, then check again."""
+        if self.n_cells + n > self.model.n_ctx and self.early_compact and (self.kind == PENDING).any():
+            meth = self.method
+            if getattr(meth, "resolve", None) is None and meth.needs_queries:
+                meth = get_method("auto")  # no question yet: the query-agnostic pick
+            self.compact(method=meth, early=True)
+        self._check_room(n)
+
     def _decode(self, tokens: list[int], logits: Literal["last", "all", "none"], capture_rows: int = 0) -> np.ndarray | None:
         b = self._batch
         n = len(tokens)
@@ -211,7 +225,7 @@ class Session:
         tokens = list(tokens)
         if not tokens:
             return None
-        self._check_room(len(tokens))
+        self._make_room(len(tokens))
         t0 = time.perf_counter()
         w = min(self.window, len(tokens)) if (capture and self.model.capture is not None) else 0
         body, tail = tokens[: len(tokens) - w], tokens[len(tokens) - w:]
@@ -271,7 +285,8 @@ class Session:
                 raise MediaError(f"{len(images)} image(s) but the prompt has a different number of media markers")
             if rc != 0:
                 raise MediaError(f"the projector could not preprocess the image(s) (code {rc}):\n{lib.recent_log()}")
-            self._check_room(int(mtmd_cpp.mtmd_helper_get_n_tokens(chunks)))
+            if not self.early_compact:
+                self._check_room(int(mtmd_cpp.mtmd_helper_get_n_tokens(chunks)))
             n = mtmd_cpp.mtmd_input_chunks_size(chunks)
             for i in range(n):
                 chunk = mtmd_cpp.mtmd_input_chunks_get(chunks, i)
@@ -288,7 +303,7 @@ class Session:
 
     def _eval_media_chunk(self, chunk) -> None:
         n_tok = int(mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk))
-        self._check_room(n_tok)
+        self._make_room(n_tok)
         t0 = time.perf_counter()
         new_past = llama_cpp.llama_pos(0)
         rc = mtmd_cpp.mtmd_helper_eval_chunk_single(self.model.mtmd, self.model.ctx, chunk, self.n_past, 0,
@@ -318,7 +333,8 @@ class Session:
             cand[-1] = False  # the pos_max cell must survive, or the next decode is refused
         return cand
 
-    def compact(self, method: str | Method | None = None, budget: float | int | str | None = None) -> CompactionReport | None:
+    def compact(self, method: str | Method | None = None, budget: float | int | str | None = None,
+                early: bool = False) -> CompactionReport | None:
         """Compress the compressible cells appended since the last compaction. On any failure the
         original cache is restored and CompactionError raised. Returns None when there is nothing to do."""
         cand = self.candidates()
@@ -340,6 +356,8 @@ class Session:
         if getattr(meth, "resolve", None):
             meth = meth.resolve(view)  # `auto`: picks by regime (query window or not)
             label = f"auto -> {meth.name}"
+        if early:
+            label += " (early, before the question)"
         if meth.needs_queries and view.queries is None:
             raise EdgeKVError(f"method {meth.name!r} needs the question's queries, but none were captured "
                               "(flash attention capture off, or no text after the media): use "
