@@ -99,3 +99,29 @@ def test_every_method_through_chat(gemma_path):
         if name != "full":
             # pyramid schedules give the first layer ~2x the budget, and cells = the largest budget
             assert after < 0.75 * before, (name, r.output)
+
+
+def test_captured_queries_match_llama_softmax_on_global_layers(gemma):
+    """Gemma scales Q after the RoPE node and has 4 query heads on 1 KV head: the captured window,
+    with the scale from the hyper-parameters, reproduces kq_soft_max of the 3 global layers."""
+    from edgekv.kv.packer import layer_floats
+
+    s = Session(gemma, method="snapkv", auto_compact=False, window=8)
+    cap = gemma.capture
+    cap.extra_prefixes, cap.extra = (b"kq_soft_max",), {}
+    s.append_text(haystack(1200), compressible=True)
+    s.append_text(QUESTION)
+    cap.extra_prefixes = ()
+    lay = gemma.layout
+    K, _ = layer_floats(parse_state(s.state_blob(), n_blocks=2).blocks[0], lay.n_head_kv)
+    Q = s._window_q
+    T, W = K.shape[2], Q.shape[2]
+    for j, il in enumerate(lay.global_layers):
+        ref = cap.extra[f"kq_soft_max-{il}"][..., :T]
+        logits = np.einsum("hwd,htd->hwt", Q[j], np.repeat(K[j], lay.n_head, axis=0)) * lay.attn_scale
+        logits[:, np.arange(T)[None, :] > (T - W + np.arange(W))[:, None]] = -np.inf
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        np.testing.assert_allclose(p, ref, atol=2e-3)
+        assert (p.argmax(-1) == ref.argmax(-1)).all()
+    s.close()
