@@ -10,10 +10,13 @@ temperature so some heads attend sharply and others broadly (HybridKV then sees 
 "warm" = plan() on a view whose window attention is already computed (the runtime computes it once
 per compaction and every attention method shares it); "cold" = plan() on a fresh view, so the window
 attention is included. The window-attention and merged_kv costs are printed as their own rows.
+Wall seconds are the target; CPU seconds (all threads of this process) show how much of the wall
+time was this process working, which matters on a shared machine (load average printed).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -42,12 +45,14 @@ def fresh(view: KVView) -> KVView:
 
 
 def timed(fn, repeats: int):
-    times, out = [], None
+    """(median wall seconds, median CPU seconds of this process over all its threads, last result)."""
+    wall, cpu, out = [], [], None
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu), out
 
 
 def main() -> None:
@@ -62,27 +67,31 @@ def main() -> None:
 
     view = make_view(args.layers, 4, 28, 128, args.media, 32)
     names = args.method or sorted(METHODS)
-    t_attn, _ = timed(lambda: fresh(view).window_attention, args.repeats)
-    _ = view.window_attention
-    print(f"cache: L={args.layers} H_kv=4 H=28 d=128 T={view.n_tokens} ({args.media} media + 32 window)")
+    print(f"cache: L={args.layers} H_kv=4 H=28 d=128 T={view.n_tokens} ({args.media} media + 32 window); "
+          f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     print()
-    print("| method | budget (cells) | warm plan s | cold plan s | cells used | nominal mean |")
-    print("|---|---:|---:|---:|---:|---:|")
-    print(f"| (window attention, once per view) | | | {t_attn:.3f} | | |")
+    print("| method | budget (cells) | warm plan s | warm CPU s | cold plan s | cold CPU s | cells used | nominal mean |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    wall, cpu, _ = timed(lambda: fresh(view).window_attention, args.repeats)
+    _ = view.window_attention
+    print(f"| (window attention, once per view) | | | | {wall:.3f} | {cpu:.3f} | | |", flush=True)
     for raw in args.budget or ["0.1"]:
         budget = resolve_budget(raw, view.n_candidates)
         for name in names:
             method = get_method(name)
-            warm, plan = timed(lambda: method.plan(view, budget), args.repeats)
-            cold = "" if args.no_cold or not getattr(method, "needs_queries", False) else \
-                f"{timed(lambda: method.plan(fresh(view), budget), args.repeats)[0]:.3f}"
-            if not cold and not args.no_cold:
-                cold = f"{warm:.3f}"
-            print(f"| {name} | {budget} | {warm:.3f} | {cold} | {plan.n_slots} | {plan.nominal.mean():.1f} |",
-                  flush=True)
+            wall, cpu, plan = timed(lambda: method.plan(view, budget), args.repeats)
+            if getattr(method, "needs_queries", False) and not args.no_cold:
+                cold_wall, cold_cpu, _ = timed(lambda: method.plan(fresh(view), budget), args.repeats)
+                cold = f"{cold_wall:.3f} | {cold_cpu:.3f}"
+            else:
+                cold = "= warm | = warm" if not args.no_cold else " | "
+            print(f"| {name} | {budget} | {wall:.3f} | {cpu:.3f} | {cold} | {plan.n_slots} | "
+                  f"{plan.nominal.mean():.1f} |", flush=True)
             if plan.merge_to is not None:
-                t_merge, _ = timed(lambda: merged_kv(view.keys, view.values, plan), args.repeats)
-                print(f"| merged_kv({name}) | {budget} | {t_merge:.3f} | | {plan.n_slots} | |", flush=True)
+                wall, cpu, _ = timed(lambda: merged_kv(view.keys, view.values, plan), args.repeats)
+                print(f"| merged_kv({name}) | {budget} | {wall:.3f} | {cpu:.3f} | | | {plan.n_slots} | |",
+                      flush=True)
+    print(f"\nload average after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ command again skips what is there. Reports (CSV, JSON, markdown, plots) are rebu
 """
 from __future__ import annotations
 
+import json
 import os
-import shutil
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import click  # noqa: E402
 
 from edgekv.errors import BudgetError, EdgeKVError  # noqa: E402
 
-QUICK = dict(lengths=(512,), depths=(0.5,), samples=1, continuation_samples=1, target_tokens=16,
+QUICK = dict(lengths=(384,), depths=(0.5,), samples=1, continuation_samples=1, target_tokens=16,
              methods=("streaming", "snapkv"), budgets=(0.25,))
 
 
@@ -86,7 +88,7 @@ def parse_floats(value: str | None, what: str) -> tuple[float, ...] | None:
 
 
 @click.command("eval", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--quick", is_flag=True, help="A few seconds: 512 tokens, one sample per task, streaming+snapkv at 0.25.")
+@click.option("--quick", is_flag=True, help="A few seconds: 384 tokens, one sample per task, streaming+snapkv at 0.25.")
 @click.option("--methods", help="Comma-separated methods (default: every registered one); 'full' always runs as reference.")
 @click.option("--budgets", help="Comma-separated ratios of the context kept. [default: 0.5,0.25,0.1,0.05]")
 @click.option("--lengths", help="Prompt lengths in tokens, e.g. 1k,2k,4k,8k. [default: 1k,2k,4k,8k]")
@@ -102,7 +104,8 @@ def parse_floats(value: str | None, what: str) -> tuple[float, ...] | None:
 @click.option("-t", "--threads", type=click.IntRange(1), default=2, show_default=True)
 @click.option("--window", type=click.IntRange(1, 256), default=32, show_default=True,
               help="Observation window (question tail) for query-aware methods.")
-@click.option("--max-new-tokens", type=click.IntRange(1, 64), default=10, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(1, 64), default=8, show_default=True,
+              help="Greedy tokens generated for a retrieval answer.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--fresh", is_flag=True, help="Delete the records in --out first instead of resuming.")
 @click.option("--report-only", is_flag=True, help="Rebuild the reports from the records, run nothing.")
@@ -151,18 +154,22 @@ def eval_command(quick, methods, budgets, lengths, tasks, depths, samples, conti
                      model=str(model), n_ctx=n_ctx)
 
     if fresh and out.exists():
-        for name in (RECORDS, "config.json"):
+        for name in (RECORDS, "config.json", "commands.txt"):
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
     from edgekv.eval.engine import RuntimeEngine
+
+    with open(out / "commands.txt", "a", encoding="utf-8") as f:  # every invocation (resumes too)
+        argv = [Path(sys.argv[0]).name] + [shlex.quote(a) for a in sys.argv[1:]]
+        f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')}  {' '.join(argv)}\n")
 
     t0 = time.perf_counter()
     engine = RuntimeEngine(model, n_ctx=n_ctx, threads=threads, flash_attn="off", seed=seed)
     try:
         records = run_grid(engine, cfg, out, progress=not no_progress,
                            log=lambda m: click.echo(f"warning: {m}", err=True))
-        (out / "engine.json").write_text(__import__("json").dumps(engine.describe(), indent=2))
+        (out / "engine.json").write_text(json.dumps(engine.describe(), indent=2))
     finally:
         engine.close()
     paths = write_reports(out, plots=not no_plots)
@@ -170,5 +177,3 @@ def eval_command(quick, methods, budgets, lengths, tasks, depths, samples, conti
     md = paths["md"].read_text()
     # the headline tables on the terminal; the full report is in results.md
     click.echo(md.split("### ")[0] if "### " in md else md)
-    if shutil.which("true") is None:  # pragma: no cover - keeps shutil import honest on odd systems
-        pass

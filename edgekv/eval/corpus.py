@@ -93,7 +93,7 @@ def filler_paragraphs() -> tuple[str, ...]:
     """Prose paragraphs for haystacks: the Python Language Reference, grammar blocks excluded."""
     out = []
     for p in paragraphs(python_docs().text):
-        # drop rst heading rules, skip indented code/grammar blocks, join wrapped lines
+        # drop rst heading rules, skip indented code/grammar blocks, join wrapped lines (ascii tables stay)
         lines = [ln for ln in p.splitlines() if ln.strip() and not set(ln.strip()) <= _RULE]
         if not lines or all(ln.startswith("   ") for ln in lines):
             continue

@@ -150,6 +150,8 @@ class RuntimeEngine(Engine):
                                    {"plan_s": round(r.plan_seconds, 4), "budget_cells": r.budget_cells,
                                     "n_candidates": r.n_candidates, "window_rows": r.window,
                                     "merged": r.merged})
+        bpc = self.model.layout.bytes_per_cell(self.model.cache_type_k, self.model.cache_type_v)
+        info.extra.update(block_bytes_before=info.cells_before * bpc, block_bytes_after=info.cells_after * bpc)
         if self._last:
             s.append_tokens(self._last, compressible=False, capture=False)
         return info

@@ -13,6 +13,25 @@ def _plt():
     return plt
 
 
+_MARKERS = "osD^v<>pP*Xh"
+_STYLES = ("-", "--", ":")
+
+
+def _budget_axis(ax, budgets) -> None:
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xscale("log")
+    bs = sorted(set(budgets))
+    ax.set_xticks(bs)
+    ax.set_xticklabels([f"{b:g}" for b in bs])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("budget (fraction of context cells kept)")
+
+
+def _style(i: int) -> dict:
+    return {"marker": _MARKERS[i % len(_MARKERS)], "ls": _STYLES[(i // 10) % len(_STYLES)], "ms": 4, "lw": 1.3}
+
+
 def plot_scores(records: list[dict], out_dir: Path) -> dict:
     """score_vs_budget.png (one panel per task, relative to full) and continuation_kl.png."""
     from edgekv.eval.report import aggregate
@@ -26,25 +45,26 @@ def plot_scores(records: list[dict], out_dir: Path) -> dict:
     methods = sorted({r["method"] for r in agg})
     cmap = plt.get_cmap("tab20")
     colors = {m: cmap(i % 20) for i, m in enumerate(methods)}
+    styles = {m: _style(i) for i, m in enumerate(methods)}
+    budgets = [r["budget"] for r in agg]
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.2), squeeze=False)
     for ax, t in zip(axes[0], tasks):
         key = "top1" if t == "continuation" else "score"
         for m in methods:
             rs = sorted((r for r in agg if r["task"] == t and r["method"] == m), key=lambda r: r["budget"])
             if rs:
-                ax.plot([r["budget"] for r in rs], [r[key] for r in rs], marker="o", ms=3,
-                        label=m, color=colors[m])
+                ax.plot([r["budget"] for r in rs], [r[key] for r in rs], label=m, color=colors[m], **styles[m])
         full = [r for r in aggregate(records) if r["task"] == t and r["length"] == "all" and r["method"] == "full"]
         if full and t != "continuation":
             ax.axhline(full[0]["score"], color="k", ls="--", lw=1, label="full cache")
-        ax.set_xscale("log")
-        ax.set_xlabel("budget (fraction of context cells kept)")
+        _budget_axis(ax, budgets)
         ax.set_ylabel("top-1 agreement with full cache" if t == "continuation" else "accuracy")
         ax.set_title(t)
         ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right", ncol=2)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center right", ncol=1)
+    fig.tight_layout(rect=(0, 0, 0.88, 1))
     paths["plot_scores"] = Path(out_dir) / "score_vs_budget.png"
     fig.savefig(paths["plot_scores"], dpi=110)
     plt.close(fig)
@@ -55,11 +75,10 @@ def plot_scores(records: list[dict], out_dir: Path) -> dict:
         for m in methods:
             rs = sorted((r for r in cont if r["method"] == m), key=lambda r: r["budget"])
             if rs:
-                ax.plot([r["budget"] for r in rs], [max(r["kl"], 1e-6) for r in rs], marker="o", ms=3,
-                        label=m, color=colors[m])
-        ax.set_xscale("log")
+                ax.plot([r["budget"] for r in rs], [max(r["kl"], 1e-6) for r in rs], label=m, color=colors[m],
+                        **styles[m])
+        _budget_axis(ax, budgets)
         ax.set_yscale("log")
-        ax.set_xlabel("budget (fraction of context cells kept)")
         ax.set_ylabel("KL(full || compressed), nats/token")
         ax.set_title("continuation")
         ax.grid(alpha=0.3)
@@ -87,8 +106,7 @@ def plot_decode(rows: list[dict], path: Path) -> Path:
         ax.plot([r["budget"] for r in rs], [r["bound"] for r in rs], ls="--", color=c,
                 label=f"bound (weights+KV bytes), {L} tok")
     ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("budget (fraction of context cells kept)")
+    _budget_axis(ax, [r["budget"] for r in rows if r["budget"] < 1])
     ax.set_ylabel("decode speed-up vs full cache")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

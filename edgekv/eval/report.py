@@ -80,7 +80,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def markdown(records: list[dict], config: dict | None = None, errors: list[dict] | None = None,
-             title: str = "edgekv eval") -> str:
+             title: str = "edgekv eval", commands: list[str] | None = None) -> str:
     agg = aggregate(records)
     by = {(r["task"], r["length"], r["method"], r["budget"]): r for r in agg}
     tasks = sorted({r["task"] for r in records}, key=lambda t: ("passkey", "kv", "continuation").index(t)
@@ -92,8 +92,11 @@ def markdown(records: list[dict], config: dict | None = None, errors: list[dict]
     if config:
         g = config.get("grid", {})
         parts.append(f"Model `{Path(g.get('model', '?')).name}`, window {g.get('window')}, "
-                     f"Python {config.get('python')}, started {config.get('started')}.")
+                     f"{g.get('max_new_tokens')} greedy tokens per answer, Python {config.get('python')}, "
+                     f"started {config.get('started')}.")
         parts.append("")
+    if commands:
+        parts += ["Commands (every invocation; later ones resumed the run):", "", "```"] + commands + ["```", ""]
 
     parts += ["## Full-cache baseline", "",
               "Accuracy of the uncompressed cache (retrieval: greedy answer contains the key; "
@@ -124,7 +127,9 @@ def markdown(records: list[dict], config: dict | None = None, errors: list[dict]
                 rows.append([m] + cells)
             parts += [_table(["method"] + [f"budget {b:g}" for b in budgets], rows), ""]
         else:
-            parts += [f"## {t}: accuracy (relative to full cache), all lengths", ""]
+            parts += [f"## {t}: accuracy (relative to full cache), all lengths", "",
+                      "Cells: mean accuracy over samples (relative = method accuracy / full-cache accuracy on the "
+                      "same samples).", ""]
             rows = []
             for m in methods:
                 cells = []
@@ -151,15 +156,22 @@ def markdown(records: list[dict], config: dict | None = None, errors: list[dict]
                   and r.get("cells_after") is not None]
             if not rs:
                 continue
+            bb = _mean(r.get("block_bytes_before") for r in rs)
+            ba = _mean(r.get("block_bytes_after") for r in rs)
             rows.append([str(L), f"{b:g}", _fmt(_mean(r["cells_before"] for r in rs), ".0f"),
                          _fmt(_mean(r["cells_after"] for r in rs), ".0f"),
+                         _fmt(None if bb is None else bb / 2**20, ".2f"),
+                         _fmt(None if ba is None else ba / 2**20, ".2f"),
                          _fmt(_mean(r["bytes_before"] for r in rs) / 2**20, ".2f"),
                          _fmt(_mean(r["bytes_after"] for r in rs) / 2**20, ".2f"),
                          _fmt(_mean(r["prefill_s"] for r in rs), ".2f"),
                          _fmt(_mean(r["compact_s"] for r in rs), ".3f"),
                          _fmt(100 * _mean(r["compact_s"] / r["prefill_s"] for r in rs if r.get("prefill_s")), ".1f")])
-    parts += [_table(["length", "budget", "cells before", "cells after", "KV MiB before", "KV MiB after",
-                      "prefill s", "compact s", "compact % of prefill"], rows), ""]
+    parts += ["Cells: the compressible (global-attention) cache block. Block MiB: those cells' K+V; KV MiB: the "
+              "whole sequence state (with the sliding-window block, which compaction leaves as it is). "
+              "Prefill: the whole prompt, measured once per sample.", "",
+              _table(["length", "budget", "cells before", "cells after", "block MiB before", "block MiB after",
+                      "KV MiB before", "KV MiB after", "prefill s", "compact s", "compact % of prefill"], rows), ""]
     per_method = []
     for m in methods:
         rs = [r for r in records if r["method"] == m and r.get("compact_s") is not None]
@@ -192,7 +204,9 @@ def write_reports(out_dir: str | os.PathLike, plots: bool = True, title: str = "
     paths["json"].write_text(json.dumps({"config": config, "aggregate": aggregate(records),
                                          "n_records": len(records), "n_errors": len(errors),
                                          "errors": errors[:50]}, indent=2, default=str))
-    paths["md"].write_text(markdown(records, config, errors, title=title))
+    cmd_path = out / "commands.txt"
+    commands = cmd_path.read_text().splitlines() if cmd_path.exists() else None
+    paths["md"].write_text(markdown(records, config, errors, title=title, commands=commands))
     if plots and records:
         from edgekv.eval.plots import plot_scores
 

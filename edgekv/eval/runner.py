@@ -33,7 +33,7 @@ class GridConfig:
     budgets: tuple[float, ...] = (0.5, 0.25, 0.1, 0.05)
     spec: TaskSpec = field(default_factory=TaskSpec)
     window: int = 32            # observation window (last W tokens before compact)
-    max_new_tokens: int = 10    # greedy tokens generated for retrieval answers
+    max_new_tokens: int = 8     # greedy tokens generated for retrieval answers
     model: str = ""
     n_ctx: int = 0              # 0: sized from the longest sample
 
@@ -71,6 +71,11 @@ class RecordStore:
 
     def __contains__(self, key: str) -> bool:
         return key in self.done
+
+    def is_done(self, key: str, digest: str) -> bool:
+        """Finished, for this very sample (records written before digests existed count as done)."""
+        rec = self.done.get(key)
+        return rec is not None and rec.get("sample_digest", digest) == digest
 
     def append(self, rec: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -116,7 +121,8 @@ def plan_runs(cfg: GridConfig) -> list[tuple[str, float]]:
 def _base_record(sample: Sample, method: str, budget: float) -> dict:
     return {"key": record_key(sample.key, method, budget), "sample": sample.key, "task": sample.task,
             "length": sample.length, "depth": sample.depth, "index": sample.index, "method": method,
-            "budget": float(budget), "n_prompt": sample.n_prompt, "n_context": len(sample.context)}
+            "budget": float(budget), "n_prompt": sample.n_prompt, "n_context": len(sample.context),
+            "sample_digest": sample.digest}
 
 
 def run_grid(engine: Engine, cfg: GridConfig, out_dir: str | os.PathLike, *,
@@ -129,7 +135,7 @@ def run_grid(engine: Engine, cfg: GridConfig, out_dir: str | os.PathLike, *,
     if samples is None:
         samples = build_samples(engine.tokenizer, cfg.spec)
     runs = plan_runs(cfg)
-    todo = [(s, [r for r in runs if record_key(s.key, *r) not in store]) for s in samples]
+    todo = [(s, [r for r in runs if not store.is_done(record_key(s.key, *r), s.digest)]) for s in samples]
     todo = [(s, rs) for s, rs in todo if rs]
     total = sum(len(rs) for _, rs in todo)
     bar = _progress(total, progress, desc="edgekv eval")
@@ -148,7 +154,7 @@ def _run_sample(engine, cfg, sample, runs, store, bar, log) -> None:
     if sample.task == "continuation":
         # the reference logits come from the uncompressed cache, also when `full` itself is done
         engine.compact(FULL, 1.0, cfg.window)
-        ref = engine.eval_logits(sample.target)
+        ref = scoring.Reference(engine.eval_logits(sample.target))
     for method, budget in runs:
         rec = _base_record(sample, method, budget)
         rec["prefill_s"] = round(prefill_s, 4)
@@ -159,8 +165,8 @@ def _run_sample(engine, cfg, sample, runs, store, bar, log) -> None:
                        bytes_before=info.bytes_before, bytes_after=info.bytes_after,
                        compact_s=round(info.seconds, 4), **info.extra)
             if sample.task == "continuation":
-                if method == FULL and ref is not None:
-                    logits = ref
+                if method == FULL:
+                    logits = ref.logits
                 else:
                     logits = engine.eval_logits(sample.target)
                 rec.update(scoring.continuation_scores(ref, logits, sample.target))

@@ -11,9 +11,12 @@ model with no chat template. Samples are deterministic given (seed, tokenizer).
 """
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
+
+import numpy as np
 
 from edgekv.errors import EdgeKVError
 from edgekv.eval import corpus
@@ -48,6 +51,16 @@ class Sample:
     def key(self) -> str:
         d = "-" if self.depth is None else f"{self.depth:g}"
         return f"{self.task}/L{self.length}/d{d}/i{self.index}"
+
+    @property
+    def digest(self) -> str:
+        """Short hash of the sample's tokens and answer: a resumed run re-does records whose sample
+        changed (another corpus, tokenizer or phrasing) under the same key."""
+        h = hashlib.sha1()
+        for part in (self.prefix, self.context, self.question, self.target):
+            h.update(np.asarray(part, dtype=np.int64).tobytes() + b"|")
+        h.update(self.answer.encode())
+        return h.hexdigest()[:12]
 
     @property
     def n_prompt(self) -> int:

@@ -134,7 +134,11 @@ class KVView:
                 p -= p.max(axis=-1, keepdims=True)
                 np.exp(p, out=p)
                 p *= 1.0 / (g * p.sum(axis=-1, keepdims=True))                # softmax / g
-                np.sum(p.reshape(g, W, T), axis=0, out=out[layer, h])         # GQA mean
+                p = p.reshape(g, W, T)
+                acc = out[layer, h]                                           # GQA mean, by plain
+                np.copyto(acc, p[0])                                          # adds: np.sum(axis=0)
+                for i in range(1, g):                                         # was 4x slower here
+                    acc += p[i]
         out.flags.writeable = False
         return out
 
@@ -286,7 +290,7 @@ def row_norms(x: np.ndarray) -> np.ndarray:
 def allocate(weights: np.ndarray, total: int, lo: int = 0, hi: int | None = None) -> np.ndarray:
     """Integer budgets proportional to `weights`, each in [lo, hi], summing exactly to `total`.
 
-    Water-filling: x_i = clip(c * w_i, lo, hi) with the scale c chosen so that sum(x) == total, so a
+    Water-filling: x_i = clip(c * w_i, lo, hi) with the scale c solved so that sum(x) == total, so a
     floor or cap on one entry redistributes its overflow to the others in proportion to their weights;
     then largest-remainder rounding (ties to the earlier entry). All-zero weights mean uniform.
     Used by the per-layer / per-head allocators (PyramidKV, AdaKV, FlashCache, HybridKV).
@@ -301,15 +305,25 @@ def allocate(weights: np.ndarray, total: int, lo: int = 0, hi: int | None = None
     if not w.any():
         w = np.ones(n)
     pos = w > 0
-    # clip(c*w) grows with c; past c_max every positive weight sits at hi.
-    c_lo, c_hi = 0.0, hi / w[pos].min()
-    for _ in range(200):
-        c = 0.5 * (c_lo + c_hi)
-        if np.clip(c * w, lo, hi).sum() < total:
-            c_lo = c
-        else:
-            c_hi = c
-    x = np.clip(c_hi * w, lo, hi)
+    # f(c) = sum clip(c*w, lo, hi) is piecewise linear and nondecreasing, with kinks at lo/w and hi/w:
+    # evaluate it at every kink (O(n log n) with sorted kinks and cumulative weights), then solve the
+    # linear piece that crosses `total`.
+    wp = w[pos]
+    up, full = np.sort(lo / wp), np.sort(hi / wp)      # entry leaves lo at c > lo/w, reaches hi at hi/w
+    w_up = np.concatenate([[0.0], np.cumsum(wp[np.argsort(lo / wp, kind="stable")])])
+    w_full = np.concatenate([[0.0], np.cumsum(wp[np.argsort(hi / wp, kind="stable")])])
+    kinks = np.unique(np.concatenate([[0.0], up, full]))
+    n_up = np.searchsorted(up, kinks, side="left")      # entries above lo (lo/w < c)
+    n_full = np.searchsorted(full, kinks, side="right")  # entries at hi (hi/w <= c)
+    f = lo * (n - n_up) + kinks * (w_up[n_up] - w_full[n_full]) + hi * n_full
+    j = int(np.searchsorted(f, total))
+    if j == 0:
+        c = 0.0
+    elif j == kinks.size:     # the positive weights are all at hi; see `short` below
+        c = kinks[-1]
+    else:
+        c = kinks[j - 1] + (total - f[j - 1]) * (kinks[j] - kinks[j - 1]) / (f[j] - f[j - 1])
+    x = np.clip(c * w, lo, hi)
     short = total - x.sum()
     if short > 1e-9 and (~pos).any():  # zero-weight entries absorb what the positive ones cannot
         x[~pos] = np.minimum(hi, lo + short / (~pos).sum())

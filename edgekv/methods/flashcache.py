@@ -77,7 +77,8 @@ def spectral_outliers(view: KVView, gamma: float = 0.15, per_head: bool = False,
     for layer in range(L):
         for cache in (view.keys, view.values):
             x = cache[layer][:, span, :]
-            sq = np.einsum("hnd,hnd->hn", *(high_pass_residual(x, gamma, fft),) * 2)  # [H, n]
+            res = high_pass_residual(x, gamma, fft)
+            sq = np.einsum("hnd,hnd->hn", res, res)                                  # [H, n]
             dev[layer][:, idx] += sq / d if per_head else sq.sum(axis=0) / (H * d)
             total = np.einsum("hnd,hnd->h", x, x).sum(dtype=np.float64)             # = sum C^2
             ratio[layer] += sq.sum(dtype=np.float64) / total if total > 0 else 0.0  # Parseval
