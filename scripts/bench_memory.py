@@ -3,7 +3,7 @@
 compaction between chunks), each in its own subprocess, on the same real-text passkey prompt.
 
     OMP_WAIT_POLICY=PASSIVE python scripts/bench_memory.py [--model GGUF] [--tokens 8192] [--budgets 0.1]
-        [--method snapkv] [--chunk 1024] [--out results/memory]
+        [--methods snapkv,hybridkv] [--chunk 1024] [--out results/memory]
 
 Default model: Gemma 3 270M (edgekv[eval]). Writes memory.{json,md}.
 """
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", type=Path)
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--budgets", default="0.1")
-    ap.add_argument("--method", default="snapkv")
+    ap.add_argument("--methods", default="snapkv", help="Comma-separated methods for the budget-sized runs.")
     ap.add_argument("--chunk", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("results/memory"))
@@ -43,12 +43,13 @@ def main(argv=None) -> int:
     r = measure("full", a.model, a.tokens, threads=a.threads)
     runs.append({"budget": 1.0, **asdict(r)})
     print(f"full: {r}", flush=True)
-    for b in (float(x) for x in a.budgets.split(",")):
-        r = measure("budget", a.model, a.tokens, budget=b, method=a.method, chunk=a.chunk, threads=a.threads)
-        runs.append({"budget": b, **asdict(r)})
-        print(f"budget {b}: {r}", flush=True)
+    for m in a.methods.split(","):
+        for b in (float(x) for x in a.budgets.split(",")):
+            r = measure("budget", a.model, a.tokens, budget=b, method=m, chunk=a.chunk, threads=a.threads)
+            runs.append({"budget": b, "method": m, **asdict(r)})
+            print(f"{m} @ {b}: {r}", flush=True)
     cmd = "python scripts/bench_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    meta = {"command": cmd, "model": str(a.model), "tokens": a.tokens, "method": a.method, "chunk": a.chunk,
+    meta = {"command": cmd, "model": str(a.model), "tokens": a.tokens, "methods": a.methods, "chunk": a.chunk,
             "threads": a.threads, "seconds": time.perf_counter() - t0, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "loadavg": os.getloadavg()}
     (a.out / "memory.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=2))
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
              "peak - load MiB | prefill s | compaction s | answer |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         peak = max(r["peak_rss_mb"], r["polled_peak_rss_mb"])
-        name = "full cache" if r["mode"] == "full" else f"{a.method} @ {r['budget']:g}, chunks of {a.chunk}"
+        name = "full cache" if r["mode"] == "full" else f"{r['method']} @ {r['budget']:g}, chunks of {a.chunk}"
         lines.append(f"| {name} | {r['n_ctx']} | {r['cells']} | {r['kv_bytes'] / 2**20:.1f} | {r['baseline_rss_mb']:.0f} | "
                      f"{peak:.0f} | {peak - r['baseline_rss_mb']:.0f} | {r['prefill_s']:.1f} | {r['compact_s']:.2f} | "
                      f"{'yes' if r['answer_ok'] else 'no'} ({r['generated'].strip()[:12]!r}) |")

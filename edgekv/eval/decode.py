@@ -196,6 +196,23 @@ def bench_prefill(path: Path, n_tokens: int = 1024, threads: int = 2, flash_attn
         b.close()
 
 
+def fit_cost(rows: list[DecodeRow]) -> dict | None:
+    """Least-squares ms/token = fixed + per_cell x cells over all rows, and the effective read bandwidth
+    of weights (fixed part) and of KV (per-cell part): where the two differ, the byte-ratio bound is off."""
+    if len(rows) < 2:
+        return None
+    cells = np.array([r.cells for r in rows], float)
+    ms = np.array([r.ms_per_token for r in rows], float)
+    if np.ptp(cells) == 0:
+        return None
+    per_cell, fixed = np.polyfit(cells, ms, 1)
+    kv_per_cell = statistics.median(r.kv_bytes / r.cells for r in rows)
+    w = rows[0].weight_bytes
+    return {"fixed_ms": float(fixed), "us_per_cell": float(per_cell * 1e3),
+            "weights_gb_s": w / (fixed * 1e-3) / 1e9 if fixed > 0 else None,
+            "kv_gb_s": kv_per_cell / (per_cell * 1e-3) / 1e9 if per_cell > 0 else None}
+
+
 def rows_as_dicts(rows: list[DecodeRow]) -> list[dict]:
     return [asdict(r) for r in rows]
 

@@ -73,6 +73,13 @@ def _fmt(x, spec=".2f", none="–") -> str:
     return none if x is None else format(x, spec)
 
 
+def _budget_table(by: dict, task: str, methods, budgets, cell) -> str:
+    """One row per method, one column per budget, `cell(record)` in each (a dash where none)."""
+    rows = [[m] + ["–" if by.get((task, "all", m, b)) is None else cell(by[(task, "all", m, b)]) for b in budgets]
+            for m in methods]
+    return _table(["method"] + [f"budget {b:g}" for b in budgets], rows)
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
@@ -117,27 +124,15 @@ def markdown(records: list[dict], config: dict | None = None, errors: list[dict]
 
     for t in tasks:
         if t == "continuation":
-            parts += ["## continuation: top-1 agreement / KL(full || compressed) in nats, all lengths", ""]
-            rows = []
-            for m in methods:
-                cells = []
-                for b in budgets:
-                    r = by.get((t, "all", m, b))
-                    cells.append("–" if r is None else f"{_fmt(r['top1'])} / {_fmt(r['kl'], '.3f')}")
-                rows.append([m] + cells)
-            parts += [_table(["method"] + [f"budget {b:g}" for b in budgets], rows), ""]
+            parts += ["## continuation: top-1 agreement / KL(full || compressed) in nats, all lengths", "",
+                      _budget_table(by, t, methods, budgets,
+                                    lambda r: f"{_fmt(r['top1'])} / {_fmt(r['kl'], '.3f')}"), ""]
         else:
             parts += [f"## {t}: accuracy (relative to full cache), all lengths", "",
                       "Cells: mean accuracy over samples (relative = method accuracy / full-cache accuracy on the "
-                      "same samples).", ""]
-            rows = []
-            for m in methods:
-                cells = []
-                for b in budgets:
-                    r = by.get((t, "all", m, b))
-                    cells.append("–" if r is None else f"{_fmt(r['score'])} ({_fmt(r['relative'])})")
-                rows.append([m] + cells)
-            parts += [_table(["method"] + [f"budget {b:g}" for b in budgets], rows), ""]
+                      "same samples).", "",
+                      _budget_table(by, t, methods, budgets, lambda r: f"{_fmt(r['score'])} ({_fmt(r['relative'])})"),
+                      ""]
         if len(lengths) > 1:
             parts += [f"### {t} by length ({'top-1 agreement' if t == 'continuation' else 'accuracy'})", ""]
             rows = []
@@ -172,6 +167,20 @@ def markdown(records: list[dict], config: dict | None = None, errors: list[dict]
               "Prefill: the whole prompt, measured once per sample.", "",
               _table(["length", "budget", "cells before", "cells after", "block MiB before", "block MiB after",
                       "KV MiB before", "KV MiB after", "prefill s", "compact s", "compact % of prefill"], rows), ""]
+    rows = []
+    for m in methods:
+        cells = []
+        for b in budgets:
+            rs = [r for r in records if r["method"] == m and r["budget"] == b and r.get("cells_after") is not None
+                  and r.get("n_context")]
+            cells.append("–" if not rs else _fmt(_mean(
+                (r["cells_after"] - (r["cells_before"] - r["n_context"])) / r["n_context"] for r in rs), ".3f"))
+        rows.append([m] + cells)
+    if rows:
+        parts += ["Context cells actually kept, as a fraction of the context (mean): a method with per-layer or "
+                  "per-head budgets (PyramidKV, AdaKV, ...) packs max(per-slot budget) cells, which can exceed "
+                  "the nominal budget.", "",
+                  _table(["method"] + [f"budget {b:g}" for b in budgets], rows), ""]
     per_method = []
     for m in methods:
         rs = [r for r in records if r["method"] == m and r.get("compact_s") is not None]
