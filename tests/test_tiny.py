@@ -10,7 +10,6 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before llama.cpp loads: OpenMP spinning is ~100x slower
 
-import collections  # noqa: E402
 import contextlib  # noqa: E402
 import ctypes  # noqa: E402
 import io  # noqa: E402
@@ -33,30 +32,19 @@ STATE_MAGIC = 0xAF143CD8
 # logging: collect llama.cpp / mtmd logs so failures can show them
 # ------------------------------------------------------------------------------------------------
 
-_LOG: collections.deque[str] = collections.deque(maxlen=400)
-
-
-@L.llama_log_callback
-def _log_cb(level, text, user_data):  # keep a module reference: ctypes callbacks must outlive their use
-    _LOG.append(text.decode("utf-8", "replace"))
-
-
 def _logs(n: int = 40) -> str:
-    return "".join(list(_LOG)[-n:])
+    from edgekv.runtime.lib import LOG_LINES
+
+    return "".join(list(LOG_LINES)[-n:])
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _llama_backend():
-    L.llama_log_set(_log_cb, None)
-    M.mtmd_log_set(_log_cb, None)
-    M.mtmd_helper_log_set(_log_cb, None)
-    L.llama_backend_init()
-    yield
-    from llama_cpp import _logger
+    # edgekv's own init: llama.cpp and mtmd logs go to its ring buffer (and stay there for later tests)
+    from edgekv.runtime import lib
 
-    L.llama_log_set(_logger.llama_log_callback, None)
-    M.mtmd_log_set(_logger.llama_log_callback, None)
-    M.mtmd_helper_log_set(_logger.llama_log_callback, None)
+    lib.init()
+    yield
 
 
 @pytest.fixture
