@@ -53,7 +53,6 @@ def main(argv=None) -> int:
             "threads": a.threads, "seconds": time.perf_counter() - t0, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "loadavg": os.getloadavg()}
     (a.out / "memory.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=2))
-    full = runs[0]
     lines = [f"# Peak memory: full cache vs context sized for the budget ({Path(a.model).name}, {a.tokens}-token prompt)",
              "", f"`{cmd}`, {meta['date']}. Each run is a fresh subprocess; peak RSS = max(ru_maxrss, psutil "
              "polling every 20 ms). Same real-text passkey prompt in both; 'answer' = the greedy answer holds the key.",

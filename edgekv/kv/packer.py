@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgekv.kv.codec import KVBlock, LayerKV
+from edgekv.kv.codec import KVBlock
 from edgekv.kv.dtypes import bytes_per_head, from_float, to_float
 from edgekv.methods.base import Plan
 
