@@ -213,3 +213,20 @@ def test_context_sized_for_the_budget_holds_a_many_tile_image(tiny_pairs):
         assert sum(r.n_candidates for r in s.reports) == 2560
         assert s.n_cells <= 1024 and s.n_media == 10
         s.close()
+
+
+def test_snapshot_restore_returns_to_the_same_cache(tiny_pairs):
+    image = tiny_pairs["llava"][2]
+    with load(tiny_pairs, "llava") as m:
+        probe = m.tokenize(" one more", special=False)
+        s = Session(m, method="snapkv", budget=0.25, auto_compact=False)
+        s.append_prompt("<__media__>\ndescribe", [image])
+        snap = s.snapshot()
+        want = s.eval_logits(probe)
+        s.restore(snap)
+        r = s.compact()
+        assert r.cells_after < r.cells_before
+        s.restore(snap)
+        assert s.n_cells == r.cells_before and int((s.kind == PACKED).sum()) == 0
+        np.testing.assert_array_equal(s.eval_logits(probe), want)
+        s.close()

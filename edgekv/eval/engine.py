@@ -116,22 +116,13 @@ class RuntimeEngine(Engine):
         s.append_tokens(list(sample.question[:-1]), compressible=False)
         seconds = time.perf_counter() - t0
         self._last = list(sample.question[-1:])
-        self._snap = {"blob": s.state_blob(), "kind": s.kind.copy(), "media": s.media.copy(),
-                      "n_past": s.n_past, "window_q": s._window_q, "window_rows": s._window_rows,
-                      "logits": s._logits, "n_media": s.n_media}
+        self._snap = s.snapshot()
         return seconds
 
     def _restore(self) -> None:
-        s, snap = self.sess, self._snap
-        if snap is None:
+        if self._snap is None:
             raise RuntimeError("prefill() first")
-        if not s._set_state(snap["blob"]):
-            from edgekv.errors import CompactionError
-
-            raise CompactionError("llama.cpp refused the saved prefill state")
-        s.kind, s.media = snap["kind"].copy(), snap["media"].copy()
-        s.n_past, s.n_media = snap["n_past"], snap["n_media"]
-        s._window_q, s._window_rows, s._logits = snap["window_q"], snap["window_rows"], snap["logits"]
+        self.sess.restore(self._snap)
 
     def compact(self, method: str, budget: float, window: int) -> CompactInfo:
         s = self.sess

@@ -68,6 +68,22 @@ class GenerationResponse:
     finish_reason: str | None = None
 
 
+@dataclass(frozen=True)
+class SessionSnapshot:
+    """Everything a Session needs to return to an earlier point: the cache bytes and the bookkeeping."""
+
+    blob: bytes
+    kind: np.ndarray
+    media: np.ndarray
+    n_past: int
+    n_media: int
+    window_q: np.ndarray | None
+    window_rows: int
+    logits: np.ndarray | None
+    messages: tuple
+    in_cache_text: str
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -162,6 +178,21 @@ class Session:
         """K+V bytes the sequence holds in all cache blocks."""
         return self._parse(self.state_blob()).nbytes if self.n_cells else 0
 
+    def snapshot(self) -> SessionSnapshot:
+        """The cache and bookkeeping as they are now (e.g. to try several methods on one prefill)."""
+        return SessionSnapshot(self.state_blob(), self.kind.copy(), self.media.copy(), self.n_past, self.n_media,
+                               self._window_q, self._window_rows, self._logits,
+                               tuple(dict(m) for m in self.messages), self._in_cache_text)
+
+    def restore(self, snap: SessionSnapshot) -> None:
+        """Put the cache and bookkeeping back as `snapshot()` saw them."""
+        if not self._set_state(snap.blob):
+            raise CompactionError(f"llama.cpp refused the saved state:\n{lib.recent_log()}")
+        self.kind, self.media = snap.kind.copy(), snap.media.copy()
+        self.n_past, self.n_media = snap.n_past, snap.n_media
+        self._window_q, self._window_rows, self._logits = snap.window_q, snap.window_rows, snap.logits
+        self.messages, self._in_cache_text = [dict(m) for m in snap.messages], snap.in_cache_text
+
     def _set_state(self, blob: bytes) -> bool:
         buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
         return llama_cpp.llama_state_seq_set_data(self.model.ctx, buf, len(blob), 0) == len(blob)
@@ -230,14 +261,13 @@ class Session:
         w = min(self.window, len(tokens)) if (capture and self.model.capture is not None) else 0
         body, tail = tokens[: len(tokens) - w], tokens[len(tokens) - w:]
         outs = []
-        mode = "all" if logits_all else "none"
         step = self.model.n_batch
         self._window_q, self._window_rows = None, 0
         kind = PENDING if compressible else PROTECTED
         for i in range(0, len(body), step):
             chunk = body[i:i + step]
             last = not tail and i + step >= len(body)
-            outs.append(self._decode(chunk, "all" if logits_all else ("last" if last else mode)))
+            outs.append(self._decode(chunk, "all" if logits_all else ("last" if last else "none")))
             self._add_cells(len(chunk), kind)
         if tail:
             outs.append(self._decode(tail, "all" if logits_all else "last", capture_rows=w))
