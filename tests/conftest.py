@@ -33,3 +33,16 @@ def gemma_path() -> Path:
     from edgekv.eval.gemma import gemma_path as _gemma_path
 
     return _gemma_path()
+
+
+def window_softmax(q, k, scale: float):
+    """softmax(q k^T * scale) of the last W tokens over T keys, causal. q [H, W, d], k [H_kv, T, d] ->
+    [H, W, T]; query head h reads KV head h // (H / H_kv). The reference the capture tests compare with."""
+    import numpy as np
+
+    H, W, _ = q.shape
+    T = k.shape[1]
+    logits = np.einsum("hwd,htd->hwt", q, np.repeat(k, H // k.shape[0], axis=0)) * scale
+    logits[:, np.arange(T)[None, :] > (T - W + np.arange(W))[:, None]] = -np.inf
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    return p / p.sum(-1, keepdims=True)

@@ -9,7 +9,7 @@ from edgekv.kv.codec import parse_state, serialize_state
 from edgekv.runtime import Model, Session
 from edgekv.runtime.session import PACKED
 
-from conftest import THREADS
+from conftest import THREADS, window_softmax
 
 # (variant, number of images) chosen so the full cache spans more than one 256-cell attention window.
 CASES = [("llava", 3), ("llava-tiles", 1), ("qwen2vl", 3)]
@@ -164,14 +164,10 @@ def test_captured_queries_match_llama_softmax(tiny_pairs):
         K, _ = layer_floats(parse_state(s.state_blob()).blocks[0], lay.n_head_kv)  # [L, Hk, T, d]
         Q = s._window_q                                                         # [L, H, W, d]
         assert Q is not None and Q.shape[2] == 8
-        T, W, g = K.shape[2], 8, lay.n_head // lay.n_head_kv
+        T = K.shape[2]
         for il in range(lay.n_layer):
             ref = cap.extra[f"kq_soft_max-{il}"]                     # [H, W, n_kv]
-            logits = np.einsum("hwd,htd->hwt", Q[il], np.repeat(K[il], g, axis=0)) * lay.attn_scale
-            mask = np.arange(T)[None, :] > (T - W + np.arange(W))[:, None]
-            logits[:, mask] = -np.inf
-            p = np.exp(logits - logits.max(-1, keepdims=True))
-            p /= p.sum(-1, keepdims=True)
+            p = window_softmax(Q[il], K[il], lay.attn_scale)
             np.testing.assert_allclose(p, ref[..., :T], atol=2e-3)
             assert (p.argmax(-1) == ref[..., :T].argmax(-1)).mean() == 1.0
         s.close()

@@ -39,7 +39,7 @@ def chat(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash_at
     gen = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     try:
         if prompt is not None:
-            _turn(session, prompt, list(images), gen, not no_report)
+            stream_turn(session, prompt, list(images), gen, not no_report)
         else:
             _repl(session, list(images), gen, not no_report)
     finally:
@@ -47,7 +47,8 @@ def chat(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash_at
         m.close()
 
 
-def _turn(session, prompt: str, images: list[Path], gen: dict, report: bool) -> None:
+def stream_turn(session, prompt: str, images: list[Path], gen: dict, report: bool) -> None:
+    """One user turn: stream the answer to stdout, then the report to stderr."""
     last = None
     for r in session.chat(prompt, images, **gen):
         click.echo(r.text, nl=False)
@@ -92,7 +93,7 @@ def _repl(session, images: list[Path], gen: dict, report: bool) -> None:
             click.echo(f"unknown command {line.split()[0]}; {HELP}", err=True)
             continue
         try:
-            _turn(session, line, pending, gen, report)
+            stream_turn(session, line, pending, gen, report)
         except EdgeKVError as e:  # a bad image must not end the conversation
             click.echo(f"Error: {e}", err=True)
         pending = []

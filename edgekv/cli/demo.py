@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from edgekv.cli.options import BudgetType, method_choice
-from edgekv.cli.report import echo_report
+from edgekv.cli.chat import stream_turn
 
 
 @click.command()
@@ -37,12 +37,7 @@ def demo(variant, method, budget, save_models, max_tokens, threads, seed):
         with Model.load(model_path, mmproj_path, n_ctx=4096, n_batch=2048, threads=threads,
                         flash_attn="off") as m:
             s = Session(m, method=method, budget=budget, seed=seed)
-            last = None
-            for r in s.chat("Describe the image.", [image], max_tokens=max_tokens):
-                click.echo(r.text, nl=False)
-                last = r
-            click.echo()
-            echo_report(s, last)
+            stream_turn(s, "Describe the image.", [image], {"max_tokens": max_tokens}, report=True)
             s.close()
         if save_models:
             click.echo(f"\nsaved to {out}; try:\n  edgekv chat -m {model_path} --mmproj {mmproj_path} "
