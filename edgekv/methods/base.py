@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import ClassVar, Literal
 
 import numpy as np
 
 from edgekv.errors import BudgetError
+from edgekv.methods.parallel import parallel_map
 
 Modality = Literal["text", "media"]
 
@@ -102,6 +103,15 @@ class KVView:
         return 0 if self.queries is None else self.queries.shape[2]
 
     @cached_property
+    def candidate_index(self) -> slice | np.ndarray:
+        """The candidates as a slice when they are one contiguous run (the usual single media span),
+        else as an index array: x[..., view.candidate_index] is then a view, not a gathered copy."""
+        idx = np.flatnonzero(self.candidates)
+        if idx.size and idx[-1] - idx[0] + 1 == idx.size:
+            return slice(int(idx[0]), int(idx[-1]) + 1)
+        return idx
+
+    @cached_property
     def media_mask(self) -> np.ndarray:
         """[T] bool, True on media (image/frame) tokens."""
         m = np.zeros(self.n_tokens, dtype=bool)
@@ -113,34 +123,75 @@ class KVView:
     # --- attention of the observation window ----------------------------------------------------
     @cached_property
     def window_attention(self) -> np.ndarray:
-        """[L, H_kv, W, T] softmax(Q K^T * scale) of the window queries, causal, GQA-averaged.
+        """[L, H_kv, W, T] A = softmax(Q K^T * scale) of the window queries, causal, GQA-averaged.
 
-        Query j is token T-W+j and sees keys 0..T-W+j. Computed in float32, one (layer, KV head) at a time.
-        With flash attention on, llama.cpp never materialises these probabilities, so we recompute
-        them here from the captured queries (cheap: W x T per head).
+        Query j is token T-W+j and sees keys 0..T-W+j. With flash attention on, llama.cpp never
+        materialises these probabilities, so they are recomputed here from the captured queries.
+        Methods use the reductions `window_scores` and `window_media_mass`, which never hold this
+        [L, H_kv, W, T] tensor (118 MB at 7B shape, 8k tokens); it is here for inspection and tests.
         """
-        if self.queries is None:
-            raise ValueError("this method needs a captured query window (view.queries is None)")
-        L, H, W, d = self.queries.shape
-        Hk, T, g = self.n_kv_heads, self.n_tokens, H // self.n_kv_heads
-        future = np.triu(np.ones((W, W), dtype=bool), 1)  # only the window's own keys can be in the future
-        scale = np.float32(self.scale)
-        out = np.empty((L, Hk, W, T), dtype=np.float32)
-        for layer in range(L):
-            for h in range(Hk):  # one KV head's query group at a time: a [g*W, T] block stays in cache
-                q = self.queries[layer, h * g:(h + 1) * g].reshape(g * W, d).astype(np.float32) * scale
-                p = q @ self.keys[layer, h].T                                  # [g*W, T] logits
-                p.reshape(g, W, T)[:, :, T - W:][:, future] = -np.inf
-                p -= p.max(axis=-1, keepdims=True)
-                np.exp(p, out=p)
-                p *= 1.0 / (g * p.sum(axis=-1, keepdims=True))                # softmax / g
-                p = p.reshape(g, W, T)
-                acc = out[layer, h]                                           # GQA mean, by plain
-                np.copyto(acc, p[0])                                          # adds: np.sum(axis=0)
-                for i in range(1, g):                                         # was 4x slower here
-                    acc += p[i]
+        out = np.zeros((self.n_layers, self.n_kv_heads, self.window, self.n_tokens), dtype=np.float32)
+        self._window_pass(out)
         out.flags.writeable = False
         return out
+
+    @property
+    def window_scores(self) -> np.ndarray:
+        """[L, H_kv, T] sum_j A[j -> t]: the attention each key gets from the whole window."""
+        return self._window_reductions[0]
+
+    @property
+    def window_media_mass(self) -> np.ndarray:
+        """[L, H_kv, W] sum_{t media} A[j -> t]: each window query's attention mass on media keys."""
+        return self._window_reductions[1]
+
+    @cached_property
+    def _window_reductions(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._window_pass(None)
+
+    def _window_pass(self, rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """One [g*W, T] softmax block per (layer, KV head), spread over the planning threads
+        (`parallel_map`), each reduced to its column sums and media masses (and copied to `rows`)."""
+        if self.queries is None:
+            raise ValueError("this method needs a captured query window (view.queries is None)")
+        L, Hk, W, T = self.n_layers, self.n_kv_heads, self.window, self.n_tokens
+        scores = np.zeros((L, Hk, T), dtype=np.float32)
+        media_mass = np.zeros((L, Hk, W), dtype=np.float32)
+        media = self.media_mask.astype(np.float32)
+
+        def block(job: tuple[int, int], scratch: np.ndarray) -> None:
+            p, inv = _window_softmax(self, job[0], job[1], scratch)         # [W*g, T], [W*g]
+            np.matmul(inv, p, out=scores[job])                              # sum over the window
+            media_mass[job] = (inv * (p @ media)).reshape(W, -1).sum(axis=1)
+            if rows is not None:
+                np.matmul(inv.reshape(W, 1, -1), p.reshape(W, -1, T), out=rows[job].reshape(W, 1, T))
+
+        parallel_map(block, [(layer, h) for layer in range(L) for h in range(Hk)],
+                     scratch=(self.queries.shape[1] // Hk * W, T))
+        scores.flags.writeable = media_mass.flags.writeable = False
+        return scores, media_mass
+
+
+def _window_softmax(view: KVView, layer: int, h: int, scratch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(p [W*g, T] unnormalised causal softmax rows of KV head h's g query heads, rows ordered
+    (window query j, head i), in `scratch`; inv [W*g] = 1 / (g * row sum)), so that
+    A[j] = sum_i inv[j, i] * p[(j, i)] is the GQA-mean attention of window query j."""
+    _, H, W, d = view.queries.shape
+    T, g = view.n_tokens, H // view.n_kv_heads
+    q = view.queries[layer, h * g:(h + 1) * g].transpose(1, 0, 2).reshape(W * g, d)
+    q = np.multiply(q, view.scale, dtype=np.float32)
+    p = np.matmul(q, view.keys[layer, h].T, out=scratch)                              # logits
+    p.reshape(W, g, T)[:, :, T - W:][_future_mask(W, g)] = -np.inf
+    p -= p.max(axis=1, keepdims=True)
+    np.exp(p, out=p)
+    return p, (1.0 / (g * p.sum(axis=1))).astype(np.float32)
+
+
+@lru_cache(maxsize=8)
+def _future_mask(W: int, g: int) -> np.ndarray:
+    """[W, g, W] True where window key j comes after window query i (same for all g heads)."""
+    future = np.triu(np.ones((W, W), dtype=bool), 1)
+    return np.ascontiguousarray(np.broadcast_to(future[:, None, :], (W, g, W)))
 
 
 @dataclass
@@ -253,15 +304,21 @@ def top_k(scores: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:
     big = np.finfo(np.float64).max / 2  # finite for every candidate, so non-candidates sort last
     scores = np.asarray(scores, dtype=np.float64)  # float32 input would overflow on `big`
     neg = -np.where(candidates, np.nan_to_num(scores, nan=-big, posinf=big, neginf=-big), -np.inf)
-    T = neg.shape[-1]
-    if k <= 0 or 4 * k >= T:
-        return np.argsort(neg, axis=-1, kind="stable")[..., :max(k, 0)].astype(np.int64)
+    T, k = neg.shape[-1], max(k, 0)
     rows = neg.reshape(-1, T)
-    kth = np.partition(rows, k - 1, axis=-1)[:, k - 1]
     out = np.empty((rows.shape[0], k), dtype=np.int64)
-    for i in range(rows.shape[0]):  # the k best and any ties with the k-th, then a stable sort
-        idx = np.flatnonzero(rows[i] <= kth[i])
-        out[i] = idx[np.argsort(rows[i, idx], kind="stable")[:k]]
+
+    def one(i: int, _: None) -> None:  # rows go to the planning threads (numpy sorts drop the GIL)
+        row = rows[i]
+        if k == 0:
+            return
+        if 4 * k >= T:
+            out[i] = np.argsort(row, kind="stable")[:k]
+            return
+        idx = np.flatnonzero(row <= np.partition(row, k - 1)[k - 1])  # the k best and ties with the k-th
+        out[i] = idx[np.argsort(row[idx], kind="stable")[:k]]
+
+    parallel_map(one, range(rows.shape[0]))
     return out.reshape(neg.shape[:-1] + (k,))
 
 
@@ -273,8 +330,14 @@ def pool1d(x: np.ndarray, kernel: int, mode: Literal["avg", "max"] = "avg") -> n
     pad = kernel // 2
     xp = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(pad, kernel - 1 - pad)],
                 constant_values=0.0 if mode == "avg" else -np.inf)
-    win = np.lib.stride_tricks.sliding_window_view(xp, kernel, axis=-1)
-    return win.mean(axis=-1) if mode == "avg" else win.max(axis=-1)
+    n = x.shape[-1]
+    out = xp[..., :n].copy()
+    for i in range(1, kernel):  # shifted adds: the same bits as a windowed mean for kernels < 8
+        if mode == "avg":
+            out += xp[..., i:i + n]
+        else:
+            np.maximum(out, xp[..., i:i + n], out=out)
+    return out / kernel if mode == "avg" else out
 
 
 def row_norms(x: np.ndarray) -> np.ndarray:
@@ -282,9 +345,13 @@ def row_norms(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     out = np.empty(x.shape[:-1], dtype=np.float32)
     flat_x, flat_out = x.reshape(-1, *x.shape[-2:]), out.reshape(-1, x.shape[-2])
-    for i in range(flat_x.shape[0]):  # one (layer, head) at a time keeps temporaries small
+
+    def one(i: int, _: None) -> None:  # one (layer, head) at a time keeps temporaries small
         np.einsum("td,td->t", flat_x[i], flat_x[i], out=flat_out[i])
-    return np.sqrt(out, out=out)
+        np.sqrt(flat_out[i], out=flat_out[i])
+
+    parallel_map(one, range(flat_x.shape[0]))
+    return out
 
 
 def allocate(weights: np.ndarray, total: int, lo: int = 0, hi: int | None = None) -> np.ndarray:

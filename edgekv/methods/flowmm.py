@@ -40,6 +40,7 @@ from typing import Literal
 import numpy as np
 
 from edgekv.methods.base import KVView, Method, Plan, check_budget, row_norms, top_k
+from edgekv.methods.parallel import parallel_map
 from edgekv.methods.registry import register
 
 BLOCK_ELEMS = 1 << 21  # similarity block size (floats): bounds memory, keeps argmax in cache
@@ -47,10 +48,8 @@ BLOCK_ELEMS = 1 << 21  # similarity block size (floats): bounds memory, keeps ar
 
 def cross_modal_ratio(view: KVView) -> np.ndarray:
     """rho [L]: mean over KV heads and window queries of the attention mass on the other modality."""
-    attn = view.window_attention                                        # [L, H, W, T]
-    media = view.media_mask
-    media_mass = (attn.reshape(-1, attn.shape[-1]) @ media.astype(np.float32)).reshape(attn.shape[:-1])
-    query_is_media = media[view.n_tokens - view.window:]
+    media_mass = view.window_media_mass                                 # [L, H, W]
+    query_is_media = view.media_mask[view.n_tokens - view.window:]
     cross = np.where(query_is_media, 1.0 - media_mass, media_mass)
     return cross.mean(axis=(1, 2), dtype=np.float64)
 
@@ -74,6 +73,11 @@ def nearest(queries: np.ndarray, pool: np.ndarray) -> np.ndarray:
     return out
 
 
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(row_norms(x), 1e-12)[..., None]
+
+
 @register("flowmm")
 @dataclass
 class FlowMM(Method):
@@ -95,34 +99,34 @@ class FlowMM(Method):
         budget = check_budget(budget, view.n_candidates)
         L, H, T = view.n_layers, view.n_kv_heads, view.n_tokens
         rho = cross_modal_ratio(view)
-        importance = view.window_attention.sum(axis=2)                  # [L, H, T]
+        importance = view.window_scores                                 # [L, H, T]
         keep = top_k(importance, view.candidates, budget)               # [L, H, B] pivots, best first
         groups = modality_groups(view)
         cand = np.flatnonzero(view.candidates)
         merge_to = np.full((L, H, T), -1, dtype=np.int64)
-        for layer in range(L):
-            keys = view.keys[layer][:, cand, :]                         # [H, n, d]
-            unit = keys / np.maximum(row_norms(keys), 1e-12)[..., None]
-            compact = np.full(T, -1, dtype=np.int64)
-            compact[cand] = np.arange(cand.size)
-            for head in range(H):
-                pivots = keep[layer, head]
-                imp = importance[layer, head, pivots]
-                open_slots = np.flatnonzero(imp <= np.quantile(imp, self.tau_quantile))
-                is_pivot = np.zeros(T, dtype=bool)
-                is_pivot[pivots] = True
-                others = cand[~is_pivot[cand]]
-                if others.size == 0:
-                    continue
-                if rho[layer] >= self.theta:  # cross-modal: any open pivot
-                    pairs = [(others, open_slots)]
-                else:                         # intra-modal: open pivots of the same media item
-                    pairs = [(others[groups[others] == g], open_slots[groups[pivots[open_slots]] == g])
-                             for g in np.unique(groups[others])]
-                for tokens, slots in pairs:
-                    if slots.size:            # else: no pivot of that modality is open, drop them
-                        best = nearest(unit[head, compact[tokens]], unit[head, compact[pivots[slots]]])
-                        merge_to[layer, head, tokens] = slots[best]
+
+        def match(job: tuple[int, int], _: None) -> None:
+            layer, head = job
+            pivots = keep[layer, head]
+            imp = importance[layer, head, pivots]
+            open_slots = np.flatnonzero(imp <= np.quantile(imp, self.tau_quantile))
+            is_pivot = np.zeros(T, dtype=bool)
+            is_pivot[pivots] = True
+            others = cand[~is_pivot[cand]]
+            if others.size == 0:
+                return
+            if rho[layer] >= self.theta:  # cross-modal: any open pivot
+                pairs = [(others, open_slots)]
+            else:                         # intra-modal: open pivots of the same media item
+                pairs = [(others[groups[others] == g], open_slots[groups[pivots[open_slots]] == g])
+                         for g in np.unique(groups[others])]
+            keys = view.keys[layer, head]
+            for tokens, slots in pairs:
+                if slots.size:            # else: no pivot of that modality is open, drop them
+                    # argmax_p cos(k_i, k_p) = argmax_p k_i . k_p / |k_p|: only the pivots need normalising
+                    merge_to[layer, head, tokens] = slots[nearest(keys[tokens], _unit(keys[pivots[slots]]))]
+
+        parallel_map(match, [(layer, head) for layer in range(L) for head in range(H)])
         weight = self._weights(importance, keep, merge_to)
         return Plan(keep=keep, nominal=np.full((L, H), budget, np.int64), merge_to=merge_to,
                     merge_weight=weight,

@@ -33,18 +33,23 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgekv.methods.base import KVView, Method, Plan, allocate, check_budget, plan_from_scores, pool1d
+from edgekv.methods.parallel import parallel_map
 from edgekv.methods.registry import register
 
 
 def coverage_k(attn: np.ndarray, theta: float) -> np.ndarray:
     """[...] smallest k whose k largest entries of each row of attn [..., n] hold >= theta of its mass."""
-    a = np.sort(attn, axis=-1)[..., ::-1]
-    mass = np.cumsum(a, axis=-1)
-    total = mass[..., -1:]
-    uniform = total[..., 0] <= 0
-    reached = mass >= theta * np.where(uniform[..., None], 1.0, total) * (1 - 1e-12)
-    k = reached.argmax(axis=-1) + 1
-    return np.where(uniform, int(np.ceil(theta * attn.shape[-1])), k)
+    rows = attn.reshape(-1, attn.shape[-1])
+    k = np.zeros(rows.shape[0], dtype=np.int64)
+
+    def one(i: int, _: None) -> None:  # one row per task: the sorts run on the planning threads
+        mass = np.cumsum(np.sort(rows[i])[::-1])
+        total = mass[-1]
+        k[i] = (np.ceil(theta * rows.shape[1]) if total <= 0
+                else np.argmax(mass >= theta * total * (1 - 1e-12)) + 1)
+
+    parallel_map(one, range(rows.shape[0]))
+    return k.reshape(attn.shape[:-1])
 
 
 @register("hybridkv")
@@ -69,8 +74,8 @@ class HybridKV(Method):
     def plan(self, view: KVView, budget: int) -> Plan:
         budget = check_budget(budget, view.n_candidates)
         L, H, n = view.n_layers, view.n_kv_heads, view.n_candidates
-        cand = np.flatnonzero(view.candidates)
-        a = view.window_attention.mean(axis=2, dtype=np.float64)[..., cand]   # [L, H, n]
+        cand = view.candidate_index
+        a = view.window_scores[..., cand].astype(np.float64) / view.window     # [L, H, n] mean
         k90 = coverage_k(a, self.theta)
         static = k90 <= budget
         nominal = self._budgets(static, k90, budget, n)
@@ -79,8 +84,11 @@ class HybridKV(Method):
         # static: text first (tier 2), then media by pooled attention (pooled over the candidate run)
         pooled = pool1d(a, self.kernel_size)
         scores[..., cand] = np.where(static[..., None], np.where(text, 2.0 + a, pooled), 0.0)
-        for layer, head in zip(*np.nonzero(~static)):
-            scores[layer, head, cand] = self._chunk_scores(a[layer, head], int(nominal[layer, head]))
+
+        def dynamic(job: tuple[int, int], _: None) -> None:
+            scores[job + (cand,)] = self._chunk_scores(a[job], int(nominal[job]))
+
+        parallel_map(dynamic, list(zip(*np.nonzero(~static))))
         return plan_from_scores(self.name, view, scores, nominal, static=static.tolist(),
                                 k90=k90.tolist())
 
@@ -105,13 +113,14 @@ class HybridKV(Method):
         mass = np.add.reduceat(a, starts)
         sizes = np.diff(np.append(starts, n))
         s = a.copy()
-        room = b
-        for ch in np.argsort(-mass, kind="stable"):
-            if room < c:
-                break
-            if sizes[ch] <= room:
-                s[starts[ch]:starts[ch] + sizes[ch]] = 4.0 + mass[ch]
-                room -= sizes[ch]
+        # Greedy by mass: take chunks while at least a whole chunk of room is left (every chunk but
+        # the last has size c, so a chunk taken then always fits): a prefix of the sorted order.
+        order = np.argsort(-mass, kind="stable")
+        before = np.cumsum(sizes[order]) - sizes[order]             # room used before each chunk
+        taken = order[before <= b - c]
+        for ch in taken:
+            s[starts[ch]:starts[ch] + sizes[ch]] = 4.0 + mass[ch]
+        room = b - int(sizes[taken].sum())
         if room:
             free = np.flatnonzero(s < 4.0)
             best = free[np.argsort(-a[free], kind="stable")[:room]]

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgekv.methods.base import KVView, ScoreMethod, row_norms
+from edgekv.methods.base import KVView, ScoreMethod
+from edgekv.methods.parallel import parallel_map
 from edgekv.methods.registry import register
 
 EPS = 1e-12
@@ -31,12 +32,22 @@ def key_diversity(view: KVView) -> tuple[np.ndarray, np.ndarray]:
     stacked mat-vec path was 10x slower).
     """
     keys, n = view.keys, view.n_candidates
-    norms = row_norms(keys)                                                  # [L, H, T]
+    norms = np.empty(keys.shape[:3], dtype=np.float32)                      # [L, H, T]
+    inv = np.empty(keys.shape[:3], dtype=np.float32)                        # 1/|k|, 0 off candidates
+    total = np.empty(keys.shape[:2] + keys.shape[3:], dtype=np.float32)     # [L, H, d] sum of k̂
+    dots = np.empty(keys.shape[:3], dtype=np.float32)                       # [L, H, T] k_i . m̄
+
+    def one_layer(layer: int, _: None) -> None:  # three passes over one layer's keys while cached
+        k = keys[layer]
+        np.sqrt(np.einsum("htd,htd->ht", k, k), out=norms[layer])
+        np.divide(1.0, np.maximum(norms[layer], EPS), out=inv[layer])
+        inv[layer][:, ~view.candidates] = 0.0
+        np.einsum("ht,htd->hd", inv[layer], k, out=total[layer])
+        np.einsum("htd,hd->ht", k, total[layer] / max(n, 1), out=dots[layer])
+
+    parallel_map(one_layer, range(keys.shape[0]))
     safe = np.maximum(norms, EPS)
-    inv = np.where(view.candidates, 1.0 / safe, 0.0).astype(np.float32)     # 0 off the candidates
-    total = np.einsum("lht,lhtd->lhd", inv, keys)                            # [L, H, d] sum of k̂
     mean = total / max(n, 1)
-    dots = np.einsum("lhtd,lhd->lht", keys, mean)                            # [L, H, T] k_i . m̄
     cos = dots / (safe * np.maximum(np.linalg.norm(mean, axis=-1), EPS)[..., None])
     self_sim = np.where(view.candidates, (norms * inv) ** 2, 0.0).sum(axis=-1)  # n unless zero keys
     sq = np.einsum("lhd,lhd->lh", total, total, dtype=np.float64)

@@ -45,14 +45,18 @@ def scaled_minmax(x: np.ndarray, target_mean: np.ndarray) -> np.ndarray:
 
 def mixkv_scores(view: KVView, attn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The mixed score [L, H_kv, T] (0 off the candidates) from the pooled attention, and r [L, H_kv]."""
-    cand = view.candidates
+    cand = view.candidate_index
     a = attn[..., cand].astype(np.float64)
     a_mean = a.mean(axis=-1)
     cos, r = key_diversity(view)
     vn = scaled_minmax(row_norms(view.values)[..., cand], a_mean)
     div = scaled_minmax(-cos[..., cand], a_mean)
+    a += vn                                          # in place: these [L, H, n] float64 temporaries
+    a *= (1.0 - r)[..., None]                        # cost more than the arithmetic
+    div *= r[..., None]
+    a += div
     out = np.zeros(attn.shape, dtype=np.float64)
-    out[..., cand] = (1.0 - r)[..., None] * (a + vn) + r[..., None] * div
+    out[..., cand] = a
     return out, r
 
 

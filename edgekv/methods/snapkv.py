@@ -19,7 +19,7 @@ from edgekv.methods.registry import register
 
 def snapkv_scores(view: KVView, kernel: int = 5, pooling: str = "avg") -> np.ndarray:
     """[L, H_kv, T] window attention averaged over the window queries, then 1-D pooled."""
-    attn = view.window_attention.mean(axis=2)  # [L, H_kv, T]
+    attn = view.window_scores / view.window  # [L, H_kv, T] mean over the window
     return pool1d(attn, kernel, pooling)
 
 

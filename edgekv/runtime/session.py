@@ -23,6 +23,7 @@ from edgekv.errors import BudgetError, CompactionError, ContextOverflowError, Ed
 from edgekv.kv.codec import SeqState, parse_state, serialize_state
 from edgekv.kv.packer import layer_floats, pack_block
 from edgekv.methods import KVView, Method, Span, get_method, parse_budget, resolve_budget
+from edgekv.methods.parallel import planning_threads
 from edgekv.runtime import lib
 from edgekv.runtime.lib import llama_cpp, mtmd_cpp
 from edgekv.runtime.media import ImageInput, load_image
@@ -393,7 +394,9 @@ class Session:
                               "(flash attention capture off, or no text after the media): use "
                               "--method flashcache or --method auto")
         t1 = time.perf_counter()
-        plan = meth.plan(view, budget_cells) if budget_cells < view.n_candidates or meth.name == "full" else None
+        with planning_threads(self.model.threads):
+            plan = (meth.plan(view, budget_cells) if budget_cells < view.n_candidates or meth.name == "full"
+                    else None)
         plan_s = time.perf_counter() - t1
         if plan is None:  # budget covers everything: keep the cells as they are
             self.kind[cand] = PACKED

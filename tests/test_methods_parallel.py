@@ -1,0 +1,97 @@
+"""Planning on threads: same plans at any thread count, reductions equal to the full attention,
+nested fan-outs that run inline, and the FlashCache residual under its unnormalised transforms."""
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+import scipy.fft
+
+from edgekv.methods import METHODS, KVView, Span, get_method
+from edgekv.methods.flashcache import high_pass_residual
+from edgekv.methods.parallel import parallel_map, threads
+
+from test_methods import SHAPES, make_view, plan_arrays
+
+
+def fresh(view: KVView) -> KVView:
+    return KVView(view.keys, view.values, view.candidates, spans=view.spans, queries=view.queries,
+                  seed=view.seed)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_plans_do_not_depend_on_the_thread_count(name, monkeypatch):
+    view = make_view(*SHAPES["gqa-two-images"][:7], zero_tokens=SHAPES["gqa-two-images"][7])
+    plans = []
+    for n in ("1", "3"):
+        monkeypatch.setenv("EDGEKV_THREADS", n)
+        assert threads() == int(n)
+        plans.append(get_method(name).plan(fresh(view), 9))
+    for a, b in zip(*map(plan_arrays, plans)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_window_reductions_equal_the_reduced_window_attention(monkeypatch):
+    monkeypatch.setenv("EDGEKV_THREADS", "2")
+    view = make_view(*SHAPES["text-between-media"][:7])
+    full = fresh(view).window_attention                                    # [L, H, W, T]
+    np.testing.assert_allclose(view.window_scores, full.sum(axis=2), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(view.window_media_mass, full @ view.media_mask.astype(np.float32),
+                               rtol=1e-5, atol=1e-7)
+    # every window row is a distribution: its media mass is in [0, 1] and the column sums add to W
+    assert (view.window_media_mass >= 0).all() and (view.window_media_mass <= 1 + 1e-6).all()
+    np.testing.assert_allclose(view.window_scores.sum(axis=-1), view.window, rtol=1e-5)
+
+
+def test_window_media_mass_on_a_known_split():
+    """Keys 0..3 are media, 4..7 text; every query attends uniformly (zero queries): a text query j
+    at position 4+j sees 4 media keys of its 5+j keys."""
+    L, Hk, H, T, d, W = 1, 1, 2, 8, 4, 4
+    keys = np.ones((L, Hk, T, d), dtype=np.float32)
+    view = KVView(keys, keys.copy(), np.arange(T) < 4, spans=(Span(0, 4, "media", 0), Span(4, 8, "text")),
+                  queries=np.zeros((L, H, W, d), dtype=np.float32))
+    np.testing.assert_allclose(view.window_media_mass[0, 0], 4 / (5 + np.arange(W)), rtol=1e-6)
+
+
+def test_parallel_map_keeps_order_and_runs_nested_calls_inline(monkeypatch):
+    monkeypatch.setenv("EDGEKV_THREADS", "2")
+    seen: set[str] = set()
+
+    def inner(i: int, _: None) -> int:
+        seen.add(threading.current_thread().name)
+        return i * i
+
+    def outer(i: int, buf: np.ndarray) -> int:
+        assert buf.shape == (3, 5) and buf.dtype == np.float32
+        return sum(parallel_map(inner, range(i)))  # would deadlock if it waited on the busy pool
+
+    assert parallel_map(outer, range(10), scratch=(3, 5)) == [sum(j * j for j in range(i)) for i in range(10)]
+    assert all(name.startswith("edgekv-plan") for name in seen)
+
+
+def test_high_pass_residual_equals_the_ortho_low_pass_residual():
+    """Unnormalised forward/inverse DCTs on the transposed copy give the residual of the
+    orthonormal low-pass projection the paper describes."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 50, 6)).astype(np.float32)
+    x[:, 20] += 9.0                                                   # an outlier token
+    c = scipy.fft.dct(x.astype(np.float64), type=2, axis=1, norm="ortho")
+    c[:, : int(np.floor(0.15 * 50)) + 1] = 0.0
+    ref = scipy.fft.idct(c, type=2, axis=1, norm="ortho")              # [H, n, d]
+    res = high_pass_residual(x, 0.15)                                  # [H, d, n]
+    np.testing.assert_allclose(res.transpose(0, 2, 1), ref, rtol=1e-4, atol=1e-4)
+    assert np.argmax((res ** 2).sum(axis=(0, 1))) == 20
+
+
+def test_planning_threads_scope_and_the_env_override(monkeypatch):
+    from edgekv.methods.parallel import planning_threads
+
+    monkeypatch.delenv("EDGEKV_THREADS", raising=False)
+    with planning_threads(3):
+        assert threads() == 3
+        monkeypatch.setenv("EDGEKV_THREADS", "1")  # an explicit override wins
+        assert threads() == 1
+        monkeypatch.delenv("EDGEKV_THREADS")
+    assert threads() == (os.cpu_count() or 1)
