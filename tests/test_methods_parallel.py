@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -95,3 +96,36 @@ def test_planning_threads_scope_and_the_env_override(monkeypatch):
         assert threads() == 1
         monkeypatch.delenv("EDGEKV_THREADS")
     assert threads() == (os.cpu_count() or 1)
+
+
+@pytest.mark.parametrize("bad", ["0", "-2", "two", "1.5"])
+def test_a_bad_thread_count_is_a_clear_error(bad, monkeypatch):
+    from edgekv.errors import EdgeKVError
+
+    monkeypatch.setenv("EDGEKV_THREADS", bad)
+    with pytest.raises(EdgeKVError, match="EDGEKV_THREADS must be a positive integer"):
+        threads()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_plans_on_its_own_threads(monkeypatch):
+    """The pool's threads do not survive fork: the child must start its own, not wait forever."""
+    monkeypatch.setenv("EDGEKV_THREADS", "2")
+    assert parallel_map(lambda i, _: i + 1, range(4)) == [1, 2, 3, 4]   # the parent's pool exists
+    pid = os.fork()
+    if pid == 0:  # child: exit 0 only if planning works, and never return into pytest
+        ok = False
+        try:
+            ok = parallel_map(lambda i, _: i * 2, range(6)) == [0, 2, 4, 6, 8, 10]
+        finally:
+            os._exit(0 if ok else 1)
+    for _ in range(200):  # 20 s
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child deadlocked on the parent's planning pool")
+    assert os.waitstatus_to_exitcode(status) == 0

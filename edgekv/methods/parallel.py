@@ -18,6 +18,8 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from edgekv.errors import EdgeKVError
+
 J = TypeVar("J")
 R = TypeVar("R")
 
@@ -27,7 +29,12 @@ _threads: ContextVar[int | None] = ContextVar("edgekv_planning_threads", default
 
 def threads() -> int:
     """Worker threads for planning: $EDGEKV_THREADS, else `planning_threads`, else every CPU."""
-    return max(1, int(os.environ.get("EDGEKV_THREADS") or _threads.get() or os.cpu_count() or 1))
+    env = os.environ.get("EDGEKV_THREADS", "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise EdgeKVError(f"EDGEKV_THREADS must be a positive integer, got {env!r}")
+        return int(env)
+    return max(1, _threads.get() or os.cpu_count() or 1)
 
 
 @contextmanager
@@ -43,6 +50,14 @@ def planning_threads(n: int | None) -> Iterator[None]:
 _local = threading.local()
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
+
+
+def _forget_pool() -> None:
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()  # a forked child has none of the parent's threads
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _executor(n: int) -> ThreadPoolExecutor:
