@@ -129,3 +129,23 @@ def test_a_forked_child_plans_on_its_own_threads(monkeypatch):
         os.waitpid(pid, 0)
         pytest.fail("the forked child deadlocked on the parent's planning pool")
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_the_readme_custom_method_example_plans():
+    """The README's 'A method of your own' snippet, verbatim, registers and plans."""
+    import re
+    from pathlib import Path
+
+    from edgekv.methods import registry
+
+    text = Path(__file__).resolve().parent.parent.joinpath("README.md").read_text()
+    code = re.search(r"```python\n(from dataclasses import dataclass\n.*?)```", text, re.S).group(1)
+    try:
+        exec(compile(code, "README.md", "exec"), {})
+        view = make_view(*SHAPES["gqa-two-images"][:7])
+        plan = get_method("window-sum").plan(view, 5)
+        assert plan.keep.shape[-1] == 5
+        best = np.where(view.candidates, view.window_scores, -np.inf).argmax(axis=-1)
+        np.testing.assert_array_equal(plan.keep[..., 0], best)
+    finally:
+        registry.METHODS.pop("window-sum", None)
