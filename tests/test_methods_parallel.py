@@ -167,3 +167,34 @@ def test_the_planning_benchmark_runs_and_names_what_misses_the_target():
         assert f"| {name} | 26 |" in out.stdout
     verdict = out.stdout.strip().splitlines()[-1]
     assert verdict.startswith("at or over the 0 s target") and all(f"{n} @ 26" in verdict for n in METHODS)
+
+
+def test_concurrent_planners_leave_blas_threads_as_they_found_them(monkeypatch):
+    """Two sessions planning at once from their own threads: both get results, and afterwards BLAS
+    runs with its original thread count (interleaved threadpool_limits would leave it at 1)."""
+    from threadpoolctl import threadpool_info
+
+    monkeypatch.setenv("EDGEKV_THREADS", "2")
+
+    def blas_threads() -> list[int]:
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    before = blas_threads()
+    gate = threading.Barrier(2)
+    results: dict[int, list[int]] = {}
+
+    def planner(k: int) -> None:
+        def slow(i: int, _: None) -> int:
+            time.sleep(0.01)
+            return i * k
+        gate.wait()
+        for _ in range(5):
+            results[k] = parallel_map(slow, range(6))
+
+    threads_ = [threading.Thread(target=planner, args=(k,)) for k in (1, 2)]
+    for t in threads_:
+        t.start()
+    for t in threads_:
+        t.join(30)
+    assert results == {1: [0, 1, 2, 3, 4, 5], 2: [0, 2, 4, 6, 8, 10]}
+    assert blas_threads() == before

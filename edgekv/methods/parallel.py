@@ -95,5 +95,29 @@ def parallel_map(fn: Callable[[J, np.ndarray | None], R], jobs: Sequence[J],
     # Inside a worker, nested calls run inline: waiting on the pool from its own threads deadlocks.
     if n <= 1 or getattr(_local, "in_pool", False):
         return [run(job) for job in jobs]
-    with threadpool_limits(1, user_api="blas"):
+    with _one_blas_thread():
         return list(_executor(threads()).map(worker, jobs))
+
+
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_limiter = None
+
+
+@contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """BLAS at one thread while any caller plans. Reference-counted: with two sessions planning at once,
+    nested threadpool_limits would restore in the wrong order and leave BLAS at one thread for good."""
+    global _blas_users, _blas_limiter
+    with _blas_lock:
+        if _blas_users == 0:
+            _blas_limiter = threadpool_limits(1, user_api="blas")
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                _blas_limiter.restore_original_limits()
+                _blas_limiter = None
