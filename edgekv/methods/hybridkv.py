@@ -33,23 +33,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgekv.methods.base import KVView, Method, Plan, allocate, check_budget, plan_from_scores, pool1d
-from edgekv.methods.parallel import parallel_map
 from edgekv.methods.registry import register
 
 
 def coverage_k(attn: np.ndarray, theta: float) -> np.ndarray:
     """[...] smallest k whose k largest entries of each row of attn [..., n] hold >= theta of its mass."""
-    rows = attn.reshape(-1, attn.shape[-1])
-    k = np.zeros(rows.shape[0], dtype=np.int64)
-
-    def one(i: int, _: None) -> None:  # one row per task: the sorts run on the planning threads
-        mass = np.cumsum(np.sort(rows[i])[::-1])
-        total = mass[-1]
-        k[i] = (np.ceil(theta * rows.shape[1]) if total <= 0
-                else np.argmax(mass >= theta * total * (1 - 1e-12)) + 1)
-
-    parallel_map(one, range(rows.shape[0]))
-    return k.reshape(attn.shape[:-1])
+    a = np.sort(attn, axis=-1)[..., ::-1]
+    mass = np.cumsum(a, axis=-1)
+    total = mass[..., -1:]
+    uniform = total[..., 0] <= 0
+    reached = mass >= theta * np.where(uniform[..., None], 1.0, total) * (1 - 1e-12)
+    k = reached.argmax(axis=-1) + 1
+    return np.where(uniform, int(np.ceil(theta * attn.shape[-1])), k)
 
 
 @register("hybridkv")
@@ -84,11 +79,8 @@ class HybridKV(Method):
         # static: text first (tier 2), then media by pooled attention (pooled over the candidate run)
         pooled = pool1d(a, self.kernel_size)
         scores[..., cand] = np.where(static[..., None], np.where(text, 2.0 + a, pooled), 0.0)
-
-        def dynamic(job: tuple[int, int], _: None) -> None:
-            scores[job + (cand,)] = self._chunk_scores(a[job], int(nominal[job]))
-
-        parallel_map(dynamic, list(zip(*np.nonzero(~static))))
+        for layer, head in zip(*np.nonzero(~static)):
+            scores[layer, head, cand] = self._chunk_scores(a[layer, head], int(nominal[layer, head]))
         return plan_from_scores(self.name, view, scores, nominal, static=static.tolist(),
                                 k90=k90.tolist())
 
