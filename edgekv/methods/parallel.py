@@ -4,7 +4,8 @@ numpy releases the GIL inside BLAS calls, ufunc loops and pocketfft, so independ
 blocks run truly in parallel on threads. BLAS is pinned to one thread per worker meanwhile: two
 workers each running a single-threaded GEMM and then their single-threaded numpy passes
 (exp, max, sums) kept both cores busy, where one worker with a 2-thread GEMM left one core idle
-during every elementwise pass (window attention: 0.63 s vs 0.82 s, 7B shape, 2 cores).
+during every elementwise pass (window attention: 0.63 s vs 0.82 s, 7B shape, 2 cores). Loops of small
+sorts stay on the calling thread: fanned out, their GIL hand-offs made them slower, not faster.
 """
 from __future__ import annotations
 
@@ -53,8 +54,10 @@ _pool_lock = threading.Lock()
 
 
 def _forget_pool() -> None:
-    global _pool, _pool_lock
-    _pool, _pool_lock = None, threading.Lock()  # a forked child has none of the parent's threads
+    """In a forked child: none of the parent's threads exist, nor its planners' BLAS limit."""
+    global _pool, _pool_lock, _blas_lock, _blas_users, _blas_limiter
+    _pool, _pool_lock = None, threading.Lock()
+    _blas_lock, _blas_users, _blas_limiter = threading.Lock(), 0, None
 
 
 os.register_at_fork(after_in_child=_forget_pool)
