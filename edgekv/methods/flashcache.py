@@ -39,6 +39,7 @@ from edgekv.methods.base import KVView, Plan, ScoreMethod, allocate, check_budge
 from edgekv.methods.parallel import parallel_map, threads
 from edgekv.methods.registry import register
 
+
 def _fft_module(backend: str):
     if backend == "pyfftw":
         try:
@@ -77,11 +78,10 @@ def spectral_outliers(view: KVView, gamma: float = 0.15, per_head: bool = False,
     """Dev [L, H_kv, T] (0 off the candidates; equal over heads unless per_head) and R [L]."""
     fft = _fft_module(backend)
     L, H, T, d = view.keys.shape
-    idx = np.flatnonzero(view.candidates)
-    span = slice(idx[0], idx[-1] + 1) if idx.size and idx[-1] - idx[0] + 1 == idx.size else idx
+    n, span = view.n_candidates, view.candidate_index  # a slice for one contiguous media run
     dev = np.zeros((L, H, T), dtype=np.float32)
     ratio = np.zeros(L)
-    if idx.size == 0:
+    if n == 0:
         return dev, ratio
     # Whole layers go to the planning threads, each transform single-threaded (pocketfft's own
     # workers only when there are fewer layers than threads).
@@ -96,7 +96,7 @@ def spectral_outliers(view: KVView, gamma: float = 0.15, per_head: bool = False,
             dev[layer][:, span] += sq / d if per_head else sq.sum(axis=0) / (H * d)
             ratio[layer] += sq.sum(dtype=np.float64) / total if total > 0 else 0.0  # Parseval
 
-    parallel_map(one_layer, range(L), scratch=(H, d, idx.size))
+    parallel_map(one_layer, range(L), scratch=(H, d, n))
     return dev, ratio
 
 

@@ -73,7 +73,6 @@ def nearest(queries: np.ndarray, pool: np.ndarray) -> np.ndarray:
     return out
 
 
-
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(row_norms(x), 1e-12)[..., None]
 

@@ -36,12 +36,13 @@ def key_diversity(view: KVView) -> tuple[np.ndarray, np.ndarray]:
     inv = np.empty(keys.shape[:3], dtype=np.float32)                        # 1/|k|, 0 off candidates
     total = np.empty(keys.shape[:2] + keys.shape[3:], dtype=np.float32)     # [L, H, d] sum of k̂
     dots = np.empty(keys.shape[:3], dtype=np.float32)                       # [L, H, T] k_i . m̄
+    protected = ~view.candidates
 
     def one_layer(layer: int, _: None) -> None:  # three passes over one layer's keys while cached
         k = keys[layer]
         np.sqrt(np.einsum("htd,htd->ht", k, k), out=norms[layer])
         np.divide(1.0, np.maximum(norms[layer], EPS), out=inv[layer])
-        inv[layer][:, ~view.candidates] = 0.0
+        inv[layer][:, protected] = 0.0
         np.einsum("ht,htd->hd", inv[layer], k, out=total[layer])
         np.einsum("htd,hd->ht", k, total[layer] / max(n, 1), out=dots[layer])
 
