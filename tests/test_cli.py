@@ -235,3 +235,28 @@ def test_every_method_through_chat(tiny_pairs, method, variant, cache):
     assert m, r.output
     before, after = int(m.group(1)), int(m.group(2))
     assert (after == before) if method == "full" else (after < 0.75 * before), r.output
+
+
+def test_query_agnostic_method_skips_query_capture(tiny_pairs, monkeypatch):
+    """--method knorm never reads the question window: the model is loaded without the capture callback."""
+    from edgekv.methods import METHODS, uses_queries
+    from edgekv.runtime import Model
+
+    assert uses_queries("auto") and uses_queries("snapkv") and uses_queries("flowmm")
+    assert not uses_queries("knorm") and not uses_queries("flashcache") and not uses_queries("full")
+    assert {n for n in METHODS if uses_queries(n)} == {n for n, f in METHODS.items()
+                                                        if f().needs_queries or n == "auto"}
+    loaded = []
+    real_load = Model.load.__func__
+
+    def spy(cls, *args, **kw):
+        m = real_load(cls, *args, **kw)
+        loaded.append(m)
+        return m
+
+    monkeypatch.setattr(Model, "load", classmethod(spy))
+    for method, captured in (("knorm", False), ("snapkv", True)):
+        r = run(*chat_args(tiny_pairs, "llava", "-p", "describe", "--method", method, "-n", 2, "-fa", "off"))
+        assert r.exit_code == 0, r.output
+        assert (loaded[-1].capture is not None) is captured
+        assert ("query window" in r.output) is captured and ("query-agnostic" in r.output) is not captured

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from edgekv.methods.base import KVView, Method, Plan, ScoreMethod, Span, parse_budget, resolve_budget
-from edgekv.methods.registry import METHODS, get_method, register
+from edgekv.methods.registry import METHODS, get_method, register, uses_queries
 
 # Each import registers its methods.
 from edgekv.methods import (  # noqa: E402,F401
@@ -11,6 +11,6 @@ from edgekv.methods import (  # noqa: E402,F401
 )
 
 __all__ = ["KVView", "Method", "Plan", "ScoreMethod", "Span", "METHODS", "get_method", "register",
-           "parse_budget", "resolve_budget"]
+           "parse_budget", "resolve_budget", "uses_queries"]
 
 from edgekv.methods import auto  # noqa: E402,F401  (after the others: it names them)

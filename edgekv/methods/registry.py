@@ -28,3 +28,10 @@ def get_method(name: str, **kwargs) -> Method:
     except KeyError:
         raise EdgeKVError(f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}") from None
     return factory(**kwargs)
+
+
+def uses_queries(name: str) -> bool:
+    """Whether the method `name` reads a captured question window: it needs one, or (`auto`) picks by it.
+    Without it a model can be loaded with no query capture (no per-node callback, no window batch)."""
+    method = get_method(name)
+    return method.needs_queries or hasattr(method, "resolve")
