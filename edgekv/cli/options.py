@@ -97,7 +97,7 @@ def load_model_from_options(model, mmproj, hf_repo, offline, **kw):
             raise ModelLoadError("use either -m/--model or -hf, not both")
         from edgekv.runtime.hub import resolve
 
-        model, hf_mmproj = resolve(hf_repo, offline=offline or None)
+        model, hf_mmproj = resolve(hf_repo, offline=offline or None, notify=lambda m: click.echo(m, err=True))
         mmproj = mmproj or hf_mmproj
     if not model:
         raise ModelLoadError("no model: pass -m MODEL.gguf (and --mmproj for images) or -hf owner/repo")
