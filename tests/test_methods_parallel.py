@@ -34,9 +34,10 @@ def test_plans_do_not_depend_on_the_thread_count(name, monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
-def test_window_reductions_equal_the_reduced_window_attention(monkeypatch):
+@pytest.mark.parametrize("shape", ["text-between-media", "one-candidate"])  # text / media the smaller part
+def test_window_reductions_equal_the_reduced_window_attention(shape, monkeypatch):
     monkeypatch.setenv("EDGEKV_THREADS", "2")
-    view = make_view(*SHAPES["text-between-media"][:7])
+    view = make_view(*SHAPES[shape][:7])
     full = fresh(view).window_attention                                    # [L, H, W, T]
     np.testing.assert_allclose(view.window_scores, full.sum(axis=2), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(view.window_media_mass, full @ view.media_mask.astype(np.float32),
