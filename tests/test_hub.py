@@ -50,7 +50,8 @@ def test_hf_downloads_over_http_then_runs_from_the_cache_when_the_hub_is_gone(ti
         cached = list((home / "hub").rglob("tiny-llava-Q4_K_M.gguf"))
         assert len(cached) == 1 and cached[0].read_bytes() == model.read_bytes()
 
-        assert_clean_error(chat(hub.url, home, "edgekv/missing-GGUF", image), "Hugging Face has no repo edgekv/missing-GGUF")
+        assert_clean_error(chat(hub.url, home, "edgekv/missing-GGUF", image),
+                           "Hugging Face has no repo edgekv/missing-GGUF")
         assert_clean_error(chat(hub.url, home, REPO + ":Q2_K", image), "no file for quant 'Q2_K'")
         n_requests = len(hub.requests)
         gone = hub.url
@@ -61,4 +62,5 @@ def test_hf_downloads_over_http_then_runs_from_the_cache_when_the_hub_is_gone(ti
     assert "could not reach Hugging Face" in r.stderr and "using the cached" in r.stderr
     assert len(hub.requests) == n_requests
     # Nothing cached for that repo: one clear line, not httpx's traceback.
-    assert_clean_error(chat(gone, home, "edgekv/other-GGUF", image), "could not reach Hugging Face for edgekv/other-GGUF")
+    assert_clean_error(chat(gone, home, "edgekv/other-GGUF", image),
+                       "could not reach Hugging Face for edgekv/other-GGUF")
