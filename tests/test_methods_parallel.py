@@ -170,6 +170,23 @@ def test_the_planning_benchmark_runs_and_names_what_misses_the_target():
     assert verdict.startswith("at or over the 0 s target") and all(f"{n} @ 26" in verdict for n in METHODS)
 
 
+def test_the_floors_benchmark_prints_every_floor_the_readme_quotes():
+    """scripts/bench_floors.py (2 s): one line per floor, each with a positive measurement."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_floors.py"
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    for start in ("float32 exp:", "window GEMM", "FlowMM matching, one head, exact", "keys cut to 16 dims",
+                  "keys cut to 32 dims", "argmax over", "FlashCache, one layer"):
+        line = next(ln for ln in lines if start in ln)
+        assert float(re.search(r"(\d+\.\d+) (ms|ns)", line).group(1)) > 0, line
+
+
 def test_concurrent_planners_leave_blas_threads_as_they_found_them(monkeypatch):
     """Two sessions planning at once from their own threads: both get results, and afterwards BLAS
     runs with its original thread count (interleaved threadpool_limits would leave it at 1)."""
