@@ -209,7 +209,7 @@ class Session:
         """Compact pending media early if `n` more cells would not fit, then check again."""
         if self.n_cells + n > self.model.n_ctx and self.early_compact and (self.kind == PENDING).any():
             meth = self.method
-            if getattr(meth, "resolve", None) is None and meth.needs_queries:
+            if meth.needs_queries:  # (auto needs none: it resolves to its query-agnostic pick itself)
                 meth = get_method("auto")  # no question yet: the query-agnostic pick
             self.compact(method=meth, early=True)
         self._check_room(n)
