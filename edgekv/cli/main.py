@@ -40,6 +40,11 @@ def _register() -> None:
 
     for cmd in (chat, demo, info, methods):
         cli.add_command(cmd)
+    from edgekv.cli.models_cmd import models
+    from edgekv.cli.serve import serve
+
+    cli.add_command(models)
+    cli.add_command(serve)
     try:
         from edgekv.cli.eval_cmd import eval_command
     except ImportError:  # the eval extra is optional
