@@ -42,3 +42,19 @@ def test_hf_short_name_downloads_the_registry_repo(tiny_pairs, tmp_path):
         assert r.returncode == 0, r.stdout + r.stderr
         assert sorted(hub.downloads()) == ["gemma-3-4b-it-Q4_K_M.gguf", "mmproj-model-f16.gguf"]
         assert_clean_error(chat(hub.url, tmp_path / "hf", "no-such-model", image), "known model name")
+
+
+def test_wheel_ships_the_registry_and_py_typed(tmp_path):
+    """The registry is package data: a wheel (not only this source tree) must carry it."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps",
+                        "-q", "-w", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (wheel,) = tmp_path.glob("edgekv-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"edgekv/runtime/models.toml", "edgekv/py.typed"} <= names

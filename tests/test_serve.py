@@ -117,7 +117,7 @@ def ext(resp) -> dict:
 
 def post(server, body, key=KEY, **kw) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    if isinstance(body, (bytes, str)):
+    if not isinstance(body, dict):   # raw bytes, or a generator (sent chunked)
         return httpx.post(server.url + "/v1/chat/completions", content=body, timeout=60,
                           headers={**headers, "Content-Type": "application/json"}, **kw)
     return httpx.post(server.url + "/v1/chat/completions", json=body, headers=headers, timeout=60, **kw)
@@ -317,25 +317,35 @@ def test_local_files_only_under_the_allowed_folder(server, client, tiny_pairs):
 
 
 def test_full_queue_gets_503(server, image_url):
+    """One request is served, --queue-size 1 may wait: of four more sent at once while the first streams,
+    those that find the queue full get 503 at once, the others wait and are served."""
     server.wait_idle()
     long = {"model": MODEL_ID, "messages": [user("describe this", image_url)], "max_tokens": 1500, "stream": True}
-    results: dict[str, int] = {}
+    short = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    codes: list[int] = []
+    bodies: list[httpx.Response] = []
+
+    def send() -> None:
+        r = post(server, short)
+        codes.append(r.status_code)
+        bodies.append(r)
+
     with httpx.Client(timeout=120) as h:
         with h.stream("POST", server.url + "/v1/chat/completions", json=long,
                       headers={"Authorization": f"Bearer {KEY}"}) as running:
             assert running.status_code == 200
-            next(running.iter_lines())                                    # it is being served
-            waiting = threading.Thread(target=lambda: results.update(
-                queued=post(server, {**long, "stream": False, "max_tokens": 2}).status_code))
-            waiting.start()
-            deadline = time.monotonic() + 30
-            while server.health()["queued"] < 1 and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert server.health()["queued"] == 1
-            assert_error(post(server, {**long, "stream": False}), 503, "queue_full")
-    waiting.join(timeout=120)
-    assert results["queued"] == 200                 # the waiting one was served after the cut stream
-    server.wait_idle()
+            next(running.iter_lines())                     # it is being served (and runs ~0.5 s more)
+            threads = [threading.Thread(target=send) for _ in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=120)
+    # timing decides how many find the queue full; at least one does, none fails otherwise
+    assert len(codes) == 4 and 503 in codes and set(codes) <= {200, 503}, codes
+    for r in bodies:
+        if r.status_code == 503:
+            assert_error(r, 503, "queue_full")
+    assert server.wait_idle()["status"] == "ok"
 
 
 def _png(w: int, h: int) -> bytes:

@@ -39,7 +39,10 @@ def known_models() -> dict[str, KnownModel]:
         table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ModelLoadError(f"the model registry models.toml is broken: {e}") from None
-    return {name: KnownModel(name=name, **fields) for name, fields in table.items()}
+    try:
+        return {name: KnownModel(name=name, **fields) for name, fields in table.items()}
+    except TypeError as e:  # a missing or misspelt field (or an unquoted name with a dot in it)
+        raise ModelLoadError(f"the model registry models.toml is broken: {e}") from None
 
 
 def lookup(name: str) -> KnownModel | None:

@@ -200,7 +200,7 @@ class Engine:
         history, last = msgs[reused:-1], msgs[-1]
         if history and not self._prefill_history(history):
             s.clear()
-            reused, cached_tokens, n_media0 = 0, 0, 0
+            reused, cached_tokens, n_media0, tok0 = 0, 0, 0, s.prompt_tokens
             if not self._prefill_history(msgs[:-1]):
                 raise EdgeKVError("the model's chat template renders this conversation inconsistently")
         last_images = self._decode_images([last])
@@ -226,7 +226,9 @@ class Engine:
             return job.emit("cancelled")
         answer = s.messages[-1]["content"] if s.messages and s.messages[-1]["role"] == "assistant" else "".join(text)
         new_key = tuple(keys) + (("assistant", answer, ()),)
-        prompt_new = first.prompt_tokens - tok0
+        prompt_new = s.prompt_tokens - tok0
+        if not hasattr(s, "generation_tokens"):   # before the session rework, answers counted as prompt
+            prompt_new -= last_rec.generation_tokens
         n_tokens = cached_tokens + prompt_new + last_rec.generation_tokens
         t_done = time.perf_counter()
         snap = s.snapshot()
