@@ -354,3 +354,15 @@ def _png(w: int, h: int) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (w, h), (200, 30, 30)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_port_in_use_is_one_clear_line(tiny_pairs):
+    model, mmproj, _ = tiny_pairs["llava"]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run([sys.executable, "-c", "from edgekv.cli.main import main; main()", "serve", "-m",
+                            str(model), "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"Error: cannot listen on 127.0.0.1:{port}" in r.stderr, r.stderr

@@ -11,8 +11,8 @@ def models() -> None:
 
     known = known_models()
     width = max(len(n) for n in known)
-    click.echo(f"{'name':<{width}}  {'-hf resolves to':<42} {'layout':<12} status")
+    click.echo(f"{'name':<{width}}  {'-hf resolves to':<44} {'layout':<12} status")
     for k in known.values():
         layout = ", ".join(x for x, on in (("M-RoPE", k.mrope), ("iSWA", k.iswa)) if on) or "plain"
-        click.echo(f"{k.name:<{width}}  {k.spec:<42} {layout:<12} {k.status}")
+        click.echo(f"{k.name:<{width}}  {k.spec:<44} {layout:<12} {k.status}")
         click.echo(f"{'':<{width}}  mmproj {k.mmproj}; {k.template}")

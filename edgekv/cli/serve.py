@@ -3,12 +3,28 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 from pathlib import Path
 
 import click
 
 from edgekv.cli.options import load_model_from_options, method_options, model_options
 from edgekv.errors import EdgeKVError
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail with one line before the model loads, not with uvicorn's log after it."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise EdgeKVError(f"cannot resolve --host {host}: {e.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise EdgeKVError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
 def _is_loopback(host: str) -> bool:
@@ -57,6 +73,7 @@ def serve(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash_a
     from edgekv.server.engine import Engine
     from edgekv.server.images import ImageLoader
 
+    _check_port(host, port)
     if not _is_loopback(host) and api_key is None:
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use the model",
                    err=True)
