@@ -126,3 +126,34 @@ def test_ctrl_c_at_the_prompt_exits(tiny_pairs):
         assert b"Traceback" not in repl.out
     finally:
         repl.close()
+
+
+def test_one_shot_with_a_batch_smaller_than_the_question_window(tiny_pairs):
+    """`edgekv chat -b 8 -p hi` (window 32) used to write past the llama_batch (NULL pointer access)."""
+    from click.testing import CliRunner
+
+    from edgekv.cli.main import cli
+
+    model, mmproj, image = tiny_pairs["llava"]
+    r = CliRunner().invoke(cli, ["chat", "-m", str(model), "--mmproj", str(mmproj), "--image", str(image),
+                                 "-b", "8", "-t", "2", "-n", "3", "-p", "hi"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "query window 8" in r.output and "prefill" in r.output
+
+
+def test_repl_save_and_load_errors_are_one_line(tiny_pairs, tmp_path):
+    from click.testing import CliRunner
+
+    from edgekv.cli.main import cli
+
+    model, mmproj, _ = tiny_pairs["llava"]
+    bad = tmp_path / "notes.txt"
+    bad.write_text("hello")
+    r = CliRunner().invoke(cli, ["chat", "-m", str(model), "--mmproj", str(mmproj), "-t", "2", "-n", "2",
+                                 "--no-report"],
+                           input=f"hi\n/load {bad}\n/load\n/save {tmp_path / 'c.edgekv'}\n/exit\n",
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "Error: " in r.output and "not a saved edgekv conversation" in r.output
+    assert "/load needs a file path" in r.output and (tmp_path / "c.edgekv").exists()
+    assert "Traceback" not in r.output

@@ -376,3 +376,42 @@ def test_readme_python_api_snippet_runs(tiny_pairs, tmp_path):
     env = {"MODEL": str(model), "MMPROJ": str(mmproj), "IMAGE": str(image), "SAVED": str(tmp_path / "c.edgekv")}
     exec(compile(code, "README.md", "exec"), env)
     assert (tmp_path / "c.edgekv").exists()
+
+
+@pytest.mark.gemma
+def test_gemma_stop_cancel_save_continue_identically(gemma_path, tmp_path):
+    """On Gemma 3 (iSWA: a sliding-window block next to the global one, compress="all" so the text itself
+    is compacted): a stopped answer, a cancelled part-way prefill and a save/load keep the conversation
+    bit-identical to one that never saw them (flash attention off)."""
+    story = "Write a short poem about the sea and the wind."
+    with Model.load(gemma_path, n_ctx=2048, n_batch=128, threads=THREADS, flash_attn="off") as m:
+        s = Session(m, method="snapkv", compress="all", budget=0.5)
+        out = answer_until(s, story, 3, max_tokens=40)
+        n = out[-1].generation_tokens
+        blob, msgs = s.state_blob(), [dict(x) for x in s.messages]
+
+        def cancel_after_first_batch(stage, done, total):
+            if done >= 128:
+                s.cancel()
+
+        s.progress = cancel_after_first_batch
+        with pytest.raises(Cancelled):
+            list(s.chat("Now a long one: " + "waves " * 400, max_tokens=4))
+        s.progress = None
+        assert s.state_blob() == blob and s.messages == msgs
+        path = s.save(tmp_path / "gemma.edgekv")
+        turn2 = list(s.chat("Shorter please.", max_tokens=6))
+        want_tokens, want_logits = [r.token for r in turn2], s.logits.copy()
+        s.close()
+
+        ref = Session(m, method="snapkv", compress="all", budget=0.5)
+        assert "".join(r.text for r in ref.chat(story, max_tokens=n)) == msgs[1]["content"]
+        ref_turn2 = list(ref.chat("Shorter please.", max_tokens=6))
+        assert [r.token for r in ref_turn2] == want_tokens
+        np.testing.assert_array_equal(ref.logits, want_logits)
+        ref.close()
+
+        loaded = Session.load(m, path)
+        assert [r.token for r in loaded.chat("Shorter please.", max_tokens=6)] == want_tokens
+        np.testing.assert_array_equal(loaded.logits, want_logits)
+        loaded.close()
