@@ -157,3 +157,28 @@ def test_repl_save_and_load_errors_are_one_line(tiny_pairs, tmp_path):
     assert "Error: " in r.output and "not a saved edgekv conversation" in r.output
     assert "/load needs a file path" in r.output and (tmp_path / "c.edgekv").exists()
     assert "Traceback" not in r.output
+
+
+def test_ctrl_c_during_the_prefill_undoes_the_turn_and_keeps_the_images(tiny_pairs):
+    """Three 2560-token images in 8-token batches take seconds to prefill; Ctrl-C half a second in stops
+    llama_decode (abort callback, woken from the signal's wakeup fd), the turn leaves nothing behind and
+    the images stay attached."""
+    model, mmproj, image = tiny_pairs["llava-tiles"]
+    repl = Repl("-m", str(model), "--mmproj", str(mmproj), "-c", "8192", "-b", "8", "-t", "2", "-n", "2",
+                "--no-report", "--method", "full", "--image", str(image), "--image", str(image),
+                "--image", str(image))
+    try:
+        repl.read_until(b"> ")
+        repl.send(b"describe them\r")
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        repl.send(b"\x03")
+        repl.read_until(b"(cancelled before the answer; the conversation is as before)", timeout=60)
+        assert time.monotonic() - t0 < 1.0           # not after the whole prefill
+        repl.read_until(b"(3 image(s) stay attached to the next message)")
+        repl.read_until(b"> ")
+        repl.send(b"\x04")
+        assert repl.wait() == 0
+        assert b"Traceback" not in repl.out
+    finally:
+        repl.close()

@@ -126,8 +126,9 @@ def ctrl_c_cancels(session):
         r.close()
 
 
-def stream_turn(session, prompt: str, images: list[Path], gen: dict, report: bool) -> None:
-    """One user turn: stream the answer to stdout, then this turn's report to stderr."""
+def stream_turn(session, prompt: str, images: list[Path], gen: dict, report: bool) -> bool:
+    """One user turn: stream the answer to stdout, then this turn's report to stderr. False when Ctrl-C
+    cancelled it before the answer (the conversation is as before)."""
     last = None
     n_reports = len(session.reports)
     try:
@@ -137,12 +138,13 @@ def stream_turn(session, prompt: str, images: list[Path], gen: dict, report: boo
                 last = r
     except Cancelled:
         click.echo("(cancelled before the answer; the conversation is as before)", err=True)
-        return
+        return False
     click.echo()
     if last is not None and last.finish_reason == "cancelled":
         click.echo("(stopped; the answer so far is kept)", err=True)
     if report:
         echo_report(session, last, session.reports[n_reports:])
+    return True
 
 
 def _repl(session, images: list[Path], gen: dict, report: bool) -> None:
@@ -197,7 +199,9 @@ def _repl(session, images: list[Path], gen: dict, report: bool) -> None:
             click.echo(f"unknown command {line.split()[0]}; {HELP}", err=True)
             continue
         try:
-            stream_turn(session, line, pending, gen, report)
+            if not stream_turn(session, line, pending, gen, report) and pending:
+                click.echo(f"({len(pending)} image(s) stay attached to the next message)", err=True)
+                continue
         except EdgeKVError as e:  # a bad image must not end the conversation
             click.echo(f"Error: {e}", err=True)
         pending = []
