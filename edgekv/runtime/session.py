@@ -94,7 +94,8 @@ class Session:
         model.check_open()
         self.model = model
         self.method_name = method if isinstance(method, str) else method.name
-        self.method = get_method(method, **(method_kwargs or {})) if isinstance(method, str) else method
+        self.method_kwargs = dict(method_kwargs or {})
+        self.method = get_method(method, **self.method_kwargs) if isinstance(method, str) else method
         self.budget = parse_budget(budget)
         if isinstance(self.budget, int) and self.budget > model.n_ctx:
             raise BudgetError(f"budget of {self.budget} cells is larger than the context ({model.n_ctx} cells)")
