@@ -43,7 +43,8 @@ class Repl:
                 except OSError:
                     chunk = b""
                 if not chunk:
-                    raise AssertionError(f"the REPL exited waiting for {needle!r}:\n{self.out.decode(errors='replace')}")
+                    raise AssertionError(f"the REPL exited waiting for {needle!r}:\n"
+                                         f"{self.out.decode(errors='replace')}")
                 self.out += chunk
         return self.out
 
