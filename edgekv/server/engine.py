@@ -15,7 +15,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgekv.errors import BudgetError, EdgeKVError
+from edgekv.errors import BudgetError, Cancelled, EdgeKVError
 from edgekv.methods import METHODS, get_method, parse_budget, uses_queries
 from edgekv.runtime import Model, Session
 from edgekv.runtime.lib import mtmd_cpp
@@ -79,6 +79,7 @@ class Engine:
         self.cache = ConversationCache(cache_bytes)
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
         self._current: Job | None = None
+        self._lock = threading.Lock()
         self._live: tuple[MessageKey, ...] | None = None   # the kept conversation the session holds now
         self.images_encoded = 0        # images handed to the projector, over the server's life
         self.media_chunks_encoded = 0  # media chunks the session evaluated (tiles, frames)
@@ -110,8 +111,9 @@ class Engine:
     def cancel(self, job: Job) -> None:
         """Stop a job (client gone): skipped if still queued, its generation stopped if running."""
         job.cancelled.set()
-        if self._current is job and hasattr(self.session, "cancel"):
-            self.session.cancel()
+        with self._lock:   # never a cancel meant for this job landing on the next one
+            if self._current is job:
+                self.session.cancel()
 
     @property
     def queued(self) -> int:
@@ -135,9 +137,13 @@ class Engine:
             if job.cancelled.is_set():
                 job.emit("cancelled")
                 continue
-            self._current = job
+            with self._lock:
+                self._current = job
             try:
                 self._turn(job)
+            except Cancelled:       # cancel() during the prefill: the session rolled the turn back
+                self._live = None
+                job.emit("cancelled")
             except EdgeKVError as e:
                 self._live = None
                 job.emit("error", e)
@@ -146,7 +152,8 @@ class Engine:
                 log.error("turn failed:\n%s", traceback.format_exc())
                 job.emit("error", e)
             finally:
-                self._current = None
+                with self._lock:
+                    self._current = None
 
     def _start(self, keys: list[MessageKey]) -> tuple[int, int]:
         """Restore the longest kept conversation these messages extend, else empty the cache.
@@ -226,9 +233,7 @@ class Engine:
             return job.emit("cancelled")
         answer = s.messages[-1]["content"] if s.messages and s.messages[-1]["role"] == "assistant" else "".join(text)
         new_key = tuple(keys) + (("assistant", answer, ()),)
-        prompt_new = s.prompt_tokens - tok0
-        if not hasattr(s, "generation_tokens"):   # before the session rework, answers counted as prompt
-            prompt_new -= last_rec.generation_tokens
+        prompt_new = s.prompt_tokens - tok0       # prefilled this turn (answers are not counted)
         n_tokens = cached_tokens + prompt_new + last_rec.generation_tokens
         t_done = time.perf_counter()
         snap = s.snapshot()
