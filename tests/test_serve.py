@@ -39,7 +39,7 @@ class Server:
         self.log_path = log
         cmd = [sys.executable, "-c", "from edgekv.cli.main import main; main()", "serve", "-m", str(model),
                "--mmproj", str(mmproj), "--alias", MODEL_ID, "-t", str(THREADS), "-c", str(N_CTX), "-fa", "off",
-               "--port", str(self.port), "--api-key", KEY, "--max-request-mb", "1", "--queue-size", "1",
+               "--port", str(self.port), "--api-key", KEY, "--max-request-mb", "1", "--queue-size", "2",
                "--cache-ram", "64", "--allow-local-files", str(allowed), "--max-image-pixels", "1000000",
                "--method", "snapkv", "--budget", "0.25", *extra]
         self.log = open(log, "w")
@@ -138,7 +138,7 @@ def test_models_and_health(server, client):
     ids = [m.id for m in client.models.list().data]
     assert MODEL_ID in ids and "llava" in ids           # --alias and the file's stem
     h = server.health()
-    assert h["status"] == "ok" and h["queue_size"] == 1
+    assert h["status"] == "ok" and h["queue_size"] == 2
 
 
 def test_image_turn_then_follow_up_reuses_the_compacted_cache(server, client, image_url):
@@ -317,7 +317,7 @@ def test_local_files_only_under_the_allowed_folder(server, client, tiny_pairs):
 
 
 def test_full_queue_gets_503(server, image_url):
-    """One request is served, --queue-size 1 may wait: of four more sent at once while the first streams,
+    """One request is served, --queue-size 2 may wait: of four more sent at once while the first streams,
     those that find the queue full get 503 at once, the others wait and are served."""
     server.wait_idle()
     long = {"model": MODEL_ID, "messages": [user("describe this", image_url)], "max_tokens": 1500, "stream": True}

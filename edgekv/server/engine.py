@@ -7,6 +7,7 @@ conversation or starts empty, never from a half turn."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -124,9 +125,21 @@ class Engine:
         return self._current is not None
 
     def close(self) -> None:
+        """Stop the worker: waiting jobs are dropped, the running one is cancelled."""
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                self.cancel(job)
+                job.emit("cancelled")
+        if self._current is not None:
+            self.cancel(self._current)
         self._queue.put(None)
         self._worker.join(timeout=30)
-        self.session.close()
+        if not self._worker.is_alive():
+            self.session.close()
 
     # --- the worker ---------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -236,7 +249,9 @@ class Engine:
         prompt_new = s.prompt_tokens - tok0       # prefilled this turn (answers are not counted)
         n_tokens = cached_tokens + prompt_new + last_rec.generation_tokens
         t_done = time.perf_counter()
-        snap = s.snapshot()
+        # The next turn always prefills a new message first, which recomputes the logits and the query
+        # window: keeping them would cost n_vocab floats (1 MB for Gemma 3) per conversation for nothing.
+        snap = dataclasses.replace(s.snapshot(), logits=None, window_q=None, window_rows=0)
         kept = self.cache.put(new_key, snap, n_tokens, replaces=new_key[:reused] if reused else None)
         self._live = new_key if kept else None
         self.turns += 1
