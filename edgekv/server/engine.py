@@ -83,7 +83,8 @@ class Engine:
         self._lock = threading.Lock()
         self._live: tuple[MessageKey, ...] | None = None   # the kept conversation the session holds now
         self.images_encoded = 0        # images handed to the projector, over the server's life
-        self.media_chunks_encoded = 0  # media chunks the session evaluated (tiles, frames)
+        self.media_chunks_encoded = 0  # image chunks (tiles) the session encoded, counted by its progress
+        self.session.progress = self._on_progress
         self.turns = 0
         self._worker = threading.Thread(target=self._loop, name="edgekv-engine", daemon=True)
         self._worker.start()
@@ -181,6 +182,10 @@ class Engine:
             self.session.restore(kept.snapshot)
         return len(kept.key), kept.n_tokens
 
+    def _on_progress(self, stage: str, done: int, total: int) -> None:
+        if stage == "image":   # called once per image chunk encoded and decoded (even if the turn fails later)
+            self.media_chunks_encoded += 1
+
     def _configure(self, method: str, budget: float | int) -> None:
         s = self.session
         if s.method_name != method:
@@ -216,23 +221,23 @@ class Engine:
         self._configure(job.method, job.budget)
         s.reports.clear()
         t_restored = time.perf_counter()
-        n_media0, tok0, images0 = s.n_media, s.prompt_tokens, self.images_encoded
+        tok0, images0, chunks0 = s.prompt_tokens, self.images_encoded, self.media_chunks_encoded
         history, last = msgs[reused:-1], msgs[-1]
         if history and not self._prefill_history(history):
             s.clear()
-            reused, cached_tokens, n_media0, tok0 = 0, 0, 0, s.prompt_tokens
+            reused, cached_tokens, tok0 = 0, 0, s.prompt_tokens
             if not self._prefill_history(msgs[:-1]):
                 raise EdgeKVError("the model's chat template renders this conversation inconsistently")
         last_images = self._decode_images([last])
         turn = s.chat(last.text, last_images, **job.gen)
-        self.images_encoded += len(last_images)
         first = last_rec = None
         text = []
         t_first = None
         try:
             for rec in turn:
-                if first is None:
+                if first is None:   # the prefill (images included) is done
                     first, t_first = rec, time.perf_counter()
+                    self.images_encoded += len(last_images)
                 last_rec = rec
                 if rec.text:
                     text.append(rec.text)
@@ -241,7 +246,6 @@ class Engine:
                     break
         finally:
             turn.close()
-            self.media_chunks_encoded += s.n_media - n_media0
         if last_rec is None or last_rec.finish_reason in (None, "cancelled"):   # stopped mid-answer
             return job.emit("cancelled")
         answer = s.messages[-1]["content"] if s.messages and s.messages[-1]["role"] == "assistant" else "".join(text)
@@ -256,7 +260,7 @@ class Engine:
         self._live = new_key if kept else None
         self.turns += 1
         job.emit("done", self._result(job, last_rec, answer, reused, cached_tokens, prompt_new,
-                                      self.images_encoded - images0, s.n_media - n_media0, kept,
+                                      self.images_encoded - images0, self.media_chunks_encoded - chunks0, kept,
                                       dict(queue=t0 - job.submitted, restore=t_restored - t0,
                                            first_token=t_first - t_restored, generate=t_done - t_first,
                                            keep=time.perf_counter() - t_done)))
