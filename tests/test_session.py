@@ -171,6 +171,31 @@ def test_progress_reports_image_chunks(tiny_pairs):
         s.close()
 
 
+def test_a_second_thread_cannot_start_a_turn_inside_a_running_one(tiny_pairs):
+    with load(tiny_pairs, n_batch=64) as m:
+        errors = []
+
+        def progress(stage, done, total):
+            if not errors:  # another thread tries to prefill while this turn is half-way
+                t = threading.Thread(target=lambda: _try(lambda: s.append_text("intruder"), errors))
+                t.start()
+                t.join()
+
+        s = Session(m, method="full", progress=progress)
+        out = list(s.chat("word " * 200, max_tokens=2))
+        assert len(errors) == 1 and isinstance(errors[0], SessionError) and "another thread" in str(errors[0])
+        assert out[-1].finish_reason in ("length", "stop") and roles(s) == ["user", "assistant"]
+        s.close()
+
+
+def _try(fn, errors):
+    try:
+        fn()
+        errors.append(None)
+    except Exception as e:
+        errors.append(e)
+
+
 # --- 2. -b smaller than the window ----------------------------------------------------------------------
 
 def test_batch_smaller_than_the_window(tiny_pairs):

@@ -108,6 +108,7 @@ class Session:
         self._closed = False
         self._cancel = threading.Event()
         self._txn: _Txn | None = None
+        self._txn_thread = 0
         self._answer = Answer()
         try:
             self.cache = CompressedCache(model)
@@ -222,9 +223,13 @@ class Session:
     def _transaction(self) -> Iterator[_Txn]:
         """Roll the cache and bookkeeping back to here if the body raises (nested calls join the outer)."""
         if self._txn is not None:
+            if self._txn_thread != threading.get_ident():
+                raise SessionError("another thread is in the middle of a turn on this session: one turn at a "
+                                   "time (cancel() is the call that is safe from any thread)")
             yield self._txn
             return
         self._begin()
+        self._txn_thread = threading.get_ident()
         self._txn = txn = _Txn(self.cache.marks(), [dict(m) for m in self.messages], self._in_cache_text,
                                len(self.reports), self._prefill.counts())
         try:
