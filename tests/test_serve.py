@@ -3,6 +3,7 @@ bodies the client will not send). Tiny llava pair: one image = one 256-token chu
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -206,40 +207,6 @@ def test_two_concurrent_clients(server, client, image_url):
         assert alone.choices[0].message.content == answers[i]
 
 
-def stream_then_disconnect(server, body: dict, n_chunks: int) -> list[str]:
-    """Read n_chunks SSE events of a streamed answer, then drop the connection."""
-    got = []
-    with httpx.Client(timeout=60) as h:
-        with h.stream("POST", server.url + "/v1/chat/completions", json=body,
-                      headers={"Authorization": f"Bearer {KEY}"}) as r:
-            assert r.status_code == 200
-            for line in r.iter_lines():
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    delta = json.loads(line[6:])["choices"][0]["delta"]
-                    got.append(delta.get("content") or "")
-                    if len(got) >= n_chunks:
-                        break
-    return got
-
-
-def test_disconnect_mid_stream_leaves_no_half_turn(server, client, image_url):
-    msgs = [user("describe this image", image_url)]
-    r1 = client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=4)
-    follow = msgs + [{"role": "assistant", "content": r1.choices[0].message.content}, user("and the color")]
-    before = server.wait_idle()
-    got = stream_then_disconnect(server, {"model": MODEL_ID, "messages": follow, "max_tokens": 1000,
-                                          "stream": True}, n_chunks=4)
-    after = server.wait_idle()
-    assert after["turns"] == before["turns"]                                  # the cut turn was not kept
-    assert after["conversation_cache"]["conversations"] == before["conversation_cache"]["conversations"]
-    # The same follow-up again starts from the kept first turn, not from a half answer...
-    r2 = client.chat.completions.create(model=MODEL_ID, messages=follow, max_tokens=12)
-    e2 = ext(r2)
-    assert e2["cache"] == "hit" and e2["reused_messages"] == 2 and e2["media_chunks_encoded"] == 0
-    # ...and answers what the cut stream had started to say (greedy, same state).
-    assert r2.choices[0].message.content.startswith("".join(got))
-
-
 def test_bad_requests_get_openai_errors(server, client, image_url, tmp_path):
     ok = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     assert post(server, ok).status_code == 200
@@ -316,38 +283,6 @@ def test_local_files_only_under_the_allowed_folder(server, client, tiny_pairs):
         assert_error(post(server, {**ok, "messages": [user("describe", str(path))]}), 403, "path_not_allowed")
 
 
-def test_full_queue_gets_503(server, image_url):
-    """One request is served, --queue-size 2 may wait: of four more sent at once while the first streams,
-    those that find the queue full get 503 at once, the others wait and are served."""
-    server.wait_idle()
-    long = {"model": MODEL_ID, "messages": [user("describe this", image_url)], "max_tokens": 1500, "stream": True}
-    short = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    codes: list[int] = []
-    bodies: list[httpx.Response] = []
-
-    def send() -> None:
-        r = post(server, short)
-        codes.append(r.status_code)
-        bodies.append(r)
-
-    with httpx.Client(timeout=120) as h:
-        with h.stream("POST", server.url + "/v1/chat/completions", json=long,
-                      headers={"Authorization": f"Bearer {KEY}"}) as running:
-            assert running.status_code == 200
-            next(running.iter_lines())                     # it is being served (and runs ~0.5 s more)
-            threads = [threading.Thread(target=send) for _ in range(4)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(timeout=120)
-    # timing decides how many find the queue full; at least one does, none fails otherwise
-    assert len(codes) == 4 and 503 in codes and set(codes) <= {200, 503}, codes
-    for r in bodies:
-        if r.status_code == 503:
-            assert_error(r, 503, "queue_full")
-    assert server.wait_idle()["status"] == "ok"
-
-
 def _png(w: int, h: int) -> bytes:
     from PIL import Image
 
@@ -366,3 +301,135 @@ def test_port_in_use_is_one_clear_line(tiny_pairs):
                             str(model), "--port", str(port)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"Error: cannot listen on 127.0.0.1:{port}" in r.stderr, r.stderr
+
+
+class Held:
+    """An in-process server (uvicorn in a thread) whose worker the test can hold at a known point, so
+    queue and disconnect states are exact rather than races against a fast tiny model. The holds go
+    through the session's own progress callback and its chat() generator: the llama.cpp work is real."""
+
+    def __init__(self, tiny_pairs) -> None:
+        import uvicorn
+
+        from edgekv.runtime import Model
+        from edgekv.server.app import create_app
+        from edgekv.server.engine import Engine
+
+        model, mmproj, _ = tiny_pairs["llava"]
+        self.model = Model.load(model, mmproj, n_ctx=N_CTX, threads=THREADS, flash_attn="off")
+        self.engine = Engine(self.model, model_id=MODEL_ID, method="snapkv", queue_size=1)
+        self.gate = threading.Event()
+        self.hold_image = False          # hold at the first image chunk of a turn
+        self.hold_after: int | None = None   # hold after this many answer records
+        self.holding = threading.Event()
+        s = self.engine.session
+        count, chat = s.progress, s.chat
+
+        def progress(stage: str, done: int, total: int) -> None:
+            count(stage, done, total)
+            if stage == "image" and self.hold_image:
+                self.holding.set()
+                self.gate.wait(60)
+
+        def held_chat(*args, **kw):
+            with contextlib.closing(chat(*args, **kw)) as records:
+                for i, r in enumerate(records):
+                    yield r
+                    if self.hold_after is not None and i + 1 == self.hold_after:
+                        self.holding.set()
+                        self.gate.wait(60)
+
+        s.progress, s.chat = progress, held_chat
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(create_app(self.engine), host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        wait_for(lambda: self.server.started)
+
+    def release(self) -> None:
+        self.hold_image, self.hold_after = False, None
+        self.gate.set()
+
+    def close(self) -> None:
+        self.release()
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.engine.close()
+        self.model.close()
+
+
+def wait_for(cond, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.fixture()
+def held(tiny_pairs):
+    h = Held(tiny_pairs)
+    yield h
+    h.close()
+
+
+def test_full_queue_gets_503(held, image_url):
+    """One request is served (held inside its image's prefill), --queue-size 1 waits, the next gets 503."""
+    url = held.url + "/v1/chat/completions"
+    image = {"model": MODEL_ID, "messages": [user("describe this", image_url)], "max_tokens": 2}
+    text = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    codes: dict[str, int] = {}
+
+    def send(name: str, body: dict) -> None:
+        codes[name] = httpx.post(url, json=body, timeout=120).status_code
+
+    held.hold_image = True
+    served = threading.Thread(target=send, args=("served", image))
+    served.start()
+    assert held.holding.wait(60) and held.engine.busy
+    waiting = threading.Thread(target=send, args=("waiting", text))
+    waiting.start()
+    wait_for(lambda: held.engine.queued == 1)
+    err = assert_error(httpx.post(url, json=text, timeout=60), 503, "queue_full")
+    assert err["type"] == "server_error"
+    held.release()
+    served.join(timeout=120)
+    waiting.join(timeout=120)
+    assert codes == {"served": 200, "waiting": 200}
+    assert httpx.post(url, json=text, timeout=60).status_code == 200      # the server is fine
+
+
+def test_disconnect_mid_stream_leaves_no_half_turn(held, image_url):
+    """A client drops a streamed follow-up after 3 tokens: the generation stops, the cut turn is not kept,
+    and the same follow-up again starts from the kept first turn (no re-encode) and says the same."""
+    client = openai.OpenAI(base_url=held.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    msgs = [user("describe this image", image_url)]
+    r1 = client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=4)
+    follow = msgs + [{"role": "assistant", "content": r1.choices[0].message.content}, user("and the color")]
+    e = held.engine
+    turns, kept, chunks = e.turns, e.cache.stats()["conversations"], e.media_chunks_encoded
+
+    held.hold_after = 3
+    got = []
+    with httpx.Client(timeout=60) as h:
+        with h.stream("POST", held.url + "/v1/chat/completions",
+                      json={"model": MODEL_ID, "messages": follow, "max_tokens": 200, "stream": True}) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    got.append(json.loads(line[6:])["choices"][0]["delta"].get("content") or "")
+                    if len(got) == 4:      # the role chunk and 3 tokens: the worker is held now
+                        break
+    assert held.holding.wait(60)
+    wait_for(lambda: e.current_cancelled)          # the server saw the client go
+    held.release()
+    wait_for(lambda: not e.busy)
+    assert e.turns == turns and e.cache.stats()["conversations"] == kept     # nothing of the cut turn kept
+
+    r2 = client.chat.completions.create(model=MODEL_ID, messages=follow, max_tokens=12)
+    x = ext(r2)
+    assert x["cache"] == "hit" and x["reused_messages"] == 2 and x["media_chunks_encoded"] == 0
+    assert e.media_chunks_encoded == chunks
+    assert r2.choices[0].message.content.startswith("".join(got))   # greedy, same state: same start
+    assert len("".join(got)) > 0

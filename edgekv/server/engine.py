@@ -122,6 +122,12 @@ class Engine:
         return self._queue.qsize()
 
     @property
+    def current_cancelled(self) -> bool:
+        """Whether the job being served was cancelled (its client went away)."""
+        job = self._current
+        return job is not None and job.cancelled.is_set()
+
+    @property
     def busy(self) -> bool:
         return self._current is not None
 
