@@ -43,6 +43,8 @@ class RequestImage:
 
         try:
             img = Image.open(io.BytesIO(self.data))   # reads the header only
+        except Image.DecompressionBombError as e:    # Pillow's own limit (2 x MAX_IMAGE_PIXELS) hit first
+            raise ImageRefused(f"image {self.source} is too large: {e}", code="image_too_large") from None
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise ImageRefused(f"image {self.source} does not decode: {e}") from None
         w, h = img.size
