@@ -122,6 +122,10 @@ class Session:
         self.auto_compact = auto_compact
         self.early_compact = early_compact
         self._batch = llama_cpp.llama_batch_init(model.n_batch, 0, 1)
+        # Streaming prefill (edgekv.runtime.streaming): called as hook(session, n_tokens) after every media
+        # chunk, e.g. to compact each frame/image as soon as it is in the cache. None: compact at the end.
+        self.after_media_chunk = None
+        self.video_stats: list = []  # streaming.VideoStats of every clip this session prefilled
         self.reports: list[CompactionReport] = []
         self.prompt_tokens = 0
         self.prompt_seconds = 0.0
@@ -289,9 +293,10 @@ class Session:
         token i+1. The first row predicts after tokens[0]; use `logits` before calling for tokens[0]."""
         return self.append_tokens(tokens, logits_all=True, capture=False)
 
-    def append_prompt(self, text: str, images: list[ImageInput] = ()) -> None:
+    def append_prompt(self, text: str, images: list[ImageInput] = (), mergeable: bool = False) -> None:
         """Text with one media marker per image (mtmd_default_marker()), tokenized and prefilled by mtmd.
-        Image chunks become compressible spans; text chunks stay protected."""
+        Image chunks become compressible spans; text chunks stay protected. mergeable: the images are
+        video frames that projectors merging frames in time (Qwen2-VL) may pair when their markers touch."""
         images = list(images)
         if not images:
             return self.append_text(text)
@@ -308,6 +313,8 @@ class Session:
                 if not bm:
                     raise MediaError(f"mtmd could not take image {im.name}")
                 bitmaps.append(bm)
+                if mergeable:
+                    mtmd_cpp.mtmd_bitmap_set_mergeable(bm, True)
             raw = text.encode("utf-8")
             inp = mtmd_cpp.mtmd_input_text(raw, len(raw), self.n_past == 0, True)
             arr = (mtmd_cpp.mtmd_bitmap_p_ctypes * len(bitmaps))(*bitmaps)
@@ -347,6 +354,8 @@ class Session:
         self._window_q, self._window_rows = None, 0
         self.prompt_tokens += n_tok
         self.prompt_seconds += time.perf_counter() - t0
+        if self.after_media_chunk is not None:
+            self.after_media_chunk(self, n_tok)
 
     # --- compaction -----------------------------------------------------------------------------
     def _query_layers(self) -> list[int]:
@@ -462,16 +471,25 @@ class Session:
         out = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
         return out + ("<|im_start|>assistant\n" if add_assistant else "")
 
-    def chat(self, prompt: str, images: list[ImageInput] = (), **gen) -> Iterator[GenerationResponse]:
-        """One user turn: images + prompt through the chat template, compaction, streamed answer.
-        Later turns reuse the (compacted) cache: only the new part of the conversation is prefilled."""
-        images = list(images)
+    def chat(self, prompt: str, images: list[ImageInput] = (), videos: list = (), **gen) -> Iterator[GenerationResponse]:
+        """One user turn: images (+ videos: paths, frame iterators or streaming.Video) + prompt through the
+        chat template, compaction, streamed answer. Videos stream frame by frame, compacted after each
+        (see edgekv.runtime.streaming). Later turns reuse the (compacted) cache: only the new part of the
+        conversation is prefilled."""
+        images, videos = list(images), list(videos)
         marker = mtmd_cpp.mtmd_default_marker().decode()
         content = "".join(f"{marker}\n" for _ in images) + prompt
+        if videos:
+            from edgekv.runtime.streaming import VIDEO_MARKER, append_prompt_with_videos
+
+            content = "".join(f"{VIDEO_MARKER}\n" for _ in videos) + content
         self.messages.append({"role": "user", "content": content})
         full = self.format_chat(self.messages, add_assistant=True)
         common = _common_prefix(full, self._in_cache_text)
-        self.append_prompt(full[common:], images)
+        if videos:
+            append_prompt_with_videos(self, full[common:], images, videos)
+        else:
+            self.append_prompt(full[common:], images)
         self._in_cache_text = full
         if self.auto_compact:
             self.compact()
