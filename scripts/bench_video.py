@@ -28,6 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Text shapes of real small VLMs (config.json of their language models).
 SHAPES = {
+    # SmolLM2-135M: the text model of SmolVLM-256M / SmolVLM2-256M-Video (30 layers, 3 KV heads: 23 KB/cell)
+    "smolvlm-256m": dict(arch="llama", n_layer=30, n_embd=576, n_head=9, n_head_kv=3, head_dim=64, n_ff=1536,
+                         n_vocab=49280, rope_freq_base=1e5, tie_embeddings=True),
     # Qwen2-0.5B: the text model of InternVL2-1B and LLaVA-OneVision-0.5B (1-D RoPE)
     "qwen2-0.5b": dict(arch="llama", n_layer=24, n_embd=896, n_head=14, n_head_kv=2, head_dim=64, n_ff=4864,
                        n_vocab=151936, tie_embeddings=True),

@@ -43,7 +43,9 @@ def chat(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash_at
     if max_kv_cells is not None:
         n_ctx = max_kv_cells
     elif clips:
-        n_ctx = min(n_ctx, 512)  # a placeholder: resized below once the projector says what the clips cost
+        # a placeholder, resized below once the projector says what the clips cost; the REPL keeps -c as a
+        # floor so the conversation has room after the first answer
+        n_ctx, floor = min(n_ctx, 512), (0 if prompt is not None else n_ctx)
 
     # A query-agnostic method never reads the question window: skip capturing it (one Python callback
     # per graph node otherwise, 0.3-1.5 % of decode time, and the window's own prefill batch).
@@ -59,7 +61,7 @@ def chat(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash_at
     if clips and max_kv_cells is None:
         from edgekv.cli.video import context_for
         try:
-            m.resize_context(context_for(m, clips, list(images), budget, prompt or "", max_tokens))
+            m.resize_context(max(floor, context_for(m, clips, list(images), budget, prompt or "", max_tokens)))
         except BaseException:
             m.close()
             raise

@@ -18,9 +18,7 @@ import math
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
-
-import numpy as np
+from typing import Iterator
 
 from edgekv.errors import ContextOverflowError, MediaError
 from edgekv.methods import get_method, parse_budget, resolve_budget
@@ -268,9 +266,8 @@ def append_video(session, video, *, budget: float | int | None = None, compact: 
             plan = plan_video(session.model, video, budget)
             budget = plan.ratio
     group = 2 if frames_merge(session.model) else 1
-    hook = session.after_media_chunk
-    own = not isinstance(hook, ChunkCompactor)
-    if own:
+    prev = hook = session.after_media_chunk
+    if not isinstance(hook, ChunkCompactor):  # no streaming session: compact this clip's chunks anyway
         hook = ChunkCompactor(budget)
         session.after_media_chunk = hook
     saved_budget, hook.budget = hook.budget, budget
@@ -281,8 +278,7 @@ def append_video(session, video, *, budget: float | int | None = None, compact: 
         _feed_frames(session, video, group, stats)
     finally:
         hook.budget = saved_budget
-        if own:
-            session.after_media_chunk = None
+        session.after_media_chunk = prev
     stats.prefill_seconds = time.perf_counter() - t0
     new = session.reports[before[2]:]
     stats.compact_seconds = sum(r.seconds for r in new)

@@ -116,8 +116,16 @@ def fit_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
     return max(2, int(round(width * s)) // 2 * 2), max(2, int(round(height * s)) // 2 * 2)
 
 
+def _av():
+    try:
+        import av
+    except ImportError:
+        raise MediaError("video needs PyAV: pip install av") from None
+    return av
+
+
 def _open(path: Path):
-    import av
+    av = _av()
 
     try:
         container = av.open(str(path))
@@ -153,7 +161,7 @@ class VideoReader:
         self.error: str | None = None
 
     def _probe(self) -> VideoInfo:
-        import av
+        av = _av()
 
         c = _open(self.path)
         try:
@@ -190,7 +198,7 @@ class VideoReader:
         return sample_times(self.info.duration, self.fps, self.max_frames)
 
     def frames(self) -> Iterator[Frame]:
-        import av
+        av = _av()
 
         targets = self.targets()
         if targets is None:  # unknown duration: every 1/fps from the start, the first max_frames
