@@ -326,3 +326,15 @@ def test_chat_video_broken_half_way_answers_then_exits_2(tiny_pairs, tmp_path):
             "-t", THREADS)
     assert_one_error_line(r, r"cut.mkv: the stream (ends at|is damaged after) .* kept the \d+ frames")
     assert "peak KV cells" in r.output  # the answer and the report came first
+
+
+def test_chat_video_under_max_kv_cells_lowers_the_budget(tiny_pairs, clip):
+    model, mmproj, _ = tiny_pairs["qwen2vl"]
+    # 5 frames of 448x448 (uniform over the 2 s clip) -> pairs + a single last frame: 3 chunks of <= 256
+    r = run("chat", "-m", model, "--mmproj", mmproj, "--video", clip, "--video-fps", 4, "--video-max-frames", 5,
+            "--max-kv-cells", 512, "--budget", 1.0, "-p", "what happens?", "-n", 3, "-t", THREADS)
+    assert r.exit_code == 0, r.output
+    assert re.search(r"clip.mp4: 5 frames, 1.5 s of video, \d+ media tokens in 3 chunks", r.output), r.output
+    m = re.search(r"peak KV cells (\d+) \(budget (\d+) \+ chunk (\d+)\)\s+n_ctx (\d+)", r.output)
+    peak, budget, chunk, n_ctx = map(int, m.groups())
+    assert n_ctx == 512 and peak <= budget + chunk <= n_ctx  # budget 1.0 could not fit: it was lowered
