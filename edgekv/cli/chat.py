@@ -263,8 +263,10 @@ def _repl(session, images: list[Path], gen: dict, report: bool, videos=(), sampl
         try:
             if not stream_turn(session, line, pending, gen, report, pending_videos, fit_videos) and (
                     pending or pending_videos):
-                click.echo(f"({len(pending) + len(pending_videos)} attachment(s) stay for the next message)",
-                           err=True)
+                if pending:
+                    click.echo(f"({len(pending)} image(s) stay attached to the next message)", err=True)
+                if pending_videos:
+                    click.echo(f"({len(pending_videos)} video(s) stay attached to the next message)", err=True)
                 continue
         except EdgeKVError as e:  # a bad image must not end the conversation
             click.echo(f"Error: {e}", err=True)

@@ -206,6 +206,7 @@ class VideoReader:
             targets = [k * step for k in range(self.max_frames or 100_000)]
         half = 0.5 / self.info.fps if self.info.fps else 0.0
         sel = FrameSelector(targets, half)
+        self.frames_read, self.last_time, self.error = 0, 0.0, None  # a clip may be read again (retried turn)
         w, h = self.frame_size
         c = _open(self.path)
         try:
