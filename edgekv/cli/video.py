@@ -64,7 +64,9 @@ def echo_video_report(session, stats, report: bool) -> str | None:
             # B: the cells kept once everything is in (compacted media + text + answer), re-read now from
             # llama.cpp's state; P: the most the state held, re-read before each chunk's compaction.
             final = hook.observe(session)
-            click.echo(f"peak KV cells {hook.peak_cells} (budget {final} + chunk {hook.chunk_cells})   "
-                       f"n_ctx {session.model.n_ctx}", err=True)
+            peak = max([final] + [s.peak_cells for s in stats])  # this turn's clips
+            chunk = max(s.chunk_cells for s in stats)
+            click.echo(f"peak KV cells {peak} (budget {final} + chunk {chunk})   n_ctx {session.model.n_ctx}",
+                       err=True)
     damaged = [s.error for s in stats if s.error]
     return "; ".join(damaged) if damaged else None

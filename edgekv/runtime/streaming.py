@@ -52,6 +52,7 @@ class ChunkCompactor:
     chunk_cells: int = 0                               # largest chunk (C)
     peak_cells: int = 0                                # largest count re-read from the state (P)
     trace: list[int] = field(default_factory=list)     # re-read after each chunk, before compacting
+    sizes: list[int] = field(default_factory=list)     # tokens of each chunk
     media_budget: int = 0                              # cells the budgets asked to keep, summed
 
     def method_for(self, session):
@@ -68,6 +69,7 @@ class ChunkCompactor:
         if r is not None:
             self.media_budget += r.budget_cells
         self.trace.append(cells)
+        self.sizes.append(n_tokens)
         self.peak_cells = max(self.peak_cells, cells)
 
     def observe(self, session) -> int:
@@ -284,7 +286,7 @@ def append_video(session, video, *, budget: float | int | None = None, compact: 
     stats.compact_seconds = sum(r.seconds for r in new)
     stats.media_tokens = hook.media_tokens - before[4]
     stats.chunks = hook.chunks - before[0]
-    stats.chunk_cells = hook.chunk_cells
+    stats.chunk_cells = max(hook.sizes[before[3]:], default=0)
     stats.media_budget = hook.media_budget - before[1]
     stats.peak_cells = max(hook.trace[before[3]:], default=0)
     stats.error = video.error
