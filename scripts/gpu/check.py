@@ -1,7 +1,12 @@
-"""CUDA checks for edgekv on the device machine: the same prompt + image on CPU and with every layer
-offloaded; compaction through the state blob on the GPU; plan agreement CPU vs GPU. Prints numbers."""
-import os, sys, time, tempfile
+"""CUDA checks for edgekv on a GPU machine: the same image prompt on the CPU and with every layer
+offloaded (prefill logits, greedy tokens after compaction), and the state blob round trip and compaction
+on the GPU. Prints PASS/FAIL/INFO lines; see scripts/gpu/README.md."""
+import os
+import sys
+import tempfile
+import time
 from pathlib import Path
+
 import numpy as np
 
 sys.path.insert(0, os.getcwd())
