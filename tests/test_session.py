@@ -440,3 +440,31 @@ def test_gemma_stop_cancel_save_continue_identically(gemma_path, tmp_path):
         assert [r.token for r in loaded.chat("Shorter please.", max_tokens=6)] == want_tokens
         np.testing.assert_array_equal(loaded.logits, want_logits)
         loaded.close()
+
+
+@pytest.mark.gemma
+@pytest.mark.parametrize("fail_at", ["prefill", "answer"])
+def test_gemma_failed_turn_restores_the_sliding_window_block(gemma_path, monkeypatch, fail_at):
+    """Gemma 3's sliding-window block: a long turn makes llama.cpp overwrite cells masked for its newest
+    positions, and the turn's compaction writes back a blob without them; seq_rm alone could not bring
+    them back (measured: it could not). The turn-start checkpoint of that block does: byte-identical."""
+    words = " ".join(f"item{i}" for i in range(150))
+    with Model.load(gemma_path, n_ctx=1024, n_batch=128, threads=THREADS, flash_attn="off") as m:
+        s = Session(m, method="knorm", compress="all", budget=0.25)
+        list(s.chat("Remember these: " + words, max_tokens=2))
+        blob, msgs, cells = s.state_blob(), [dict(x) for x in s.messages], s.n_cells
+        more = "More: " + words          # ~500 cells more: the turn overwrites masked window cells
+
+        def boom(*a, **k):
+            raise RuntimeError("boom")
+
+        if fail_at == "prefill":   # after the whole prompt was decoded, before its compaction
+            s.progress = lambda stage, done, total: boom() if done == total else None
+        else:                      # after the compaction, while answering
+            monkeypatch.setattr("edgekv.runtime.generate.sample", boom)
+        with pytest.raises(RuntimeError, match="boom"):
+            list(s.chat(more, max_tokens=2))
+        monkeypatch.undo()
+        s.progress = None
+        assert s.state_blob() == blob and s.messages == msgs and s.n_cells == cells
+        s.close()
