@@ -338,3 +338,18 @@ def test_chat_video_under_max_kv_cells_lowers_the_budget(tiny_pairs, clip):
     m = re.search(r"peak KV cells (\d+) \(budget (\d+) \+ chunk (\d+)\)\s+n_ctx (\d+)", r.output)
     peak, budget, chunk, n_ctx = map(int, m.groups())
     assert n_ctx == 512 and peak <= budget + chunk <= n_ctx  # budget 1.0 could not fit: it was lowered
+
+
+def test_chat_takes_an_iterator_of_pil_frames(tiny_pairs):
+    from PIL import Image
+
+    from edgekv.runtime import Model, Session
+
+    model_path, mmproj, _ = tiny_pairs["llava"]
+    frames = (Image.fromarray(frame_image(i, 80, 60)) for i in range(3))  # a generator: read once, lazily
+    with Model.load(model_path, mmproj, n_ctx=1024, n_batch=512, threads=THREADS, flash_attn="off") as m:
+        with Session(m, budget=0.25) as s:
+            list(s.chat("what changes?", videos=[frames], max_tokens=2))
+            st = s.video_stats[-1]
+            assert (st.frames, st.chunks, st.media_tokens, st.seconds) == (3, 3, 3 * 256, 2.0)
+            assert s.after_media_chunk is None and s.n_cells < 3 * 256
