@@ -14,9 +14,9 @@ import click
 
 from edgekv.cli.options import ImagePath, load_model_from_options, method_options, model_options
 from edgekv.cli.report import echo_report
-from edgekv.errors import Cancelled, EdgeKVError
+from edgekv.errors import Cancelled, EdgeKVError, MediaError
 
-HELP = ("commands: /image PATH (attach to the next message), /save PATH, /load PATH, /clear, /stats, /exit; "
+HELP = ("commands: /image PATH, /video PATH (attach to the next message), /save PATH, /load PATH, /clear, /stats, /exit; "
         "Ctrl-C stops an answer, Ctrl-C at the prompt or Ctrl-D exits")
 
 
@@ -24,6 +24,14 @@ HELP = ("commands: /image PATH (attach to the next message), /save PATH, /load P
 @model_options
 @method_options
 @click.option("--image", "images", type=ImagePath(), multiple=True, help="Image to attach (repeatable).")
+@click.option("--video", "videos", type=click.Path(path_type=Path), multiple=True,
+              help="Video to attach (repeatable): frames streamed into a context sized for the budget.")
+@click.option("--video-fps", type=float, default=1.0, show_default=True, help="Frames sampled per second of video.")
+@click.option("--video-max-frames", type=int, default=64, show_default=True,
+              help="At most this many frames per video, spread uniformly over the clip when the fps gives more.")
+@click.option("--max-kv-cells", type=click.IntRange(16), default=None,
+              help="Cap the KV cache at N cells: the context is N cells and every image/frame chunk is "
+                   "compacted right after its prefill (video: the budget is lowered to fit).")
 @click.option("-p", "--prompt", help="One-shot prompt; without it, an interactive chat.")
 @click.option("-n", "--max-tokens", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--temp", "temperature", type=click.FloatRange(0), default=0.0, show_default=True,
@@ -36,11 +44,21 @@ HELP = ("commands: /image PATH (attach to the next message), /save PATH, /load P
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-report", is_flag=True, help="Do not print the memory/speed report.")
 def chat(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash_attn, cache_type_k, cache_type_v,
-         threads, image_max_tokens, method, budget, compress, images, prompt, max_tokens, temperature, top_p,
-         top_k, min_p, stops, seed, no_report):
-    """Chat about images with a compressed KV cache."""
+         threads, image_max_tokens, method, budget, compress, images, videos, video_fps, video_max_frames,
+         max_kv_cells, prompt, max_tokens, temperature, top_p, top_k, min_p, stops, seed, no_report):
+    """Chat about images and videos with a compressed KV cache."""
     from edgekv.methods import uses_queries
     from edgekv.runtime import Session
+    from edgekv.runtime.streaming import Video, streaming
+
+    clips = [Video(p, fps=video_fps, max_frames=video_max_frames) for p in videos]  # bad clips fail here
+    floor = 0
+    if max_kv_cells is not None:
+        n_ctx = max_kv_cells
+    elif clips:
+        # a placeholder, resized below once the projector says what the clips cost; the REPL keeps -c as a
+        # floor so the conversation has room after the first answer
+        n_ctx, floor = min(n_ctx, 512), (0 if prompt is not None else n_ctx)
 
     # A query-agnostic method never reads the question window: skip capturing it (one Python callback
     # per graph node otherwise, 0.3-1.5 % of decode time, and the window's own prefill batch).
@@ -50,14 +68,29 @@ def chat(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash_at
                                 image_max_tokens=image_max_tokens, capture_queries=uses_queries(method))
     if images and m.mtmd is None:
         raise EdgeKVError("--image needs a multimodal projector: pass --mmproj (or a -hf repo that has one)")
+    if clips and m.mtmd is None:
+        m.close()
+        raise EdgeKVError("--video needs a multimodal projector: pass --mmproj (or a -hf repo that has one)")
+    if clips and max_kv_cells is None:
+        from edgekv.cli.video import context_for
+
+        try:
+            m.resize_context(max(floor, context_for(m, clips, list(images), budget, prompt or "", max_tokens)))
+        except BaseException:
+            m.close()
+            raise
     session = Session(m, method=method, budget=budget, compress=compress, seed=seed)
+    if clips or max_kv_cells is not None:
+        streaming(session)  # every image / frame chunk compacted right after its prefill
+    fit = max_kv_cells is not None
     gen = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
                stop=tuple(stops))
     try:
         if prompt is not None:
-            stream_turn(session, prompt, list(images), gen, not no_report)
+            stream_turn(session, prompt, list(images), gen, not no_report, clips, fit)
         else:
-            _repl(session, list(images), gen, not no_report)
+            _repl(session, list(images), gen, not no_report, clips, dict(fps=video_fps, max_frames=video_max_frames),
+                  fit)
     finally:
         session.close()
         m.close()
@@ -126,14 +159,24 @@ def ctrl_c_cancels(session):
         r.close()
 
 
-def stream_turn(session, prompt: str, images: list[Path], gen: dict, report: bool) -> bool:
+def stream_turn(session, prompt: str, images: list[Path], gen: dict, report: bool, videos=(),
+                fit_videos: bool = False) -> bool:
     """One user turn: stream the answer to stdout, then this turn's report to stderr. False when Ctrl-C
-    cancelled it before the answer (the conversation is as before)."""
+    cancelled it before the answer (the conversation is as before). A clip that broke half-way was
+    answered from the frames before the damage; that is then one Error line (exit 2) after the answer."""
     last = None
     n_reports = len(session.reports)
+    extra = {}
+    if videos:
+        from edgekv.cli.video import check_fits
+
+        # before the turn touches the cache; under --max-kv-cells the clips' budgets are lowered to fit
+        check_fits(session, list(videos), prompt, gen.get("max_tokens", 256), fit_videos)
+        extra = {"videos": list(videos)}
+    n_stats = len(session.video_stats)
     try:
         with ctrl_c_cancels(session):
-            for r in session.chat(prompt, images, **gen):
+            for r in session.chat(prompt, images, **gen, **extra):
                 click.echo(r.text, nl=False)
                 last = r
     except Cancelled:
@@ -144,12 +187,22 @@ def stream_turn(session, prompt: str, images: list[Path], gen: dict, report: boo
         click.echo("(stopped; the answer so far is kept)", err=True)
     if report:
         echo_report(session, last, session.reports[n_reports:])
+    if videos:
+        from edgekv.cli.video import echo_video_report
+
+        damaged = echo_video_report(session, session.video_stats[n_stats:], report)
+        if damaged:
+            raise MediaError(damaged)
     return True
 
 
-def _repl(session, images: list[Path], gen: dict, report: bool) -> None:
+def _repl(session, images: list[Path], gen: dict, report: bool, videos=(), sampling=None,
+          fit_videos: bool = False) -> None:
+    from edgekv.runtime.streaming import Video
+
     click.echo(f"edgekv chat ({session.method_name}, budget {session.budget}). {HELP}", err=True)
     pending = list(images)
+    pending_videos = list(videos)
     while True:
         try:
             line = read_line("> ")
@@ -164,6 +217,7 @@ def _repl(session, images: list[Path], gen: dict, report: bool) -> None:
         if line == "/clear":
             session.clear()
             pending.clear()
+            pending_videos.clear()
             click.echo("(conversation cleared)", err=True)
             continue
         if line == "/stats":
@@ -195,13 +249,25 @@ def _repl(session, images: list[Path], gen: dict, report: bool) -> None:
             except click.BadParameter as e:
                 click.echo(f"Error: {e.message}", err=True)
             continue
+        if line.startswith("/video"):
+            path = line[len("/video"):].strip()
+            try:
+                pending_videos.append(Video(Path(path).expanduser(), **(sampling or {})))
+                click.echo(f"(attached video {path} to the next message)", err=True)
+            except EdgeKVError as e:
+                click.echo(f"Error: {e}", err=True)
+            continue
         if line.startswith("/"):
             click.echo(f"unknown command {line.split()[0]}; {HELP}", err=True)
             continue
         try:
-            if not stream_turn(session, line, pending, gen, report) and pending:
-                click.echo(f"({len(pending)} image(s) stay attached to the next message)", err=True)
+            if not stream_turn(session, line, pending, gen, report, pending_videos, fit_videos) and (
+                    pending or pending_videos):
+                if pending:
+                    click.echo(f"({len(pending)} image(s) stay attached to the next message)", err=True)
+                if pending_videos:
+                    click.echo(f"({len(pending_videos)} video(s) stay attached to the next message)", err=True)
                 continue
         except EdgeKVError as e:  # a bad image must not end the conversation
             click.echo(f"Error: {e}", err=True)
-        pending = []
+        pending, pending_videos = [], []

@@ -170,28 +170,9 @@ class Model:
                     raise ModelLoadError(f"mmproj does not match the model: the projector outputs {out_dim}-dim "
                                          f"embeddings but {path.name} has n_embd {layout.n_embd}")
             capture = QueryCapture(layout) if capture_queries else None
-            cparams = llama_cpp.llama_context_default_params()
-            cparams.n_ctx = n_ctx
-            cparams.n_batch = n_batch
-            cparams.n_ubatch = n_batch  # non-causal image chunks must fit one ubatch
-            cparams.n_seq_max = 1
-            cparams.n_threads = threads
-            cparams.n_threads_batch = threads
-            cparams.flash_attn_type = _FA[flash_attn]
-            cparams.type_k = TYPE_IDS[cache_type_k]
-            cparams.type_v = TYPE_IDS[cache_type_v]
-            cparams.no_perf = True
             abort_flag = ctypes.create_string_buffer(2)
-            cparams.abort_callback = abort_callback()
-            cparams.abort_callback_data = ctypes.cast(abort_flag, ctypes.c_void_p)
-            if capture is not None:
-                cparams.cb_eval = capture.callback
-                cparams.cb_eval_user_data = None
-            ctx = llama_cpp.llama_init_from_model(model, cparams)
-            if not ctx:
-                raise ModelLoadError(f"llama.cpp could not create a context (n_ctx={n_ctx}, "
-                                     f"K {cache_type_k}, V {cache_type_v}, flash attention {flash_attn}):\n"
-                                     f"{lib.recent_log()}")
+            ctx = _new_context(model, n_ctx, n_batch, threads, flash_attn, cache_type_k, cache_type_v, capture,
+                               abort_flag)
         except BaseException:
             llama_cpp.llama_model_free(model)
             raise
@@ -206,6 +187,22 @@ class Model:
                 self.close()
                 raise
         return self
+
+    def resize_context(self, n_ctx: int) -> None:
+        """Recreate the llama.cpp context with `n_ctx` cells; the cache starts empty, so do it before a
+        Session uses the model. Lets a caller size the context once the projector has said what the media
+        costs (video: budget + one chunk + text). The old context is freed first, so the peak memory is
+        the larger of the two, not their sum."""
+        self.check_open()
+        if self._session is not None:
+            raise SessionError("resize_context() needs the model without a live Session: close() it first")
+        if n_ctx < 16:
+            raise ModelLoadError(f"context size must be >= 16 (got {n_ctx})")
+        llama_cpp.llama_free(self.ctx)
+        self.ctx = None
+        self.ctx = _new_context(self.model, n_ctx, self.n_batch, self.threads, self.flash_attn,
+                                self.cache_type_k, self.cache_type_v, self.capture, self.abort_flag)
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
 
     @property
     def vocab(self):
@@ -299,6 +296,32 @@ class Model:
             self.close()
         except Exception:
             pass
+
+
+def _new_context(model, n_ctx: int, n_batch: int, threads: int, flash_attn: FlashAttn, cache_type_k: str,
+                 cache_type_v: str, capture, abort_flag):
+    cparams = llama_cpp.llama_context_default_params()
+    cparams.n_ctx = n_ctx
+    cparams.n_batch = n_batch
+    cparams.n_ubatch = n_batch  # non-causal image chunks must fit one ubatch
+    cparams.n_seq_max = 1
+    cparams.n_threads = threads
+    cparams.n_threads_batch = threads
+    cparams.flash_attn_type = _FA[flash_attn]
+    cparams.type_k = TYPE_IDS[cache_type_k]
+    cparams.type_v = TYPE_IDS[cache_type_v]
+    cparams.no_perf = True
+    cparams.abort_callback = abort_callback()
+    cparams.abort_callback_data = ctypes.cast(abort_flag, ctypes.c_void_p)
+    if capture is not None:
+        cparams.cb_eval = capture.callback
+        cparams.cb_eval_user_data = None
+    ctx = llama_cpp.llama_init_from_model(model, cparams)
+    if not ctx:
+        raise ModelLoadError(f"llama.cpp could not create a context (n_ctx={n_ctx}, "
+                             f"K {cache_type_k}, V {cache_type_v}, flash attention {flash_attn}):\n"
+                             f"{lib.recent_log()}")
+    return ctx
 
 
 _ABORT_CALLBACK = None

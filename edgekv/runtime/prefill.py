@@ -32,6 +32,7 @@ class Prefiller:
     make_room: Callable[[int], None]
     cancel: threading.Event
     progress: Progress | None = None
+    on_media_chunk: Callable[[int], None] | None = None  # after every media chunk (streaming compaction)
     tokens: int = 0          # prefilled since the last answer (this turn's prompt; see take_counts)
     seconds: float = 0.0
     total_tokens: int = 0    # the whole conversation's prompt
@@ -95,9 +96,11 @@ class Prefiller:
         self._count(len(tokens), time.perf_counter() - t0)
         return np.concatenate([o for o in outs if o is not None]) if logits_all else None
 
-    def media_prompt(self, text: str, images: list[ImageInput], check_all_fits: bool) -> None:
+    def media_prompt(self, text: str, images: list[ImageInput], check_all_fits: bool, mergeable: bool = False) -> None:
         """Text with one media marker per image, tokenized by mtmd: text chunks stay protected, image
-        chunks become compressible spans. check_all_fits: refuse up front if the whole prompt cannot fit."""
+        chunks become compressible spans. check_all_fits: refuse up front if the whole prompt cannot fit.
+        mergeable: the images are video frames that projectors merging frames in time (Qwen2-VL) may pair
+        when their markers touch."""
         c = self.cache
         decoded = [load_image(im) for im in images]
         bitmaps = []
@@ -109,6 +112,8 @@ class Prefiller:
                 if not bm:
                     raise MediaError(f"mtmd could not take image {im.name}")
                 bitmaps.append(bm)
+                if mergeable:
+                    mtmd_cpp.mtmd_bitmap_set_mergeable(bm, True)
             raw = text.encode("utf-8")
             inp = mtmd_cpp.mtmd_input_text(raw, len(raw), c.n_past == 0, True)
             arr = (mtmd_cpp.mtmd_bitmap_p_ctypes * len(bitmaps))(*bitmaps)
@@ -167,3 +172,5 @@ class Prefiller:
         c.logits = None
         c.logits_after_media = True
         self._count(n_tok, time.perf_counter() - t0)
+        if self.on_media_chunk is not None:
+            self.on_media_chunk(n_tok)

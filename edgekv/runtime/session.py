@@ -119,7 +119,12 @@ class Session:
             self.close()
             raise
         self._answer_txn: _Txn | None = None   # the turn whose answer is being generated (see chat)
-        self._prefill = Prefiller(self.cache, self.window, self._make_room, self._cancel, progress)
+        self._prefill = Prefiller(self.cache, self.window, self._make_room, self._cancel, progress,
+                                  on_media_chunk=self._after_media_chunk)
+        # Streaming prefill (edgekv.runtime.streaming): called as hook(session, n_tokens) after every media
+        # chunk, e.g. to compact each frame/image as soon as it is in the cache. None: compact at the end.
+        self.after_media_chunk = None
+        self.video_stats: list = []  # streaming.VideoStats of every clip this session prefilled
         self.reports: list[CompactionReport] = []
         self.clear()
 
@@ -301,16 +306,21 @@ class Session:
         token i+1. The first row predicts after tokens[0]; use `logits` before calling for tokens[0]."""
         return self.append_tokens(tokens, logits_all=True, capture=False)
 
-    def append_prompt(self, text: str, images: list[ImageInput] = ()) -> None:
+    def append_prompt(self, text: str, images: list[ImageInput] = (), mergeable: bool = False) -> None:
         """Text with one media marker per image (mtmd_default_marker()), tokenized and prefilled by mtmd.
-        Image chunks become compressible spans; text chunks stay protected. A transaction."""
+        Image chunks become compressible spans; text chunks stay protected. A transaction. mergeable:
+        the images are video frames (see Prefiller.media_prompt)."""
         images = list(images)
         if not images:
             return self.append_text(text)
         if self.model.mtmd is None:
             raise MediaError("this model was loaded without an mmproj (--mmproj): it cannot read images")
         with self._transaction():
-            self._prefill.media_prompt(text, images, check_all_fits=not self.early_compact)
+            self._prefill.media_prompt(text, images, check_all_fits=not self.early_compact, mergeable=mergeable)
+
+    def _after_media_chunk(self, n_tokens: int) -> None:
+        if self.after_media_chunk is not None:
+            self.after_media_chunk(self, n_tokens)
 
     # --- compaction -----------------------------------------------------------------------------
     def candidates(self) -> np.ndarray:
@@ -364,22 +374,33 @@ class Session:
         out = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
         return out + ("<|im_start|>assistant\n" if add_assistant else "")
 
-    def chat(self, prompt: str, images: list[ImageInput] = (), **gen) -> Iterator[GenerationResponse]:
+    def chat(self, prompt: str, images: list[ImageInput] = (), videos: list = (), **gen) -> Iterator[GenerationResponse]:
         """One user turn: images + prompt through the chat template, compaction, streamed answer.
         Later turns reuse the (compacted) cache: only the new part of the conversation is prefilled.
+        videos: paths, frame iterators or streaming.Video, streamed frame by frame and compacted after
+        each chunk (edgekv.runtime.streaming); a clip that breaks half-way keeps the frames before it.
 
         A transaction: an exception (or a cancelled prefill: `Cancelled`) leaves the cache and messages
         as before the turn; breaking out of the loop or `cancel()` during the answer keeps what was
         answered so far as the assistant's message (as chat UIs do)."""
-        images = list(images)
+        images, videos = list(images), list(videos)
         check_gen(gen)
         marker = mtmd_cpp.mtmd_default_marker().decode()
         content = "".join(f"{marker}\n" for _ in images) + prompt
+        if videos:
+            from edgekv.runtime.streaming import VIDEO_MARKER
+
+            content = "".join(f"{VIDEO_MARKER}\n" for _ in videos) + content
         with self._transaction() as txn:
             self.messages.append({"role": "user", "content": content})
             full = self.format_chat(self.messages, add_assistant=True)
             common = _common_prefix(full, self._in_cache_text)
-            self.append_prompt(full[common:], images)
+            if videos:
+                from edgekv.runtime.streaming import append_prompt_with_videos
+
+                append_prompt_with_videos(self, full[common:], images, videos)
+            else:
+                self.append_prompt(full[common:], images)
             self._in_cache_text = full
             if self.auto_compact:
                 self.compact()
