@@ -6,7 +6,7 @@ import click
 
 @click.command()
 def models() -> None:
-    """Known model repos; pass a short name to -hf (e.g. -hf gemma3-4b)."""
+    """List known model repos: short names for -hf (e.g. -hf gemma3-4b)."""
     from edgekv.runtime.registry import known_models
 
     known = known_models()
