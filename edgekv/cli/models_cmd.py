@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 
-@click.command()
+@click.command(short_help="Known model repos: short names for -hf.")
 def models() -> None:
     """List known model repos: short names for -hf (e.g. -hf gemma3-4b)."""
     from edgekv.runtime.registry import known_models
