@@ -40,6 +40,9 @@ def _register() -> None:
 
     for cmd in (chat, demo, info, methods):
         cli.add_command(cmd)
+    from edgekv.cli.caption import caption
+
+    cli.add_command(caption)
     try:
         from edgekv.cli.eval_cmd import eval_command
     except ImportError:  # the eval extra is optional
