@@ -48,15 +48,21 @@ def worker(args) -> None:
         t_init = time.perf_counter() - t0
         rss, recs = {}, []
 
+        stamps = []
+
         def on_record(p, rec, w, r):
             rss[w] = max(r, rss.get(w, 0.0))
             recs.append(rec)
+            stamps.append(time.perf_counter())
 
         t1 = time.perf_counter()
         caption_with_ray(images, cfg.to_dict(), concurrency=args.actors, num_cpus=args.threads, on_record=on_record)
         wall = time.perf_counter() - t1
         ray.shutdown()
-        out = {"ray_init_s": round(t_init, 2), "workers": len(rss), "peak_rss_mb": rss}
+        # actors start (process + model load) inside the run: also the rate once records flow
+        steady = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
+        out = {"ray_init_s": round(t_init, 2), "workers": len(rss), "peak_rss_mb": rss,
+               "first_record_s": round(stamps[0] - t1, 2), "steady_images_per_s": round(steady, 3)}
         load = None
     else:
         with Captioner(cfg) as c:
@@ -114,7 +120,9 @@ def main() -> None:
         r.update(system_prompt_chars=len(system), threads=threads)
         print(f"{mode:6s} system={len(system):4d} chars threads={threads}: {r['images_per_s']:.2f} images/s "
               f"(median {r['median_image_s']:.3f} s/image), peak RSS "
-              + ", ".join(f"{v:.0f} MiB" for v in r["peak_rss_mb"].values()), flush=True)
+              + ", ".join(f"{v:.0f} MiB" for v in r["peak_rss_mb"].values())
+              + (f"; {r['workers']} workers, first record after {r['first_record_s']} s, then "
+                 f"{r['steady_images_per_s']:.2f} images/s" if mode == "ray" else ""), flush=True)
         return r
 
     results = {"command": " ".join(sys.argv), "cpu_count": os.cpu_count(), "model": Path(args.model).name,

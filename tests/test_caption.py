@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -243,7 +244,7 @@ def test_cli_sigkill_then_resume(pair, folder, tmp_path):
 # --- Ray ---------------------------------------------------------------------------------------------
 def test_ray_same_captions_as_single_process(pair, folder, tmp_path):
     ray = pytest.importorskip("ray", reason="Ray is the optional edgekv[ray] extra")
-    from edgekv.caption.ray_runner import caption_with_ray
+    from edgekv.caption.ray_runner import RayCaptioner
 
     (folder / "broken.png").write_bytes(b"nope")
     single_out, ray_out = tmp_path / "single.jsonl", tmp_path / "ray.jsonl"
@@ -255,10 +256,6 @@ def test_ray_same_captions_as_single_process(pair, folder, tmp_path):
         r = CliRunner().invoke(cli, cli_args(pair, folder, "-o", ray_out, "--ray", "local", "--concurrency", "2",
                                              *args))
         assert r.exit_code == 1, r.output
-        # the module API a Ray user calls, on a few paths
-        got = []
-        caption_with_ray(sorted(folder.glob("img*.png"))[:2], cfg(pair, threads=1, seed=3, temperature=0.8).to_dict(),
-                         concurrency=2, num_cpus=1, on_record=lambda p, rec, w, rss: got.append((p.name, rec)))
     finally:
         ray.shutdown()
     single = {x["file_name"]: x for x in read_jsonl(single_out)}
@@ -268,5 +265,9 @@ def test_ray_same_captions_as_single_process(pair, folder, tmp_path):
     for k in single:
         assert single[k].get("text") == dist[k].get("text") and ("error" in single[k]) == ("error" in dist[k])
     assert "error" in dist["imgs/broken.png"]
-    assert sorted(n for n, _ in got) == ["img0.png", "img1.png"]
-    assert all(rec["text"] == single[f"imgs/{n}"]["text"] for n, rec in got)
+    # the UDF a Ray user passes to map_batches, called as Ray Data calls it (a dict of arrays)
+    udf = RayCaptioner(cfg(pair, threads=1, seed=3, temperature=0.8).to_dict())
+    out = udf({"path": np.array([str(folder / "img1.png"), str(folder / "broken.png")])})
+    udf.captioner.close()
+    assert [json.loads(x).get("text") for x in out["record"]] == [single["imgs/img1.png"]["text"], None]
+    assert len(set(out["worker"])) == 1 and min(out["peak_rss_mb"]) > 0

@@ -30,6 +30,19 @@ class RayNotAvailable(EdgeKVError):
     """Ray (the `edgekv[ray]` extra) is not installed or the cluster cannot be reached."""
 
 
+def _reason(e: BaseException) -> str:
+    """The edgekv error inside a Ray exception's text (its traceback is the worker's), else its last line."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for i, ln in enumerate(lines):
+        if ln.startswith("edgekv.errors."):
+            return ln.split(": ", 1)[-1] + "".join(f" {x}" for x in lines[i + 1:i + 3] if not x.startswith("("))
+    return lines[-1] if lines else type(e).__name__
+
+
+class RayRunError(EdgeKVError):
+    """A worker failed as a whole (not one input): e.g. it could not load the model."""
+
+
 class RayCaptioner:
     """The stateful Ray Data UDF: loads the model once per actor, captions a batch of paths."""
 
@@ -75,16 +88,29 @@ def caption_with_ray(paths: Iterable[Path], config: dict, *, concurrency: int = 
                      on_record: Callable[[Path, dict, str, float], None] | None = None) -> None:
     """Caption `paths` on the connected Ray (see init_ray); on_record(path, record, worker, peak_rss_mb)
     is called on the driver for every result as it arrives."""
+    import logging
+
     import ray
 
     paths = [str(p) for p in paths]
     if not paths:
         return
-    ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=min(len(paths), 200))
+    # Our own progress bar and summary report the run; Ray Data's would interleave with them.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=min(len(paths), 1000))
     opts = {"num_gpus": num_gpus} if num_gpus else {}
     if num_cpus is not None:
         opts["num_cpus"] = num_cpus
-    ds = ds.map_batches(RayCaptioner, fn_constructor_kwargs={"config": config}, batch_size=1,
-                        concurrency=concurrency, **opts)
-    for row in ds.iter_rows():
-        on_record(Path(row["path"]), json.loads(row["record"]), row["worker"], float(row["peak_rss_mb"]))
+    try:  # few blocks queued per actor: an even spread, and little finished-but-unwritten work on a kill
+        compute = ray.data.ActorPoolStrategy(size=concurrency, max_tasks_in_flight_per_actor=2)
+    except TypeError:
+        compute = ray.data.ActorPoolStrategy(size=concurrency)
+    ds = ds.map_batches(RayCaptioner, fn_constructor_kwargs={"config": config}, batch_size=1, compute=compute,
+                        **opts)
+    try:
+        for row in ds.iter_rows():
+            on_record(Path(row["path"]), json.loads(row["record"]), row["worker"], float(row["peak_rss_mb"]))
+    except (ray.exceptions.RayError, ray.data.exceptions.UserCodeException) as e:
+        # e.g. an actor could not load the model: the records written so far stay, a rerun resumes
+        raise RayRunError(f"the Ray run stopped: {_reason(e)}") from None

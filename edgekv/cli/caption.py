@@ -129,6 +129,11 @@ def _resolve_model(model, mmproj, hf_repo, offline) -> tuple[Path, Path | None]:
         mmproj = mmproj or hf_mmproj
     if not model:
         raise ModelLoadError("no model: pass -m MODEL.gguf and --mmproj MMPROJ.gguf, or -hf owner/repo")
+    from edgekv.runtime.model import check_gguf
+
+    check_gguf(model, "model")   # here, not first in every Ray actor
+    if mmproj:
+        check_gguf(mmproj, "mmproj")
     if not mmproj:
         raise ModelLoadError("captioning needs a multimodal projector: pass --mmproj (or a -hf repo that has one)")
     return Path(model), Path(mmproj)
