@@ -1,15 +1,22 @@
 """`edgekv chat`: one-shot (-p) or an interactive REPL with /image, /clear, /stats, /exit."""
 from __future__ import annotations
 
+import contextlib
+import os
+import select
+import signal
+import sys
+import threading
 from pathlib import Path
 
 import click
 
 from edgekv.cli.options import ImagePath, load_model_from_options, method_options, model_options
 from edgekv.cli.report import echo_report
-from edgekv.errors import EdgeKVError
+from edgekv.errors import Cancelled, EdgeKVError
 
-HELP = "commands: /image PATH (attach to the next message), /clear, /stats, /exit"
+HELP = ("commands: /image PATH (attach to the next message), /save PATH, /load PATH, /clear, /stats, /exit; "
+        "Ctrl-C stops an answer, Ctrl-C at the prompt or Ctrl-D exits")
 
 
 @click.command()
@@ -21,11 +28,15 @@ HELP = "commands: /image PATH (attach to the next message), /clear, /stats, /exi
 @click.option("--temp", "temperature", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Sampling temperature (0 = greedy).")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="Sample from the k best (0 = off).")
+@click.option("--min-p", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Drop tokens below min-p x the best token's probability.")
+@click.option("--stop", "stops", multiple=True, help="Stop the answer at this string (repeatable; never printed).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-report", is_flag=True, help="Do not print the memory/speed report.")
 def chat(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash_attn, cache_type_k, cache_type_v,
          threads, image_max_tokens, method, budget, compress, images, prompt, max_tokens, temperature, top_p,
-         seed, no_report):
+         top_k, min_p, stops, seed, no_report):
     """Chat about images with a compressed KV cache."""
     from edgekv.methods import uses_queries
     from edgekv.runtime import Session
@@ -39,7 +50,8 @@ def chat(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash_at
     if images and m.mtmd is None:
         raise EdgeKVError("--image needs a multimodal projector: pass --mmproj (or a -hf repo that has one)")
     session = Session(m, method=method, budget=budget, compress=compress, seed=seed)
-    gen = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    gen = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
+               stop=tuple(stops))
     try:
         if prompt is not None:
             stream_turn(session, prompt, list(images), gen, not no_report)
@@ -50,15 +62,61 @@ def chat(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash_at
         m.close()
 
 
+def read_line(prompt: str) -> str:
+    """One line from stdin (EOFError at its end). On a terminal it polls instead of blocking in read():
+    the kernel may hand Ctrl-C's SIGINT to one of llama.cpp's threads, and Python raises KeyboardInterrupt
+    in the main thread only when that runs Python code, never inside a blocking read."""
+    click.echo(prompt, nl=False)
+    stdin = sys.stdin
+    if os.name != "nt" and stdin.isatty():
+        while not select.select([stdin], [], [], 0.1)[0]:
+            pass
+    line = stdin.readline()
+    if not line:
+        raise EOFError
+    return line.rstrip("\r\n")
+
+
+@contextlib.contextmanager
+def ctrl_c_cancels(session):
+    """While a turn runs, Ctrl-C cancels it (session.cancel(): the answer so far is kept, a prefill is
+    undone) instead of killing the process; a second Ctrl-C interrupts for real (e.g. during an image
+    encode, which llama.cpp cannot abort)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    hits = []
+
+    def on_sigint(signum, frame):
+        hits.append(signum)
+        if len(hits) > 1:
+            raise KeyboardInterrupt
+        session.cancel()
+
+    old = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def stream_turn(session, prompt: str, images: list[Path], gen: dict, report: bool) -> None:
-    """One user turn: stream the answer to stdout, then the report to stderr."""
+    """One user turn: stream the answer to stdout, then this turn's report to stderr."""
     last = None
-    for r in session.chat(prompt, images, **gen):
-        click.echo(r.text, nl=False)
-        last = r
+    n_reports = len(session.reports)
+    try:
+        with ctrl_c_cancels(session):
+            for r in session.chat(prompt, images, **gen):
+                click.echo(r.text, nl=False)
+                last = r
+    except Cancelled:
+        click.echo("(cancelled before the answer; the conversation is as before)", err=True)
+        return
     click.echo()
+    if last is not None and last.finish_reason == "cancelled":
+        click.echo("(stopped; the answer so far is kept)", err=True)
     if report:
-        echo_report(session, last)
+        echo_report(session, last, session.reports[n_reports:])
 
 
 def _repl(session, images: list[Path], gen: dict, report: bool) -> None:
@@ -66,8 +124,8 @@ def _repl(session, images: list[Path], gen: dict, report: bool) -> None:
     pending = list(images)
     while True:
         try:
-            line = click.prompt("", prompt_suffix="> ", default="", show_default=False)
-        except (EOFError, click.exceptions.Abort):
+            line = read_line("> ")
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C at the prompt
             click.echo(err=True)
             return
         line = line.strip()
@@ -77,12 +135,29 @@ def _repl(session, images: list[Path], gen: dict, report: bool) -> None:
             return
         if line == "/clear":
             session.clear()
-            session.reports.clear()
             pending.clear()
             click.echo("(conversation cleared)", err=True)
             continue
         if line == "/stats":
             echo_report(session)
+            continue
+        if line.split()[0] in ("/save", "/load"):
+            cmd, _, path = line.partition(" ")
+            path = path.strip()
+            if not path:
+                click.echo(f"Error: {cmd} needs a file path", err=True)
+                continue
+            try:
+                if cmd == "/save":
+                    session.save(path)
+                    click.echo(f"(conversation saved to {path})", err=True)
+                else:
+                    session.load_conversation(path)
+                    pending.clear()
+                    click.echo(f"(loaded {path}: {len(session.messages)} messages, {session.n_cells} cells)",
+                               err=True)
+            except EdgeKVError as e:
+                click.echo(f"Error: {e}", err=True)
             continue
         if line.startswith("/image"):
             path = line[len("/image"):].strip()

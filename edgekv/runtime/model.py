@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from edgekv.errors import ModelLoadError
+from edgekv.errors import ModelLoadError, SessionError
 from edgekv.kv.codec import GGML_TYPES, TYPE_IDS
 from edgekv.runtime import lib
 from edgekv.runtime.lib import llama_cpp, mtmd_cpp
@@ -127,7 +127,9 @@ class Model:
     cache_type_k: str
     cache_type_v: str
     capture: object | None = None
+    abort_flag: object | None = field(default=None, repr=False)  # 2-byte buffer, see abort_callback()
     _closed: bool = field(default=False, repr=False)
+    _session: object | None = field(default=None, repr=False)    # the one live Session
 
     @classmethod
     def load(cls, model_path: str | os.PathLike, mmproj_path: str | os.PathLike | None = None, *,
@@ -179,6 +181,9 @@ class Model:
             cparams.type_k = TYPE_IDS[cache_type_k]
             cparams.type_v = TYPE_IDS[cache_type_v]
             cparams.no_perf = True
+            abort_flag = ctypes.create_string_buffer(2)
+            cparams.abort_callback = abort_callback()
+            cparams.abort_callback_data = ctypes.cast(abort_flag, ctypes.c_void_p)
             if capture is not None:
                 cparams.cb_eval = capture.callback
                 cparams.cb_eval_user_data = None
@@ -192,7 +197,8 @@ class Model:
             raise
         self = cls(model=model, ctx=ctx, mtmd=None, layout=layout, path=path, mmproj_path=mm,
                    n_ctx=llama_cpp.llama_n_ctx(ctx), n_batch=n_batch, threads=threads, flash_attn=flash_attn,
-                   cache_type_k=cache_type_k, cache_type_v=cache_type_v, capture=capture)
+                   cache_type_k=cache_type_k, cache_type_v=cache_type_v, capture=capture,
+                   abort_flag=abort_flag)
         if mm is not None:
             try:
                 self.mtmd = _init_mtmd(mm, model, threads, n_gpu_layers > 0, image_max_tokens)
@@ -245,6 +251,32 @@ class Model:
         t = llama_cpp.llama_model_chat_template(self.model, None)
         return t.decode("utf-8", "replace") if t else None
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def check_open(self) -> None:
+        if self._closed:
+            raise SessionError("the model was closed (Model.close()); load it again to continue")
+
+    def attach(self, session: object) -> None:
+        """Make `session` the model's one live session. llama.cpp holds one sequence per context here
+        (n_seq_max = 1), so a second session would silently clear and overwrite the first one's cache."""
+        self.check_open()
+        if self._session is not None and self._session is not session:
+            raise SessionError("this model already has a live Session: close() it first (one conversation "
+                               "per loaded model; load the model twice for two at once)")
+        self._session = session
+
+    def detach(self, session: object) -> None:
+        if self._session is session:
+            self._session = None
+
+    def set_abort(self, on: bool) -> None:
+        """Raise or lower the flag llama.cpp's abort callback reads between graph nodes."""
+        if self.abort_flag is not None:
+            self.abort_flag[0] = b"\x01" if on else b"\x00"
+
     def close(self) -> None:
         if self._closed:
             return
@@ -267,6 +299,22 @@ class Model:
             self.close()
         except Exception:
             pass
+
+
+_ABORT_CALLBACK = None
+
+
+def abort_callback():
+    """llama.cpp's abort callback as C's own `strlen` on a 2-byte flag buffer: it returns 1 (abort) once
+    the first byte is set and 0 otherwise, without the GIL. A Python callback would run for every graph
+    node (hundreds per decode) and wait for the GIL whenever another Python thread is busy."""
+    global _ABORT_CALLBACK
+    if _ABORT_CALLBACK is None:
+        import sys
+
+        libc = ctypes.cdll.msvcrt if sys.platform == "win32" else ctypes.CDLL(None)
+        _ABORT_CALLBACK = llama_cpp.ggml_abort_callback(ctypes.cast(libc.strlen, ctypes.c_void_p).value)
+    return _ABORT_CALLBACK
 
 
 def read_layout(model) -> ModelLayout:
