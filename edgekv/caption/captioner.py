@@ -11,7 +11,7 @@ before any image is evaluated, so every image is compacted for the question that
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgekv.caption.inputs import IMAGE_EXTENSIONS, kind_of
@@ -43,6 +43,9 @@ class CaptionConfig:
     max_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    stop: list[str] = field(default_factory=list)
     seed: int = 0
     reuse_prefix: bool = True   # False: the naive loop (prefill everything per image), for benchmarks
 
@@ -126,7 +129,7 @@ class Captioner:
             cells_after = rep.cells_after if rep else self.session.n_cells
             parts, last = [], None
             for r in self.session.generate(max_tokens=c.max_tokens, temperature=c.temperature, top_p=c.top_p,
-                                           seed=c.seed):
+                                           top_k=c.top_k, min_p=c.min_p, stop=tuple(c.stop), seed=c.seed):
                 parts.append(r.text)
                 last = r
             text = with_prefix(c.prefix, "".join(parts).strip())

@@ -43,6 +43,10 @@ def _ray_address(ctx, param, value):
 @click.option("--temp", "temperature", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Sampling temperature (0 = greedy).")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="Sample from the k best (0 = off).")
+@click.option("--min-p", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Drop tokens below min_p x the best token's probability (0 = off).")
+@click.option("--stop", "stops", multiple=True, help="End the caption at this string (repeatable; not written).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (the same for every image).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (it is off anyway when stderr is not a TTY).")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
@@ -53,7 +57,8 @@ def _ray_address(ctx, param, value):
 @click.option("--num-gpus", type=click.FloatRange(0), default=0, show_default=True, help="Ray: GPUs per actor.")
 def caption(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash_attn, cache_type_k, cache_type_v,
             threads, image_max_tokens, method, budget, compress, inputs, recursive, output, caption_extension,
-            errors_file, overwrite, prompt, prompt_file, prefix, max_tokens, temperature, top_p, seed, no_progress,
+            errors_file, overwrite, prompt, prompt_file, prefix, max_tokens, temperature, top_p, top_k, min_p, stops,
+            seed, no_progress,
             ray_address, concurrency, num_gpus):
     """Caption images in folders, globs or @list.txt files; resumes where a previous run stopped.
 
@@ -98,7 +103,8 @@ def caption(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash
                                 cache_type_k=cache_type_k, cache_type_v=cache_type_v, threads=threads,
                                 image_max_tokens=image_max_tokens, method=method, budget=budget, compress=compress,
                                 prompt=prompt or DEFAULT_PROMPT, prefix=prefix, max_tokens=max_tokens,
-                                temperature=temperature, top_p=top_p, seed=seed)
+                                temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                                stop=list(stops), seed=seed)
             click.echo(f"captioning {len(todo)} of {len(images)} input(s) ({skipped} already done)", err=True)
             if ray_address is None:
                 _run_single(cfg, todo, sink, summary, not no_progress)
