@@ -271,3 +271,14 @@ def test_ray_same_captions_as_single_process(pair, folder, tmp_path):
     udf.captioner.close()
     assert [json.loads(x).get("text") for x in out["record"]] == [single["imgs/img1.png"]["text"], None]
     assert len(set(out["worker"])) == 1 and min(out["peak_rss_mb"]) > 0
+
+
+def test_sidecar_write_failure_is_a_failed_input(tmp_path):
+    (tmp_path / "a.txt").mkdir()             # the sidecar cannot be replaced: that input fails, nothing aborts
+    sink = SidecarSink(".txt", tmp_path / ERRORS_NAME)
+    rec = sink.write(tmp_path / "a.png", {"text": "hello", "tokens": 1})
+    ok = sink.write(tmp_path / "b.png", {"text": "world"})
+    sink.close()
+    assert "cannot write" in rec["error"] and "text" not in rec and ok == {"text": "world"}
+    assert [e["file_name"] for e in read_jsonl(tmp_path / ERRORS_NAME)] == [str(tmp_path / "a.png")]
+    assert (tmp_path / "b.txt").read_text() == "world\n" and not list(tmp_path.glob(".*edgekv-tmp"))

@@ -80,7 +80,7 @@ def run_local(captioner, todo: Iterable[Path], sink, summary: Summary, show_prog
             rec = captioner.caption(path)
             if delay:
                 time.sleep(delay)
-            sink.write(path, rec)
+            rec = sink.write(path, rec)
             summary.add(sink.key(path), rec)
             if on_record:
                 on_record(path, rec)

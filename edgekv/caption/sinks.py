@@ -18,8 +18,13 @@ from pathlib import Path
 from typing import Iterable
 
 from edgekv.caption.inputs import InputError
+from edgekv.errors import EdgeKVError
 
 ERRORS_NAME = "edgekv-caption-errors.jsonl"
+
+
+class SinkError(EdgeKVError):
+    """The output itself cannot be written (disk full, read-only): the run stops, done work stays."""
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -98,13 +103,23 @@ class SidecarSink:
     def prepare(self, images: Iterable[Path], overwrite: bool) -> None:
         pass  # nothing to repair: a sidecar is whole or absent
 
-    def write(self, image: Path, record: dict) -> None:
-        if "error" in record:
-            if self._errors is not None:
+    def write(self, image: Path, record: dict) -> dict:
+        """Store one result; returns what was stored (an error record when the sidecar could not be
+        written, e.g. a read-only folder: that input failed, the batch goes on)."""
+        if "error" not in record:
+            try:
+                atomic_write_text(self.sidecar(image), record["text"] + "\n")
+                return record
+            except OSError as e:
+                record = {**record, "error": f"cannot write {self.sidecar(image)}: {e.strerror or e}"}
+                record.pop("text", None)
+        if self._errors is not None:
+            try:
                 self._errors.append({"file_name": str(image), "error": record["error"],
                                      "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-            return
-        atomic_write_text(self.sidecar(image), record["text"] + "\n")
+            except OSError as e:
+                raise SinkError(f"cannot write the errors file {self.errors_path}: {e.strerror or e}") from None
+        return record
 
     def close(self) -> None:
         if self._errors is not None:
@@ -200,13 +215,16 @@ class JsonlSink:
             del self.records[k]
 
     # --- write ----------------------------------------------------------------------------------
-    def write(self, image: Path, record: dict) -> None:
+    def write(self, image: Path, record: dict) -> dict:
         rec = {"file_name": self.key(image), **record}
-        self._f.seek(0, os.SEEK_END)
-        self._f.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        try:
+            self._f.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError as e:  # disk full, gone: nothing later could be saved either
+            raise SinkError(f"cannot write {self.path}: {e.strerror or e}; rerun to resume") from None
         self.records[rec["file_name"]] = rec
+        return record
 
     def close(self) -> None:
         if self._f is not None:

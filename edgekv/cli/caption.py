@@ -163,7 +163,7 @@ def _run_ray(cfg, todo, sink, summary, show_progress: bool, address: str, concur
     t0 = time.perf_counter()
     with progress_bar(len(todo), show_progress) as bar:
         def on_record(path, rec, worker, rss):
-            sink.write(path, rec)
+            rec = sink.write(path, rec)
             summary.add(sink.key(path), rec)
             summary.peak_rss_mb[worker] = max(rss, summary.peak_rss_mb.get(worker, 0.0))
             bar.update(1)
