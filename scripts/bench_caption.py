@@ -135,7 +135,8 @@ def main() -> None:
         single = run("reuse", SYSTEM, args.threads)
         one_thread = run("reuse", SYSTEM, 1)
         ray_run = run("ray", SYSTEM, 1)
-        assert sorted(ray_run["texts"]) == sorted(single["texts"]), "Ray changed the captions"
+        # same threads per model, same captions (1 vs 2 threads may flip a greedy token on tiny models)
+        assert sorted(ray_run["texts"]) == sorted(one_thread["texts"]), "Ray changed the captions"
         results["runs"] += [single, one_thread, ray_run]
     for r in results["runs"]:
         r.pop("texts")

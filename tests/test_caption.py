@@ -128,6 +128,8 @@ def test_prefix_reuse_matches_naive_prefill(pair, folder):
     with Captioner(cfg(pair)) as reuse:
         assert reuse.head_tokens > 0 and reuse.head + reuse.tail == reuse.full_prompt
         a = [reuse.caption(p) for p in images]
+        back = [reuse.caption(p) for p in images[::-1]]     # nothing of one image leaks into the next
+    assert [r["text"] for r in back[::-1]] == [r["text"] for r in a]
     with Captioner(cfg(pair, reuse_prefix=False)) as naive:
         b = [naive.caption(p) for p in images]
     for x, y in zip(a, b):
