@@ -43,7 +43,8 @@ class Repl:
                 except OSError:
                     chunk = b""
                 if not chunk:
-                    raise AssertionError(f"the REPL exited waiting for {needle!r}:\n{self.out.decode(errors='replace')}")
+                    raise AssertionError(f"the REPL exited waiting for {needle!r}:\n"
+                                         f"{self.out.decode(errors='replace')}")
                 self.out += chunk
         return self.out
 
@@ -123,6 +124,62 @@ def test_ctrl_c_at_the_prompt_exits(tiny_pairs):
         repl.send(b"\x03")
         code = repl.wait()
         assert code in (0, 1)          # click's Abort; either way no traceback
+        assert b"Traceback" not in repl.out
+    finally:
+        repl.close()
+
+
+def test_one_shot_with_a_batch_smaller_than_the_question_window(tiny_pairs):
+    """`edgekv chat -b 8 -p hi` (window 32) used to write past the llama_batch (NULL pointer access)."""
+    from click.testing import CliRunner
+
+    from edgekv.cli.main import cli
+
+    model, mmproj, image = tiny_pairs["llava"]
+    r = CliRunner().invoke(cli, ["chat", "-m", str(model), "--mmproj", str(mmproj), "--image", str(image),
+                                 "-b", "8", "-t", "2", "-n", "3", "-p", "hi"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "query window 8" in r.output and "prefill" in r.output
+
+
+def test_repl_save_and_load_errors_are_one_line(tiny_pairs, tmp_path):
+    from click.testing import CliRunner
+
+    from edgekv.cli.main import cli
+
+    model, mmproj, _ = tiny_pairs["llava"]
+    bad = tmp_path / "notes.txt"
+    bad.write_text("hello")
+    r = CliRunner().invoke(cli, ["chat", "-m", str(model), "--mmproj", str(mmproj), "-t", "2", "-n", "2",
+                                 "--no-report"],
+                           input=f"hi\n/load {bad}\n/load\n/save {tmp_path / 'c.edgekv'}\n/exit\n",
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "Error: " in r.output and "not a saved edgekv conversation" in r.output
+    assert "/load needs a file path" in r.output and (tmp_path / "c.edgekv").exists()
+    assert "Traceback" not in r.output
+
+
+def test_ctrl_c_during_the_prefill_undoes_the_turn_and_keeps_the_images(tiny_pairs):
+    """Three 2560-token images in 8-token batches take seconds to prefill; Ctrl-C half a second in stops
+    llama_decode (abort callback, woken from the signal's wakeup fd), the turn leaves nothing behind and
+    the images stay attached."""
+    model, mmproj, image = tiny_pairs["llava-tiles"]
+    repl = Repl("-m", str(model), "--mmproj", str(mmproj), "-c", "8192", "-b", "8", "-t", "2", "-n", "2",
+                "--no-report", "--method", "full", "--image", str(image), "--image", str(image),
+                "--image", str(image))
+    try:
+        repl.read_until(b"> ")
+        repl.send(b"describe them\r")
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        repl.send(b"\x03")
+        repl.read_until(b"(cancelled before the answer; the conversation is as before)", timeout=60)
+        assert time.monotonic() - t0 < 1.0           # not after the whole prefill
+        repl.read_until(b"(3 image(s) stay attached to the next message)")
+        repl.read_until(b"> ")
+        repl.send(b"\x04")
+        assert repl.wait() == 0
         assert b"Traceback" not in repl.out
     finally:
         repl.close()

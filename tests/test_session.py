@@ -171,6 +171,31 @@ def test_progress_reports_image_chunks(tiny_pairs):
         s.close()
 
 
+def test_a_second_thread_cannot_start_a_turn_inside_a_running_one(tiny_pairs):
+    with load(tiny_pairs, n_batch=64) as m:
+        errors = []
+
+        def progress(stage, done, total):
+            if not errors:  # another thread tries to prefill while this turn is half-way
+                t = threading.Thread(target=lambda: _try(lambda: s.append_text("intruder"), errors))
+                t.start()
+                t.join()
+
+        s = Session(m, method="full", progress=progress)
+        out = list(s.chat("word " * 200, max_tokens=2))
+        assert len(errors) == 1 and isinstance(errors[0], SessionError) and "another thread" in str(errors[0])
+        assert out[-1].finish_reason in ("length", "stop") and roles(s) == ["user", "assistant"]
+        s.close()
+
+
+def _try(fn, errors):
+    try:
+        fn()
+        errors.append(None)
+    except Exception as e:
+        errors.append(e)
+
+
 # --- 2. -b smaller than the window ----------------------------------------------------------------------
 
 def test_batch_smaller_than_the_window(tiny_pairs):
@@ -376,3 +401,70 @@ def test_readme_python_api_snippet_runs(tiny_pairs, tmp_path):
     env = {"MODEL": str(model), "MMPROJ": str(mmproj), "IMAGE": str(image), "SAVED": str(tmp_path / "c.edgekv")}
     exec(compile(code, "README.md", "exec"), env)
     assert (tmp_path / "c.edgekv").exists()
+
+
+@pytest.mark.gemma
+def test_gemma_stop_cancel_save_continue_identically(gemma_path, tmp_path):
+    """On Gemma 3 (iSWA: a sliding-window block next to the global one, compress="all" so the text itself
+    is compacted): a stopped answer, a cancelled part-way prefill and a save/load keep the conversation
+    bit-identical to one that never saw them (flash attention off)."""
+    story = "Write a short poem about the sea and the wind."
+    with Model.load(gemma_path, n_ctx=2048, n_batch=128, threads=THREADS, flash_attn="off") as m:
+        s = Session(m, method="snapkv", compress="all", budget=0.5)
+        out = answer_until(s, story, 3, max_tokens=40)
+        n = out[-1].generation_tokens
+        blob, msgs = s.state_blob(), [dict(x) for x in s.messages]
+
+        def cancel_after_first_batch(stage, done, total):
+            if done >= 128:
+                s.cancel()
+
+        s.progress = cancel_after_first_batch
+        with pytest.raises(Cancelled):
+            list(s.chat("Now a long one: " + "waves " * 400, max_tokens=4))
+        s.progress = None
+        assert s.state_blob() == blob and s.messages == msgs
+        path = s.save(tmp_path / "gemma.edgekv")
+        turn2 = list(s.chat("Shorter please.", max_tokens=6))
+        want_tokens, want_logits = [r.token for r in turn2], s.logits.copy()
+        s.close()
+
+        ref = Session(m, method="snapkv", compress="all", budget=0.5)
+        assert "".join(r.text for r in ref.chat(story, max_tokens=n)) == msgs[1]["content"]
+        ref_turn2 = list(ref.chat("Shorter please.", max_tokens=6))
+        assert [r.token for r in ref_turn2] == want_tokens
+        np.testing.assert_array_equal(ref.logits, want_logits)
+        ref.close()
+
+        loaded = Session.load(m, path)
+        assert [r.token for r in loaded.chat("Shorter please.", max_tokens=6)] == want_tokens
+        np.testing.assert_array_equal(loaded.logits, want_logits)
+        loaded.close()
+
+
+@pytest.mark.gemma
+@pytest.mark.parametrize("fail_at", ["prefill", "answer"])
+def test_gemma_failed_turn_restores_the_sliding_window_block(gemma_path, monkeypatch, fail_at):
+    """Gemma 3's sliding-window block: a long turn makes llama.cpp overwrite cells masked for its newest
+    positions, and the turn's compaction writes back a blob without them; seq_rm alone could not bring
+    them back (measured: it could not). The turn-start checkpoint of that block does: byte-identical."""
+    words = " ".join(f"item{i}" for i in range(150))
+    with Model.load(gemma_path, n_ctx=1024, n_batch=128, threads=THREADS, flash_attn="off") as m:
+        s = Session(m, method="knorm", compress="all", budget=0.25)
+        list(s.chat("Remember these: " + words, max_tokens=2))
+        blob, msgs, cells = s.state_blob(), [dict(x) for x in s.messages], s.n_cells
+        more = "More: " + words          # ~500 cells more: the turn overwrites masked window cells
+
+        def boom(*a, **k):
+            raise RuntimeError("boom")
+
+        if fail_at == "prefill":   # after the whole prompt was decoded, before its compaction
+            s.progress = lambda stage, done, total: boom() if done == total else None
+        else:                      # after the compaction, while answering
+            monkeypatch.setattr("edgekv.runtime.generate.sample", boom)
+        with pytest.raises(RuntimeError, match="boom"):
+            list(s.chat(more, max_tokens=2))
+        monkeypatch.undo()
+        s.progress = None
+        assert s.state_blob() == blob and s.messages == msgs and s.n_cells == cells
+        s.close()

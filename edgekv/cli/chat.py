@@ -5,6 +5,7 @@ import contextlib
 import os
 import select
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -81,7 +82,11 @@ def read_line(prompt: str) -> str:
 def ctrl_c_cancels(session):
     """While a turn runs, Ctrl-C cancels it (session.cancel(): the answer so far is kept, a prefill is
     undone) instead of killing the process; a second Ctrl-C interrupts for real (e.g. during an image
-    encode, which llama.cpp cannot abort)."""
+    encode, which llama.cpp cannot abort).
+
+    Python runs signal handlers only when the main thread runs Python code, not while it sits in
+    llama_decode; so the C-level handler's wakeup byte also wakes a watcher thread, which cancels at once
+    (the main thread holds no GIL inside llama.cpp) and llama.cpp's abort callback stops the batch."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -93,15 +98,37 @@ def ctrl_c_cancels(session):
             raise KeyboardInterrupt
         session.cancel()
 
+    r, w = socket.socketpair()
+    w.setblocking(False)
+
+    def watch() -> None:
+        while True:
+            try:
+                data = r.recv(64)
+            except OSError:
+                return
+            if not data:
+                return
+            if signal.SIGINT in data:
+                session.cancel()
+
     old = signal.signal(signal.SIGINT, on_sigint)
+    old_fd = signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
+    watcher = threading.Thread(target=watch, name="edgekv-ctrl-c", daemon=True)
+    watcher.start()
     try:
         yield
     finally:
+        signal.set_wakeup_fd(old_fd)
         signal.signal(signal.SIGINT, old)
+        w.close()  # the watcher's recv returns b""
+        watcher.join(timeout=2)
+        r.close()
 
 
-def stream_turn(session, prompt: str, images: list[Path], gen: dict, report: bool) -> None:
-    """One user turn: stream the answer to stdout, then this turn's report to stderr."""
+def stream_turn(session, prompt: str, images: list[Path], gen: dict, report: bool) -> bool:
+    """One user turn: stream the answer to stdout, then this turn's report to stderr. False when Ctrl-C
+    cancelled it before the answer (the conversation is as before)."""
     last = None
     n_reports = len(session.reports)
     try:
@@ -111,12 +138,13 @@ def stream_turn(session, prompt: str, images: list[Path], gen: dict, report: boo
                 last = r
     except Cancelled:
         click.echo("(cancelled before the answer; the conversation is as before)", err=True)
-        return
+        return False
     click.echo()
     if last is not None and last.finish_reason == "cancelled":
         click.echo("(stopped; the answer so far is kept)", err=True)
     if report:
         echo_report(session, last, session.reports[n_reports:])
+    return True
 
 
 def _repl(session, images: list[Path], gen: dict, report: bool) -> None:
@@ -171,7 +199,9 @@ def _repl(session, images: list[Path], gen: dict, report: bool) -> None:
             click.echo(f"unknown command {line.split()[0]}; {HELP}", err=True)
             continue
         try:
-            stream_turn(session, line, pending, gen, report)
+            if not stream_turn(session, line, pending, gen, report) and pending:
+                click.echo(f"({len(pending)} image(s) stay attached to the next message)", err=True)
+                continue
         except EdgeKVError as e:  # a bad image must not end the conversation
             click.echo(f"Error: {e}", err=True)
         pending = []

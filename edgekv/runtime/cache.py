@@ -107,6 +107,22 @@ class CompressedCache:
         self.n_past = n_past
         self.kind, self.media = self.kind[:n_cells], self.media[:n_cells]
 
+    def swa_state(self) -> bytes:
+        """The sliding-window block alone (LLAMA_STATE_SEQ_FLAGS_SWA_ONLY: the cells the current last
+        position can still see), to put back after a rollback. State blobs leave out the cells that are
+        masked for the last position, so a blob read later in a turn lacks what the turn's start needs."""
+        ctx, flags = self.model.ctx, llama_cpp.LLAMA_STATE_SEQ_FLAGS_SWA_ONLY
+        n = llama_cpp.llama_state_seq_get_size_ext(ctx, 0, flags)
+        buf = (ctypes.c_uint8 * n)()
+        if llama_cpp.llama_state_seq_get_data_ext(ctx, buf, n, 0, flags) != n:
+            raise StateFormatError("llama.cpp returned a short sliding-window state")
+        return bytes(buf)
+
+    def set_swa_state(self, blob: bytes) -> bool:
+        buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+        flags = llama_cpp.LLAMA_STATE_SEQ_FLAGS_SWA_ONLY
+        return llama_cpp.llama_state_seq_set_data_ext(self.model.ctx, buf, len(blob), 0, flags) == len(blob)
+
     def check_room(self, n: int) -> None:
         if self.n_cells + n > self.model.n_ctx:
             raise ContextOverflowError(

@@ -144,6 +144,11 @@ class Prefiller:
         batches can: mtmd then returns 2 and the batches already decoded stay, for the turn to drop)."""
         c = self.cache
         n_tok = int(mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk))
+        if n_tok > c.model.n_batch and mtmd_cpp.mtmd_decode_use_non_causal(c.model.mtmd, chunk):
+            # mtmd would split it into batches, and the image's tokens would not all see each other
+            raise MediaError(f"this model's image tokens attend to each other both ways, so one image's "
+                             f"{n_tok} tokens must fit one batch: raise -b/--batch-size to {n_tok} or more "
+                             f"(it is {c.model.n_batch})")
         self.make_room(n_tok)
         t0 = time.perf_counter()
         new_past = llama_cpp.llama_pos(c.n_past)

@@ -63,7 +63,8 @@ def save(session, path: str | os.PathLike) -> Path:
         "format": FORMAT, **model_identity(session.model),
         "n_cells": c.n_cells, "n_past": c.n_past, "n_media": c.n_media, "window_rows": c.window_rows,
         "messages": session.messages, "in_cache_text": session._in_cache_text,
-        "settings": {"method": session.method_name, "budget": session.budget, "compress": session.compress,
+        "settings": {"method": session.method_name, "method_kwargs": session.method_kwargs,
+                     "budget": session.budget, "compress": session.compress,
                      "window": session.window, "seed": session.seed, "auto_compact": session.auto_compact,
                      "early_compact": session.early_compact},
         "counters": {"prompt": list(session._prefill.counts()), "generation_tokens": session.generation_tokens,
@@ -77,7 +78,10 @@ def save(session, path: str | os.PathLike) -> Path:
         arrays["window_q"] = c.window_q
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    head = json.dumps(header, default=_json_default).encode("utf-8")
+    try:
+        head = json.dumps(header, default=_json_default).encode("utf-8")
+    except (TypeError, ValueError) as e:
+        raise SaveFormatError(f"cannot save this conversation: {e}") from None
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:

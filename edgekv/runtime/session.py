@@ -7,6 +7,8 @@ conversation: the messages, the text the cache holds, and turns that either comp
 Turns as transactions (design.md section 7): while nothing was compacted inside a turn, its cells are
 the tail of the sequence and `llama_memory_seq_rm` from the turn's first position drops them; the first
 compaction inside a turn keeps the blob it read anyway (no extra copy), and a rollback puts it back first.
+On iSWA models (Gemma 3) the sliding-window block is checkpointed as the turn starts and put back too:
+llama.cpp overwrites window cells masked for the newest position, which the turn's start still needs.
 """
 from __future__ import annotations
 
@@ -64,6 +66,7 @@ class _Txn:
     n_reports: int
     counts: tuple[int, float, int, float]
     stash: bytes | None = None
+    swa: bytes | None = None   # iSWA models: the sliding-window block at the start (see _swa_checkpoint)
 
 
 class Session:
@@ -94,7 +97,8 @@ class Session:
         model.check_open()
         self.model = model
         self.method_name = method if isinstance(method, str) else method.name
-        self.method = get_method(method, **(method_kwargs or {})) if isinstance(method, str) else method
+        self.method_kwargs = dict(method_kwargs or {})
+        self.method = get_method(method, **self.method_kwargs) if isinstance(method, str) else method
         self.budget = parse_budget(budget)
         if isinstance(self.budget, int) and self.budget > model.n_ctx:
             raise BudgetError(f"budget of {self.budget} cells is larger than the context ({model.n_ctx} cells)")
@@ -107,12 +111,14 @@ class Session:
         self._closed = False
         self._cancel = threading.Event()
         self._txn: _Txn | None = None
+        self._txn_thread = 0
         self._answer = Answer()
         try:
             self.cache = CompressedCache(model)
         except BaseException:
             self.close()
             raise
+        self._answer_txn: _Txn | None = None   # the turn whose answer is being generated (see chat)
         self._prefill = Prefiller(self.cache, self.window, self._make_room, self._cancel, progress)
         self.reports: list[CompactionReport] = []
         self.clear()
@@ -217,15 +223,30 @@ class Session:
         if self._cancel.is_set():
             raise Cancelled(CANCELLED_MESSAGE)
 
+    def _swa_checkpoint(self, expect: int | None) -> bytes | None:
+        """On an iSWA model (Gemma 3), the sliding-window block as the turn starts. Decoding overwrites
+        cells that are masked for the newest position (llama.cpp's find_slot takes them), and blobs leave
+        them out, so after dropping the turn's tail the first positions could no longer see the window
+        they need. A single token cannot lose a cell the next token at its position would see, so
+        teacher forcing one token at a time needs no checkpoint. expect: cells the turn adds, if known."""
+        if not self.model.layout.iswa or not self.cache.n_cells or (expect is not None and expect <= 1):
+            return None
+        return self.cache.swa_state()
+
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[_Txn]:
-        """Roll the cache and bookkeeping back to here if the body raises (nested calls join the outer)."""
+    def _transaction(self, expect: int | None = None) -> Iterator[_Txn]:
+        """Roll the cache and bookkeeping back to here if the body raises (nested calls join the outer).
+        expect: how many cells the body adds, when known."""
         if self._txn is not None:
+            if self._txn_thread != threading.get_ident():
+                raise SessionError("another thread is in the middle of a turn on this session: one turn at a "
+                                   "time (cancel() is the call that is safe from any thread)")
             yield self._txn
             return
         self._begin()
+        self._txn_thread = threading.get_ident()
         self._txn = txn = _Txn(self.cache.marks(), [dict(m) for m in self.messages], self._in_cache_text,
-                               len(self.reports), self._prefill.counts())
+                               len(self.reports), self._prefill.counts(), swa=self._swa_checkpoint(expect))
         try:
             yield txn
         except BaseException:
@@ -243,6 +264,10 @@ class Session:
             raise CompactionError("could not roll the failed turn back; the conversation was cleared:\n"
                                   + lib.recent_log())
         c.drop_tail(t.marks.n_past, t.marks.kind.shape[0])
+        if t.swa is not None and not c.set_swa_state(t.swa):
+            self.clear()
+            raise CompactionError("could not roll the sliding-window cache back; the conversation was "
+                                  f"cleared:\n{lib.recent_log()}")
         c.set_marks(t.marks)
         self.messages, self._in_cache_text = t.messages, t.in_cache_text
         del self.reports[t.n_reports:]
@@ -264,7 +289,7 @@ class Session:
         tokens = list(tokens)
         if not tokens:
             return None
-        with self._transaction():
+        with self._transaction(expect=len(tokens)):
             return self._prefill.tokens_in(tokens, compressible, logits_all, capture)
 
     def append_text(self, text: str, *, compressible: bool = False, special: bool = True) -> None:
@@ -317,8 +342,9 @@ class Session:
         return r
 
     def _stash(self, blob: bytes) -> None:
-        if self._txn is not None and self._txn.stash is None:
-            self._txn.stash = blob  # the turn's rollback point once the cache is rewritten (_Txn)
+        t = self._txn or self._answer_txn
+        if t is not None and t.stash is None:
+            t.stash = blob  # the turn's rollback point once the cache is rewritten (_Txn)
 
     # --- chat & generation ----------------------------------------------------------------------
     def format_chat(self, messages: list[dict], add_assistant: bool = True) -> str:
@@ -360,6 +386,7 @@ class Session:
             self._check_cancel()  # a cancel during the compaction still stops the prefill
         # The answer: kept (whole or partial) unless generation itself fails, which undoes the turn.
         answer = []
+        self._answer_txn = txn
         try:
             with contextlib.closing(self._stream(gen)) as records:
                 for r in records:
@@ -371,6 +398,8 @@ class Session:
         except BaseException:
             self._rollback(txn)
             raise
+        finally:
+            self._answer_txn = None
         self._commit_answer("".join(answer))
 
     def _commit_answer(self, text: str) -> None:
