@@ -63,7 +63,7 @@ def caption(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash
     """Caption images in folders, globs or @list.txt files; resumes where a previous run stopped.
 
     Exit code 0: all captioned; 1: some inputs failed (logged, the rest went on); 2: bad usage."""
-    from edgekv.caption.batch import Summary, plan, run_local
+    from edgekv.caption.batch import Summary, plan
     from edgekv.caption.captioner import DEFAULT_PROMPT, CaptionConfig
     from edgekv.caption.inputs import collect_inputs
     from edgekv.caption.sinks import ERRORS_NAME, JsonlSink, SidecarSink
