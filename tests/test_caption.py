@@ -75,7 +75,7 @@ def test_collect_inputs(tmp_path):
     assert [p.name for p in collect_inputs([f"@{lst}"])] == ["missing.png", "d.webp"]  # missing: fails later
     with pytest.raises(InputError, match="not found"):
         collect_inputs([str(tmp_path / "nope")])
-    with pytest.raises(InputError, match="no image matches"):
+    with pytest.raises(InputError, match="no image or video matches"):
         collect_inputs([str(tmp_path / "*.gif")])
 
 
@@ -193,7 +193,7 @@ def test_cli_usage_errors(pair, folder, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     r = runner.invoke(cli, cli_args(pair, empty))
-    assert r.exit_code == 2 and "no images found" in r.output
+    assert r.exit_code == 2 and "no images or videos found" in r.output
     r = runner.invoke(cli, ["caption", "--ray", str(folder)])
     assert r.exit_code == 2 and "not a Ray address" in r.output
 

@@ -27,6 +27,7 @@ class Summary:
     seconds: float = 0.0
     peak_rss_mb: dict[str, float] = field(default_factory=dict)  # worker -> MiB
     failures: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # done, but e.g. from part of a broken video
 
     def add(self, name: str, record: dict) -> None:
         if "error" in record:
@@ -34,6 +35,8 @@ class Summary:
             self.failures.append((name, record["error"]))
             return
         self.done += 1
+        if record.get("warning"):
+            self.warnings.append((name, record["warning"]))
         before, after = record.get("kv_cells_before"), record.get("kv_cells_after")
         if before:
             self.savings.append(1.0 - after / before)
@@ -45,6 +48,10 @@ class Summary:
         out = [f"captioned {self.done}, skipped {self.skipped} (already done), failed {self.failed} "
                f"of {self.total} in {self.seconds:.1f} s ({rate:.2f} images/s)",
                f"mean KV saving {save} of the cells; peak RSS {rss}"]
+        for name, warn in self.warnings[:10]:
+            out.append(f"warning: {name}: {warn}")
+        if len(self.warnings) > 10:
+            out.append(f"... and {len(self.warnings) - 10} more warnings")
         for name, err in self.failures[:10]:
             out.append(f"failed: {name}: {err.splitlines()[0] if err else ''}")
         if len(self.failures) > 10:

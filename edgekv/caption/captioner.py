@@ -7,6 +7,21 @@ restored (`Session.snapshot()/restore()`) before each image instead of being pre
 after the marker (the caption prompt and the assistant header) is the observation window whose queries
 a query-aware method (`auto`, snapkv, ...) scores the image cells with: the captioning prompt is fixed
 before any image is evaluated, so every image is compacted for the question that will be asked.
+
+Videos render as `<head><timestamp><frame>...<timestamp><frame>\n<video prompt><assistant header>`: the same
+head (restored the same way), then the clip streamed frame by frame (`streaming.append_video`), each chunk
+compacted right after its prefill (query-agnostic: the prompt comes after the clip), as `edgekv chat --video`
+does. The context is sized per clip for budget + one chunk + text (`cli.video.context_for`, rounded up to
+256 cells so clips of similar length share a size), and back to `n_ctx` for images; `Model.resize_context`
+needs no live Session, so the Session is closed, the context resized, the head prefilled and snapshotted
+again. A clip's context depends only on the clip and the options, never on the order of the batch, so a
+caption is the same in any order and on any worker. With `max_kv_cells` the context is that many cells for
+every input, each image or frame chunk is compacted after its prefill, and a clip's budget is lowered to
+fit (as `chat --max-kv-cells`).
+
+A stream that breaks half-way (decoder error, truncated file) is captioned from the frames read before the
+damage and the record gets a `warning` (where it stopped); it counts as done. A clip that cannot be opened
+or has no decodable frame is a failed input (`error`), like a corrupt image.
 """
 from __future__ import annotations
 
@@ -14,10 +29,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edgekv.caption.inputs import IMAGE_EXTENSIONS, kind_of
+from edgekv.caption.inputs import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, kind_of
 from edgekv.errors import EdgeKVError, MediaError
 
 DEFAULT_PROMPT = "Write a one-paragraph caption for this image."
+DEFAULT_VIDEO_PROMPT = "Write a one-paragraph caption for this video."
+CTX_STEP = 256  # a clip's context is rounded up to this (llama.cpp pads to it anyway)
 
 
 @dataclass
@@ -48,6 +65,10 @@ class CaptionConfig:
     stop: list[str] = field(default_factory=list)
     seed: int = 0
     reuse_prefix: bool = True   # False: the naive loop (prefill everything per image), for benchmarks
+    video_prompt: str = DEFAULT_VIDEO_PROMPT
+    video_fps: float | None = 1.0
+    video_max_frames: int | None = 64
+    max_kv_cells: int | None = None   # cap the cache for every input (chat's --max-kv-cells)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,42 +84,78 @@ def with_prefix(prefix: str, caption: str) -> str:
 
 
 class Captioner:
-    """Caption one image at a time with one loaded model. `caption()` never raises for a bad input: it
+    """Caption one image or video at a time with one loaded model. `caption()` never raises for a bad input: it
     returns a record with an `error` field instead."""
 
     def __init__(self, config: CaptionConfig) -> None:
         from edgekv.methods import uses_queries
-        from edgekv.runtime import Model, Session
-        from edgekv.runtime.lib import mtmd_cpp
+        from edgekv.runtime import Model
 
         self.config = c = config
-        self.model = Model.load(c.model, c.mmproj, n_ctx=c.n_ctx, n_batch=c.n_batch, n_gpu_layers=c.n_gpu_layers,
-                                threads=c.threads, flash_attn=c.flash_attn, cache_type_k=c.cache_type_k,
-                                cache_type_v=c.cache_type_v, image_max_tokens=c.image_max_tokens,
-                                capture_queries=uses_queries(c.method))
+        self.session = None
+        self.base_ctx = c.max_kv_cells or c.n_ctx
+        self.model = Model.load(c.model, c.mmproj, n_ctx=self.base_ctx, n_batch=c.n_batch,
+                                n_gpu_layers=c.n_gpu_layers, threads=c.threads, flash_attn=c.flash_attn,
+                                cache_type_k=c.cache_type_k, cache_type_v=c.cache_type_v,
+                                image_max_tokens=c.image_max_tokens, capture_queries=uses_queries(c.method))
+        self.ctx_cells = self.base_ctx   # the n_ctx asked for last (llama.cpp may round it up)
         try:
             if self.model.mtmd is None:
                 raise EdgeKVError("captioning needs a multimodal projector: pass --mmproj (or a -hf repo that has one)")
-            self.session = Session(self.model, method=c.method, budget=c.budget, compress=c.compress, seed=c.seed)
-            marker = mtmd_cpp.mtmd_default_marker().decode()
-            msgs = [{"role": "system", "content": c.system}] if c.system else []
-            msgs.append({"role": "user", "content": f"{marker}\n{c.prompt}"})
-            full = self.session.format_chat(msgs, add_assistant=True)
-            cut = full.find(marker)
-            if cut < 0:
-                raise EdgeKVError("the chat template dropped the image marker; cannot caption with this model")
-            self.full_prompt = full
-            self.head, self.tail = full[:cut], full[cut:]
-            self._snap = None
-            self.head_tokens = 0
-            if c.reuse_prefix and self.head:
-                self.session.append_text(self.head)
-                self.head_tokens = self.session.n_cells
-                self._snap = self.session.snapshot()
+            self._open_session()
         except BaseException:
             self.close()
             raise
         self.model_name = Path(c.model).name
+
+    def _split(self, marker: str, prompt: str) -> tuple[str, str, str]:
+        """(full prompt, head before the marker, tail from the marker on) of one user turn."""
+        c = self.config
+        msgs = [{"role": "system", "content": c.system}] if c.system else []
+        msgs.append({"role": "user", "content": f"{marker}\n{prompt}"})
+        full = self.session.format_chat(msgs, add_assistant=True)
+        cut = full.find(marker)
+        if cut < 0:
+            raise EdgeKVError("the chat template dropped the media marker; cannot caption with this model")
+        return full, full[:cut], full[cut:]
+
+    def _open_session(self) -> None:
+        """A Session on the current context with the shared head prefilled and snapshotted."""
+        from edgekv.runtime import Session
+        from edgekv.runtime.lib import mtmd_cpp
+        from edgekv.runtime.streaming import VIDEO_MARKER, streaming
+
+        c = self.config
+        self.session = Session(self.model, method=c.method, budget=c.budget, compress=c.compress, seed=c.seed)
+        if c.max_kv_cells is not None:
+            streaming(self.session)  # every image / frame chunk compacted right after its prefill
+        self.full_prompt, self.head, self.tail = self._split(mtmd_cpp.mtmd_default_marker().decode(), c.prompt)
+        self.video_prompt, vhead, vtail = self._split(VIDEO_MARKER, c.video_prompt)
+        self.video_head, self.video_tail = vhead, vtail[len(VIDEO_MARKER):]
+        self._snap = None
+        self.head_tokens = 0
+        if c.reuse_prefix and self.head:
+            self.session.append_text(self.head)
+            self.head_tokens = self.session.n_cells
+            self._snap = self.session.snapshot()
+
+    def _use_context(self, n_ctx: int) -> None:
+        """Make the context `n_ctx` cells (a no-op when it is already). On failure (e.g. out of memory) the
+        previous size is put back and the error raised: this input fails, the batch goes on."""
+        if n_ctx == self.ctx_cells:
+            return
+        old = self.ctx_cells
+        self.session.close()
+        self.session = None
+        try:
+            self.model.resize_context(n_ctx)
+            self.ctx_cells = n_ctx
+        except BaseException:
+            self.model.resize_context(old)  # if this fails too, the error says why and later inputs fail
+            raise
+        finally:
+            if self.session is None and self.model.ctx is not None:
+                self._open_session()
 
     def _prefill(self, image: Path) -> None:
         s = self.session
@@ -112,35 +169,79 @@ class Captioner:
         s.compact()
 
     def caption(self, image: Path) -> dict:
-        """The JSONL record for one image (without file_name): text and figures, or `error`."""
+        """The JSONL record for one image or video (without file_name): text and figures, or `error`."""
         c = self.config
         t0 = time.perf_counter()
         base = {"model": self.model_name, "method": c.method, "budget": c.budget}
         try:
             kind = kind_of(image)
-            if kind == "video":  # hook for the video branch
-                raise MediaError("video captioning is not available yet")
+            if self.session is None:
+                raise EdgeKVError("the model's context could not be recreated after a failed resize; restart the "
+                                  "run (it resumes)")
             if kind is None:
                 raise MediaError(f"unsupported file type {image.suffix or '(none)'!r}: edgekv caption reads "
-                                 f"{', '.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}")
-            self._prefill(image)
+                                 f"{', '.join(sorted(e[1:] for e in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS))}")
+            if kind == "video":
+                extra = self._prefill_video(image)
+            else:
+                if c.max_kv_cells is None:
+                    self._use_context(self.base_ctx)   # back from a clip's size
+                self._prefill(image)
+                extra = {}
             rep = self.session.reports[0] if self.session.reports else None
-            cells_before = rep.cells_before if rep else self.session.n_cells
-            cells_after = rep.cells_after if rep else self.session.n_cells
+            if kind == "video":  # many compactions: before = what the full cache would have held
+                cells_after = self.session.n_cells
+                cells_before = cells_after + sum(r.cells_before - r.cells_after for r in self.session.reports)
+            else:
+                cells_before = rep.cells_before if rep else self.session.n_cells
+                cells_after = rep.cells_after if rep else self.session.n_cells
             parts, last = [], None
             for r in self.session.generate(max_tokens=c.max_tokens, temperature=c.temperature, top_p=c.top_p,
                                            top_k=c.top_k, min_p=c.min_p, stop=tuple(c.stop), seed=c.seed):
                 parts.append(r.text)
                 last = r
             text = with_prefix(c.prefix, "".join(parts).strip())
-            return {**base, "method": rep.method if rep else c.method, "text": text,
-                    "tokens": last.generation_tokens if last else 0,
-                    "finish_reason": last.finish_reason if last else None,
-                    "kv_cells_before": cells_before, "kv_cells_after": cells_after,
-                    "seconds": round(time.perf_counter() - t0, 4)}
+            warning = extra.pop("warning", None)
+            rec = {**base, "method": rep.method if rep else c.method, "text": text,
+                   "tokens": last.generation_tokens if last else 0,
+                   "finish_reason": last.finish_reason if last else None,
+                   "kv_cells_before": cells_before, "kv_cells_after": cells_after, **extra,
+                   "seconds": round(time.perf_counter() - t0, 4)}
+            if warning:
+                rec["warning"] = warning
+            return rec
         except Exception as e:  # one bad input never ends the batch
             msg = str(e).strip() if isinstance(e, EdgeKVError) else f"{type(e).__name__}: {e}"
             return {**base, "error": msg or type(e).__name__, "seconds": round(time.perf_counter() - t0, 4)}
+
+    def _prefill_video(self, path: Path) -> dict:
+        """Stream one clip after the shared head (see the module doc); returns the record's video fields."""
+        from edgekv.cli.video import check_fits, context_for
+        from edgekv.runtime.streaming import Video, append_video, state_cells
+
+        c = self.config
+        clip = Video(path, fps=c.video_fps, max_frames=c.video_max_frames)  # opens it: a corrupt file fails here
+        if c.max_kv_cells is None:
+            need = context_for(self.model, [clip], [], c.budget, self.video_prompt, c.max_tokens)
+            self._use_context(-(-need // CTX_STEP) * CTX_STEP)
+        s = self.session
+        s.reports.clear()
+        s.video_stats.clear()
+        if self._snap is not None and self.video_head == self.head:
+            s.restore(self._snap)
+        else:
+            s.clear()
+            s.append_text(self.video_head)
+        # the free cells after the head: fail before prefilling (or, under max_kv_cells, lower the budget)
+        check_fits(s, [clip], self.video_tail, c.max_tokens, lower_budget=c.max_kv_cells is not None)
+        stats = append_video(s, clip)
+        s.append_text(self.video_tail)
+        s.compact()
+        out = {"frames": stats.frames, "video_seconds": round(stats.seconds, 3), "chunks": stats.chunks,
+               "kv_peak_cells": max(stats.peak_cells, state_cells(s)), "n_ctx": self.model.n_ctx}
+        if stats.error:
+            out["warning"] = stats.error
+        return out
 
     def close(self) -> None:
         s = getattr(self, "session", None)

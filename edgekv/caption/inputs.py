@@ -1,8 +1,7 @@
 """Which files a caption run works on: folders (optionally recursive), globs, explicit files and
 `@list.txt` files (one path a line, relative to the list's folder), de-duplicated, in sorted order.
 
-Videos: `VIDEO_EXTENSIONS` is empty until the video issue lands; add the extensions there and give
-`Captioner` a video path (see `kind_of`), nothing else here changes."""
+Videos (`VIDEO_EXTENSIONS`) are found the same way as images; `Captioner` streams them (see `kind_of`)."""
 from __future__ import annotations
 
 import glob
@@ -13,7 +12,7 @@ from typing import Iterable
 from edgekv.errors import EdgeKVError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"})
-VIDEO_EXTENSIONS: frozenset[str] = frozenset()  # hook for the video branch (e.g. ".mp4", ".webm", ".mkv")
+VIDEO_EXTENSIONS = frozenset({".mp4", ".mkv", ".webm", ".mov", ".avi"})
 
 
 class InputError(EdgeKVError):
@@ -36,7 +35,7 @@ def _supported(path: Path) -> bool:
 
 def _walk(folder: Path, recursive: bool) -> Iterable[Path]:
     it = folder.rglob("*") if recursive else folder.iterdir()
-    # Hidden files (e.g. macOS ._foo.jpg resource forks) are not images.
+    # Hidden files (e.g. macOS ._foo.jpg resource forks) are not images or videos.
     return (p for p in it if _supported(p) and not p.name.startswith("."))
 
 
@@ -75,7 +74,7 @@ def collect_inputs(specs: Iterable[str], recursive: bool = False) -> list[Path]:
                 hits = [Path(h) for h in glob.glob(os.path.expanduser(spec), recursive=recursive)]
                 paths = [h for h in hits if _supported(h)]
                 if not paths:
-                    raise InputError(f"no image matches {spec!r}")
+                    raise InputError(f"no image or video matches {spec!r}")
             else:
                 raise InputError(f"input not found: {spec}")
         for q in paths:

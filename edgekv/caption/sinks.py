@@ -2,7 +2,8 @@
 
 - `SidecarSink`: `<stem><ext>` next to each image, written to a temporary file, fsynced, then renamed
   over the target (a reader sees the old file or the whole new one, never a part). Failures go to an
-  errors JSONL (`edgekv-caption-errors.jsonl`).
+  errors JSONL (`edgekv-caption-errors.jsonl`), and so do warnings (a video captioned from the frames read
+  before its stream broke: `warning` instead of `error`).
 - `JsonlSink`: one JSON record a line, each flushed and fsynced before the next input starts. On open a
   torn last line (killed mid-write) is cut off; records of failed inputs (and, with overwrite, of the
   inputs being redone) are dropped in an atomic rewrite, so the file holds at most one record per
@@ -109,17 +110,23 @@ class SidecarSink:
         if "error" not in record:
             try:
                 atomic_write_text(self.sidecar(image), record["text"] + "\n")
-                return record
             except OSError as e:
                 record = {**record, "error": f"cannot write {self.sidecar(image)}: {e.strerror or e}"}
                 record.pop("text", None)
+            else:
+                if record.get("warning"):  # captioned from part of a broken video: say so in the log
+                    self._log(image, "warning", record["warning"])
+                return record
+        self._log(image, "error", record["error"])
+        return record
+
+    def _log(self, image: Path, key: str, message: str) -> None:
         if self._errors is not None:
             try:
-                self._errors.append({"file_name": str(image), "error": record["error"],
+                self._errors.append({"file_name": str(image), key: message,
                                      "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
             except OSError as e:
                 raise SinkError(f"cannot write the errors file {self.errors_path}: {e.strerror or e}") from None
-        return record
 
     def close(self) -> None:
         if self._errors is not None:

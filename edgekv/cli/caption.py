@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from edgekv.cli.options import method_options, model_options
+from edgekv.cli.options import method_options, model_options, video_options
 from edgekv.errors import EdgeKVError
 
 
@@ -26,6 +26,7 @@ def _ray_address(ctx, param, value):
 @click.command()
 @model_options
 @method_options
+@video_options
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-r", "--recursive", is_flag=True, help="Descend into sub-folders of folder inputs (and ** in globs).")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
@@ -56,15 +57,15 @@ def _ray_address(ctx, param, value):
               help="Ray: number of actors (one loaded model each).")
 @click.option("--num-gpus", type=click.FloatRange(0), default=0, show_default=True, help="Ray: GPUs per actor.")
 def caption(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash_attn, cache_type_k, cache_type_v,
-            threads, image_max_tokens, method, budget, compress, inputs, recursive, output, caption_extension,
-            errors_file, overwrite, prompt, prompt_file, prefix, max_tokens, temperature, top_p, top_k, min_p, stops,
-            seed, no_progress,
+            threads, image_max_tokens, method, budget, compress, video_fps, video_max_frames, max_kv_cells, inputs,
+            recursive, output, caption_extension, errors_file, overwrite, prompt, prompt_file, prefix, max_tokens,
+            temperature, top_p, top_k, min_p, stops, seed, no_progress,
             ray_address, concurrency, num_gpus):
-    """Caption images in folders, globs or @list.txt files; resumes where a previous run stopped.
+    """Caption images and videos in folders, globs or @list.txt files; resumes where a run stopped.
 
     Exit code 0: all captioned; 1: some inputs failed (logged, the rest went on); 2: bad usage."""
     from edgekv.caption.batch import Summary, plan
-    from edgekv.caption.captioner import DEFAULT_PROMPT, CaptionConfig
+    from edgekv.caption.captioner import DEFAULT_PROMPT, DEFAULT_VIDEO_PROMPT, CaptionConfig
     from edgekv.caption.inputs import collect_inputs
     from edgekv.caption.sinks import ERRORS_NAME, JsonlSink, SidecarSink
 
@@ -74,6 +75,9 @@ def caption(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash
         prompt = prompt_file.read_text(encoding="utf-8").strip()
         if not prompt:
             raise EdgeKVError(f"the prompt file {prompt_file} is empty")
+    from edgekv.runtime.video import check_sampling
+
+    check_sampling(video_fps, video_max_frames)  # MediaError: one Error line, not a failure per video
     if ray_address is None and (concurrency != 1 or num_gpus):
         raise EdgeKVError("--concurrency and --num-gpus are Ray options: add --ray [ADDRESS]")
     if output is not None and errors_file is not None:
@@ -81,7 +85,7 @@ def caption(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash
 
     images = collect_inputs(inputs, recursive)
     if not images:
-        raise EdgeKVError(f"no images found in {' '.join(inputs)}"
+        raise EdgeKVError(f"no images or videos found in {' '.join(inputs)}"
                           + ("" if recursive else " (sub-folders need --recursive)"))
     if output is not None:
         sink = JsonlSink(output)
@@ -104,7 +108,8 @@ def caption(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash
                                 image_max_tokens=image_max_tokens, method=method, budget=budget, compress=compress,
                                 prompt=prompt or DEFAULT_PROMPT, prefix=prefix, max_tokens=max_tokens,
                                 temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                                stop=list(stops), seed=seed)
+                                stop=list(stops), seed=seed, video_prompt=prompt or DEFAULT_VIDEO_PROMPT,
+                                video_fps=video_fps, video_max_frames=video_max_frames, max_kv_cells=max_kv_cells)
             click.echo(f"captioning {len(todo)} of {len(images)} input(s) ({skipped} already done)", err=True)
             if ray_address is None:
                 _run_single(cfg, todo, sink, summary, not no_progress)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from edgekv.cli.options import ImagePath, load_model_from_options, method_options, model_options
+from edgekv.cli.options import ImagePath, load_model_from_options, method_options, model_options, video_options
 from edgekv.cli.report import echo_report
 from edgekv.errors import Cancelled, EdgeKVError, MediaError
 
@@ -26,12 +26,7 @@ HELP = ("commands: /image PATH, /video PATH (attach to the next message), /save 
 @click.option("--image", "images", type=ImagePath(), multiple=True, help="Image to attach (repeatable).")
 @click.option("--video", "videos", type=click.Path(path_type=Path), multiple=True,
               help="Video to attach (repeatable): frames streamed into a context sized for the budget.")
-@click.option("--video-fps", type=float, default=1.0, show_default=True, help="Frames sampled per second of video.")
-@click.option("--video-max-frames", type=int, default=64, show_default=True,
-              help="At most this many frames per video, spread uniformly over the clip when the fps gives more.")
-@click.option("--max-kv-cells", type=click.IntRange(16), default=None,
-              help="Cap the KV cache at N cells: the context is N cells and every image/frame chunk is "
-                   "compacted right after its prefill (video: the budget is lowered to fit).")
+@video_options
 @click.option("-p", "--prompt", help="One-shot prompt; without it, an interactive chat.")
 @click.option("-n", "--max-tokens", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--temp", "temperature", type=click.FloatRange(0), default=0.0, show_default=True,

@@ -102,3 +102,16 @@ def load_model_from_options(model, mmproj, hf_repo, offline, **kw):
     if not model:
         raise ModelLoadError("no model: pass -m MODEL.gguf (and --mmproj for images) or -hf owner/repo")
     return Model.load(model, mmproj, **kw)
+
+
+def video_options(f):
+    """The video sampling and KV-cap options, shared by `chat` and `caption` (same names, same meaning)."""
+    f = click.option("--max-kv-cells", type=click.IntRange(16), default=None,
+                     help="Cap the KV cache at N cells: the context is N cells and every image/frame chunk is "
+                          "compacted right after its prefill (video: the budget is lowered to fit).")(f)
+    f = click.option("--video-max-frames", type=int, default=64, show_default=True,
+                     help="At most this many frames per video, spread uniformly over the clip when the fps "
+                          "gives more.")(f)
+    f = click.option("--video-fps", type=float, default=1.0, show_default=True,
+                     help="Frames sampled per second of video.")(f)
+    return f
