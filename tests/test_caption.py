@@ -3,6 +3,7 @@ lines, per-input failures, atomic sidecars, shared-prefix reuse == naive prefill
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -248,9 +249,12 @@ def test_ray_same_captions_as_single_process(pair, folder, tmp_path):
     ray = pytest.importorskip("ray", reason="Ray is the optional edgekv[ray] extra")
     from edgekv.caption.ray_runner import RayCaptioner
 
+    from test_video import make_clip
+
     (folder / "broken.png").write_bytes(b"nope")
+    make_clip(folder / "clip.mp4", n=8, fps=4, w=224, h=224)   # a video too: its options travel to the actors
     single_out, ray_out = tmp_path / "single.jsonl", tmp_path / "ray.jsonl"
-    args = ["-t", "1", "--seed", "3", "--temp", "0.8"]        # sampled: the seed must travel to the actors
+    args = ["-t", "1", "--seed", "3", "--temp", "0.8", "--video-fps", "2"]  # sampled: the seed must travel
     r = CliRunner().invoke(cli, cli_args(pair, folder, "-o", single_out, *args))
     assert r.exit_code == 1, r.output
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -262,7 +266,8 @@ def test_ray_same_captions_as_single_process(pair, folder, tmp_path):
         ray.shutdown()
     single = {x["file_name"]: x for x in read_jsonl(single_out)}
     dist = {x["file_name"]: x for x in read_jsonl(ray_out)}
-    assert len(read_jsonl(ray_out)) == len(dist) == 6
+    assert len(read_jsonl(ray_out)) == len(dist) == 7
+    assert dist["imgs/clip.mp4"]["frames"] == single["imgs/clip.mp4"]["frames"] == 4
     assert sorted(single) == sorted(dist)
     for k in single:
         assert single[k].get("text") == dist[k].get("text") and ("error" in single[k]) == ("error" in dist[k])
@@ -284,3 +289,88 @@ def test_sidecar_write_failure_is_a_failed_input(tmp_path):
     assert "cannot write" in rec["error"] and "text" not in rec and ok == {"text": "world"}
     assert [e["file_name"] for e in read_jsonl(tmp_path / ERRORS_NAME)] == [str(tmp_path / "a.png")]
     assert (tmp_path / "b.txt").read_text() == "world\n" and not list(tmp_path.glob(".*edgekv-tmp"))
+
+
+# --- videos ------------------------------------------------------------------------------------------
+def add_videos(folder: Path) -> None:
+    """A good 4-frame clip (at --video-fps 2), a file that is no video, and a clip cut in half."""
+    from test_video import make_clip
+
+    make_clip(folder / "clip.mp4", n=8, fps=4, w=224, h=224)
+    (folder / "corrupt.mp4").write_text("not a video at all\n" * 20)
+    long = make_clip(folder / "long.mkv", n=40, fps=4, w=64, h=64, fmt="matroska")
+    (folder / "cut.mkv").write_bytes(long.read_bytes()[: long.stat().st_size // 2])
+    long.unlink()
+
+
+def test_videos_among_images_jsonl_and_resume(pair, folder, tmp_path):
+    add_videos(folder)
+    out = tmp_path / "caps.jsonl"
+    r = CliRunner().invoke(cli, cli_args(pair, folder, "-o", out, "--video-fps", 2))
+    assert r.exit_code == 1, r.output                     # the corrupt video failed, the rest went on
+    recs = {Path(x["file_name"]).name: x for x in read_jsonl(out)}
+    assert sorted(recs) == sorted([f"img{i}.png" for i in range(5)] + ["clip.mp4", "corrupt.mp4", "cut.mkv"])
+    assert "captioned 7, skipped 0 (already done), failed 1 of 8" in r.output
+    assert "not a video" in recs["corrupt.mp4"]["error"] and "text" not in recs["corrupt.mp4"]
+    v = recs["clip.mp4"]
+    assert v["text"] and "warning" not in v
+    assert (v["frames"], v["video_seconds"], v["chunks"]) == (4, 1.5, 4)   # 2 fps over a 2 s clip
+    # bounded: the context is sized for budget + one chunk + text (not the 4 x 256 media tokens, nor -c), the
+    # cells re-read from llama.cpp never exceed it, and the full cache would have held far more
+    assert v["n_ctx"] < N_CTX and v["kv_peak_cells"] <= v["n_ctx"] < 4 * 256
+    assert v["kv_cells_after"] < v["kv_cells_before"] and v["kv_cells_before"] > 4 * 256
+    # half-broken stream: captioned from the frames before the damage, with a warning; it counts as done
+    cut = recs["cut.mkv"]
+    assert cut["text"] and 2 <= cut["frames"] < 20 and "kept the" in cut["warning"]
+    assert re.search(r"warning: .*cut.mkv: the stream (ends at|is damaged after)", r.output), r.output
+    for i in range(5):
+        assert recs[f"img{i}.png"]["text"] and "frames" not in recs[f"img{i}.png"]
+    # the images' captions are those of a run without videos in the folder (the context went back to -c)
+    with Captioner(cfg(pair, video_fps=2)) as c:
+        assert c.caption(folder / "img3.png")["text"] == recs["img3.png"]["text"]
+        assert c.caption(folder / "clip.mp4")["text"] == v["text"]          # and the clip's, in another order
+
+    (folder / "corrupt.mp4").unlink()
+    before = out.read_text()
+    r = CliRunner().invoke(cli, cli_args(pair, folder, "-o", out, "--video-fps", 2))
+    assert r.exit_code == 0 and "nothing to do: all 7 input(s) already captioned" in r.output, r.output
+    assert out.read_text() == before                      # the done videos were skipped, not redone
+
+
+def test_video_sidecars_errors_file_and_resume(pair, tmp_path):
+    from edgekv.tiny import make_test_image
+
+    d = tmp_path / "mixed"
+    d.mkdir()
+    (d / "a.png").write_bytes(make_test_image(224, 224, seed=4))
+    add_videos(d)
+    args = ("--video-fps", 2, "--prefix", "sks")
+    r = CliRunner().invoke(cli, cli_args(pair, d, *args))
+    assert r.exit_code == 1, r.output
+    assert sorted(p.name for p in d.glob("*.txt")) == ["a.txt", "clip.txt", "cut.txt"]
+    assert (d / "clip.txt").read_text().startswith("sks, ")
+    log = {Path(e["file_name"]).name: e for e in read_jsonl(d / ERRORS_NAME)}
+    assert "not a video" in log["corrupt.mp4"]["error"] and "kept the" in log["cut.mkv"]["warning"]
+    clip_caption = (d / "clip.txt").read_text()
+    (d / "a.txt").unlink()
+    (d / "corrupt.mp4").unlink()
+    r = CliRunner().invoke(cli, cli_args(pair, d, *args))
+    assert r.exit_code == 0, r.output
+    assert "captioned 1, skipped 2" in r.output           # the videos' sidecars exist: skipped
+    assert (d / "clip.txt").read_text() == clip_caption and (d / "a.txt").exists()
+
+
+def test_video_options_and_max_kv_cells(pair, tmp_path):
+    add_videos(tmp_path)
+    r = CliRunner().invoke(cli, cli_args(pair, tmp_path / "clip.mp4", "--video-fps", 0))
+    assert r.exit_code == 2 and "Error: video fps must be > 0" in r.output, r.output
+    r = CliRunner().invoke(cli, cli_args(pair, tmp_path / "clip.mp4", "--video-max-frames", 0))
+    assert r.exit_code == 2 and "max frames must be >= 1" in r.output
+    # --max-kv-cells: the context is that for every input; a clip's budget is lowered to fit it
+    with Captioner(cfg(pair, video_fps=4, max_kv_cells=600, budget=1.0)) as c:
+        rec = c.caption(tmp_path / "clip.mp4")
+        assert "error" not in rec, rec
+        assert rec["frames"] == 8 and rec["n_ctx"] == c.model.n_ctx and c.model.n_ctx <= 768
+        assert rec["kv_peak_cells"] <= 600 < rec["kv_cells_before"]
+    with Captioner(cfg(pair, video_fps=4, max_kv_cells=200)) as c:   # not even one 256-token frame fits
+        assert "cannot hold one chunk" in c.caption(tmp_path / "clip.mp4")["error"]
