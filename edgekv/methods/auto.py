@@ -23,6 +23,10 @@ from edgekv.methods.registry import get_method, register
 
 QUERY_AWARE = "hybridkv"
 QUERY_AGNOSTIC = "knorm"
+# Compaction before the question with a probe window (runtime/probe.py): the question known in advance,
+# or a generic probe. Chosen from the media-path grid (see the numbers above).
+PROBE_KNOWN = "hybridkv"
+PROBE_GENERIC = "hybridkv"
 
 
 @register("auto")
@@ -32,12 +36,18 @@ class Auto(Method):
 
     query_aware: str = QUERY_AWARE
     query_agnostic: str = QUERY_AGNOSTIC
+    probe_known: str = PROBE_KNOWN
+    probe_generic: str = PROBE_GENERIC
 
     name = "auto"
     paper = ""
 
     def resolve(self, view: KVView) -> Method:
         return get_method(self.query_aware if view.queries is not None else self.query_agnostic)
+
+    def for_probe(self, known: bool) -> Method:
+        """The pick when the window is a probe: the user's question known in advance, or generic."""
+        return get_method(self.probe_known if known else self.probe_generic)
 
     def plan(self, view: KVView, budget: int) -> Plan:
         m = self.resolve(view)

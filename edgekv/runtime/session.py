@@ -102,12 +102,17 @@ class Session:
     early_compact: when the next media chunk would not fit the context, compact the media already
               prefilled first (query-agnostic: the question has not arrived). This is what lets a context
               sized for the budget hold a many-tile image or many frames (design.md section 4).
+    probe:    the probe window used when compaction must happen with no captured question window
+              (runtime/probe.py): the question text when it is known in advance, True for a generic
+              probe, False for none (query-agnostic methods then, as before).
     """
+
+    probe: str | bool = True
 
     def __init__(self, model: Model, *, method: str | Method = "auto", budget: float | int | str = 0.25,
                  compress: Literal["media", "all"] = "media", window: int = 32, seed: int = 0,
                  auto_compact: bool = True, early_compact: bool = True,
-                 method_kwargs: dict | None = None) -> None:
+                 method_kwargs: dict | None = None, probe: str | bool = True) -> None:
         if compress not in ("media", "all"):
             raise EdgeKVError(f"compress must be 'media' or 'all', got {compress!r}")
         self.model = model
@@ -121,6 +126,7 @@ class Session:
         self.seed = seed
         self.auto_compact = auto_compact
         self.early_compact = early_compact
+        self.probe = probe
         self._batch = llama_cpp.llama_batch_init(model.n_batch, 0, 1)
         self.reports: list[CompactionReport] = []
         self.prompt_tokens = 0
@@ -209,7 +215,7 @@ class Session:
         """Compact pending media early if `n` more cells would not fit, then check again."""
         if self.n_cells + n > self.model.n_ctx and self.early_compact and (self.kind == PENDING).any():
             meth = self.method
-            if meth.needs_queries:  # (auto needs none: it resolves to its query-agnostic pick itself)
+            if meth.needs_queries and not self.probe:  # (auto resolves to its query-agnostic pick itself)
                 meth = get_method("auto")  # no question yet: the query-agnostic pick
             self.compact(method=meth, early=True)
         self._check_room(n)
@@ -365,13 +371,25 @@ class Session:
         return cand
 
     def compact(self, method: str | Method | None = None, budget: float | int | str | None = None,
-                early: bool = False) -> CompactionReport | None:
+                early: bool = False, probe: str | bool | None = None) -> CompactionReport | None:
         """Compress the compressible cells appended since the last compaction. On any failure the
-        original cache is restored and CompactionError raised. Returns None when there is nothing to do."""
+        original cache is restored and CompactionError raised. Returns None when there is nothing to do.
+        Without a captured question window, query-aware methods and `auto` use a probe window
+        (`probe`: the question if known, True generic, False none; default `self.probe`)."""
         cand = self.candidates()
         if not cand.any():
             return None
         meth = self.method if method is None else (get_method(method) if isinstance(method, str) else method)
+        probe = self.probe if probe is None else probe
+        if not self._window_rows and probe is not False:
+            from edgekv.runtime import probe as probes
+
+            if probes.wants_probe(meth):
+                r = probes.compact_with_probe(self, meth, budget, early, probe)
+                if r is not probes.SKIPPED:
+                    return r
+                if early and meth.needs_queries:  # no room or no capture for a probe
+                    meth = get_method("auto")
         budget_cells = resolve_budget(self.budget if budget is None else budget, int(cand.sum()))
         t0 = time.perf_counter()
         blob = self.state_blob()
@@ -382,7 +400,8 @@ class Session:
         lay = self.model.layout
         K, V = layer_floats(base, lay.n_head_kv)
         view = KVView(keys=K, values=V, candidates=cand, spans=self._spans(), queries=self._window_q,
-                      scale=lay.attn_scale, positions=base.pos.astype(np.int64), seed=self.seed)
+                      scale=lay.attn_scale, positions=base.pos.astype(np.int64), seed=self.seed,
+                      rope_base=lay.rope_base, rope_neox=lay.rope_neox)
         label = meth.name
         if getattr(meth, "resolve", None):
             meth = meth.resolve(view)  # `auto`: picks by regime (query window or not)
