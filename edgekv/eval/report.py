@@ -89,6 +89,10 @@ def aggregate(records: list[dict]) -> list[dict]:
     return rows
 
 
+def _pct(x: float | None) -> float | None:
+    return None if x is None else 100 * x
+
+
 def _retrieval_cell(r: dict) -> str:
     ci = r.get("ci")
     iv = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
@@ -213,11 +217,17 @@ def markdown(records: list[dict], config: dict | None = None, errors: list[dict]
     for m in methods:
         rs = [r for r in records if r["method"] == m and r.get("compact_s") is not None]
         if rs:
+            probe = [r for r in rs if r.get("probe_s") is not None]
             per_method.append([m, _fmt(_mean(r["compact_s"] for r in rs), ".3f"),
-                               _fmt(100 * _mean(r["compact_s"] / r["prefill_s"] for r in rs if r.get("prefill_s")), ".1f")])
+                               _fmt(100 * _mean(r["compact_s"] / r["prefill_s"] for r in rs if r.get("prefill_s")), ".1f"),
+                               _fmt(_pct(_mean(r["compact_s"] / r["media_prefill_s"] for r in rs
+                                               if r.get("media_prefill_s"))), ".1f"),
+                               _fmt(_mean(r["probe_s"] + r.get("probe_remove_s", 0) for r in probe), ".3f")])
     if per_method:
-        parts += ["Compaction time by method (mean over all lengths and budgets):", "",
-                  _table(["method", "compact s", "% of prefill"], per_method), ""]
+        parts += ["Compaction time by method (mean over all lengths and budgets). With a probe (regimes before/known) "
+                  "compact s includes the probe's decode and removal (probe s); % of the document prefill = "
+                  "compact s / the prefill of the compressible span (the images on --media).", "",
+                  _table(["method", "compact s", "% of prefill", "% of document prefill", "probe s"], per_method), ""]
     if errors:
         parts += ["## Errors", "", "Runs that raised (recorded, not scored):", ""]
         seen = {}
