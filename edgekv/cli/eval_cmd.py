@@ -68,7 +68,12 @@ def parse_methods(value: str | None) -> tuple[str, ...] | None:
         return None
     if items == ["all"]:
         return tuple(m for m in METHODS if m != "full")
-    unknown = [m for m in items if m not in METHODS]
+    from edgekv.eval.engine import REGIMES
+
+    bad_regime = [m for m in items if "@" in m and m.partition("@")[2] not in REGIMES]
+    if bad_regime:
+        raise EdgeKVError(f"unknown regime in {', '.join(bad_regime)}; after @ write one of {', '.join(REGIMES)}")
+    unknown = [m for m in items if m.partition("@")[0] not in METHODS]
     if unknown:
         raise EdgeKVError(f"unknown method(s) {', '.join(unknown)}; choose from: {', '.join(sorted(METHODS))}")
     return tuple(dict.fromkeys(items))
@@ -89,7 +94,8 @@ def parse_floats(value: str | None, what: str) -> tuple[float, ...] | None:
 
 @click.command("eval", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--quick", is_flag=True, help="A few seconds: 384 tokens, one sample per task, streaming+snapkv at 0.25.")
-@click.option("--methods", help="Comma-separated methods (default: every registered one); 'full' always runs as reference.")
+@click.option("--methods", help="Comma-separated methods (default: every registered one); 'full' always runs as "
+              "reference. name@before / name@known / name@after: that regime only, whatever --regime says.")
 @click.option("--budgets", help="Comma-separated ratios of the context kept. [default: 0.5,0.25,0.1,0.05]")
 @click.option("--lengths", help="Prompt lengths in tokens, e.g. 1k,2k,4k,8k. [default: 1k,2k,4k,8k]")
 @click.option("--tasks", help="passkey, kv, continuation (comma-separated). [default: all three]")
@@ -152,7 +158,8 @@ def eval_command(quick, methods, budgets, lengths, tasks, depths, samples, conti
     buds = parse_budgets(budgets) or base.get("budgets", (0.5, 0.25, 0.1, 0.05))
     regime = regime or ("both" if media else "after")
     regimes = {"both": ("after", "before"), "all": ("after", "before", "known")}.get(regime, (regime,))
-    meths = tuple(m if r == "after" else f"{m}@{r}" for r in regimes for m in meths)
+    # "name@regime" in --methods runs in that regime only; plain names run in every --regime
+    meths = tuple(dict.fromkeys(m if (r == "after" or "@" in m) else f"{m}@{r}" for r in regimes for m in meths))
 
     if model is None:
         from edgekv.eval.gemma import gemma_path
