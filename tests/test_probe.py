@@ -139,3 +139,18 @@ def test_early_compaction_probes_for_a_query_aware_method(llava):
     assert s.reports and "early" in s.reports[0].method and "probe" in s.reports[0].method
     assert s.n_cells <= model.n_ctx
     s.close()
+
+
+def test_one_shot_chat_probes_early_compaction_with_its_question(tiny_pairs):
+    """`edgekv chat -p`: the question is known before the tiles are read, so early compaction (the
+    context holds 1024 of 2560 media tokens) uses it as the probe."""
+    from click.testing import CliRunner
+
+    from edgekv.cli.main import cli
+
+    model, mmproj, image = tiny_pairs["llava-tiles"]
+    r = CliRunner().invoke(cli, ["chat", "-m", str(model), "--mmproj", str(mmproj), "--image", str(image), "-p",
+                                 "describe the cat", "--method", "snapkv", "--budget", "0.2", "-c", "1024", "-n", "2",
+                                 "-t", str(THREADS)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "(early, before the question) (probe: question)" in r.output

@@ -38,7 +38,9 @@ def chat(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash_at
                                 image_max_tokens=image_max_tokens, capture_queries=uses_queries(method))
     if images and m.mtmd is None:
         raise EdgeKVError("--image needs a multimodal projector: pass --mmproj (or a -hf repo that has one)")
-    session = Session(m, method=method, budget=budget, compress=compress, seed=seed)
+    # one-shot: the question is known before the images are read, so early compaction probes with it
+    session = Session(m, method=method, budget=budget, compress=compress, seed=seed,
+                      probe=prompt if prompt is not None else True)
     gen = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     try:
         if prompt is not None:
