@@ -30,3 +30,16 @@ class StateFormatError(EdgeKVError):
 
 class CompactionError(EdgeKVError):
     """llama.cpp refused the compacted state; the original cache was restored."""
+
+
+class Cancelled(EdgeKVError):
+    """`Session.cancel()` stopped a prefill; the conversation is as it was before the turn."""
+
+
+class SessionError(EdgeKVError):
+    """A session used in a way that would corrupt it: after close, on a closed model, or a second
+    live session on one model (they would share, and clear, one llama.cpp sequence)."""
+
+
+class SaveFormatError(EdgeKVError):
+    """A saved conversation that does not match this model, cache types or edgekv version."""

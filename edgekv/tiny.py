@@ -689,3 +689,17 @@ def make_test_image(width: int, height: int, seed: int = 0) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img.clip(0, 255).astype(np.uint8), "RGB").save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
+
+
+def build_mmproj(path: str | os.PathLike, n_embd_text: int, projector: str = "llava", seed: int = 0) -> Path:
+    """A tiny projector for a text model of width ``n_embd_text`` (e.g. one from ``build_text_model``):
+    ``"llava"`` (mlp, 256 tokens per image or video frame) or ``"qwen2vl"`` (qwen2vl_merger, dynamic
+    resolution, merges two video frames in time). The vision tower is the tiny one; only the projector's
+    output width follows the text model, so the text model's cost is what a benchmark measures."""
+    if projector == "llava":
+        add_kv, tensors = _llava_mmproj(n_embd_text, None, f"edgekv-tiny-llava-mmproj-{n_embd_text}")
+    elif projector == "qwen2vl":
+        add_kv, tensors = _qwen2vl_mmproj(n_embd_text, f"edgekv-tiny-qwen2vl-mmproj-{n_embd_text}")
+    else:
+        raise ValueError(f"projector must be 'llava' or 'qwen2vl', got {projector!r}")
+    return _write_gguf(Path(path), "clip", add_kv, tensors, np.random.default_rng(seed))

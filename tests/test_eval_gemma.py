@@ -62,7 +62,9 @@ def test_engine_restores_the_prefill_exactly(gemma_path):
         ref = eng.eval_logits(s.target)
         assert not np.array_equal(a, ref)
 
-        # the same as a fresh session that compacts once
+        # the same as a fresh session that compacts once (one live session per model: the engine's goes)
+        eng.sess.close()
+        eng.sess = None
         sess = Session(eng.model, method="snapkv", budget=0.25, window=32, auto_compact=False)
         sess.append_tokens(list(s.prefix))
         sess.append_tokens(list(s.context), compressible=True)

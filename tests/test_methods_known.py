@@ -86,6 +86,25 @@ def test_snapkv_keeps_what_each_window_head_attends_to():
             assert kept(plan, layer, head) == set(range(t - 2, t + 3))
 
 
+@pytest.mark.parametrize("method", ["snapkv", "pyramidkv", "adakv", "mixkv", "mixkv-adakv", "mixkv-pyramidkv"])
+def test_window_attention_does_not_leak_into_the_border_tokens(method):
+    """The window attends mostly to itself; avgpool(5) over the whole row used to pour that mass into the
+    2 tokens just before the window, which then beat a token the window really looks at (kvpress and the
+    MixKV code pool the prefix only)."""
+    T, W, d = 24, 4, 4
+    keys = np.zeros((1, 1, T, d))
+    keys[0, 0, T - W:, 0] = 9.0          # the window's own keys: most of its attention
+    keys[0, 0, 5, 0] = 3.0               # the token the window looks at, far from the border
+    keys[0, 0, T - W - 1, 0] = 2.5       # the border token: less attention than token 5
+    keys[0, 0, :, 1] = np.arange(T) * 1e-3  # distinct keys (mixkv's diversity term needs some spread)
+    q = np.zeros((1, 1, W, d), np.float32)
+    q[..., 0] = 1.0 * np.sqrt(d)
+    spans = (Span(0, 1, "text"), Span(1, T - W, "media", 0), Span(T - W, T, "text"))
+    view = media_view(keys, keys, q, spans=spans)
+    (pick,) = kept(get_method(method).plan(view, 1), 0, 0)
+    assert abs(pick - 5) <= 2     # token 5 or a neighbour sharing its pooling window, not the border 19
+
+
 def test_pyramid_schedule_decreases_and_keeps_the_mean():
     b = pyramid_budgets(8, 2, 100, 1000)
     layer = b[:, 0]

@@ -83,6 +83,7 @@ def test_needle_inside_image_chunks_survives_full(model, pixels):
     assert len(np.unique(media)) == len(images) and (s.kind == 1).sum() == 256 * len(images)
     s.append_text(question)
     assert NEEDLE_KEY in answer(s)
+    s.close()
 
 
 def test_compacting_media_leaves_text_cells_untouched(model, pixels):
@@ -103,3 +104,4 @@ def test_compacting_media_leaves_text_cells_untouched(model, pixels):
             assert lb.k[idx_b[p]].tobytes() == la.k[idx_a[p]].tobytes()
             assert lb.v[idx_b[p]].tobytes() == la.v[idx_a[p]].tobytes()
     assert NEEDLE_KEY in answer(s)
+    s.close()

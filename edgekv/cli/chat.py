@@ -1,34 +1,64 @@
 """`edgekv chat`: one-shot (-p) or an interactive REPL with /image, /clear, /stats, /exit."""
 from __future__ import annotations
 
+import contextlib
+import os
+import select
+import signal
+import socket
+import sys
+import threading
 from pathlib import Path
 
 import click
 
 from edgekv.cli.options import ImagePath, load_model_from_options, method_options, model_options
 from edgekv.cli.report import echo_report
-from edgekv.errors import EdgeKVError
+from edgekv.errors import Cancelled, EdgeKVError, MediaError
 
-HELP = "commands: /image PATH (attach to the next message), /clear, /stats, /exit"
+HELP = ("commands: /image PATH, /video PATH (attach to the next message), /save PATH, /load PATH, /clear, /stats, /exit; "
+        "Ctrl-C stops an answer, Ctrl-C at the prompt or Ctrl-D exits")
 
 
 @click.command()
 @model_options
 @method_options
 @click.option("--image", "images", type=ImagePath(), multiple=True, help="Image to attach (repeatable).")
+@click.option("--video", "videos", type=click.Path(path_type=Path), multiple=True,
+              help="Video to attach (repeatable): frames streamed into a context sized for the budget.")
+@click.option("--video-fps", type=float, default=1.0, show_default=True, help="Frames sampled per second of video.")
+@click.option("--video-max-frames", type=int, default=64, show_default=True,
+              help="At most this many frames per video, spread uniformly over the clip when the fps gives more.")
+@click.option("--max-kv-cells", type=click.IntRange(16), default=None,
+              help="Cap the KV cache at N cells: the context is N cells and every image/frame chunk is "
+                   "compacted right after its prefill (video: the budget is lowered to fit).")
 @click.option("-p", "--prompt", help="One-shot prompt; without it, an interactive chat.")
 @click.option("-n", "--max-tokens", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--temp", "temperature", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Sampling temperature (0 = greedy).")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="Sample from the k best (0 = off).")
+@click.option("--min-p", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Drop tokens below min-p x the best token's probability.")
+@click.option("--stop", "stops", multiple=True, help="Stop the answer at this string (repeatable; never printed).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-report", is_flag=True, help="Do not print the memory/speed report.")
 def chat(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash_attn, cache_type_k, cache_type_v,
-         threads, image_max_tokens, method, budget, compress, images, prompt, max_tokens, temperature, top_p,
-         seed, no_report):
-    """Chat about images with a compressed KV cache."""
+         threads, image_max_tokens, method, budget, compress, images, videos, video_fps, video_max_frames,
+         max_kv_cells, prompt, max_tokens, temperature, top_p, top_k, min_p, stops, seed, no_report):
+    """Chat about images and videos with a compressed KV cache."""
     from edgekv.methods import uses_queries
     from edgekv.runtime import Session
+    from edgekv.runtime.streaming import Video, streaming
+
+    clips = [Video(p, fps=video_fps, max_frames=video_max_frames) for p in videos]  # bad clips fail here
+    floor = 0
+    if max_kv_cells is not None:
+        n_ctx = max_kv_cells
+    elif clips:
+        # a placeholder, resized below once the projector says what the clips cost; the REPL keeps -c as a
+        # floor so the conversation has room after the first answer
+        n_ctx, floor = min(n_ctx, 512), (0 if prompt is not None else n_ctx)
 
     # A query-agnostic method never reads the question window: skip capturing it (one Python callback
     # per graph node otherwise, 0.3-1.5 % of decode time, and the window's own prefill batch).
@@ -38,38 +68,147 @@ def chat(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash_at
                                 image_max_tokens=image_max_tokens, capture_queries=uses_queries(method))
     if images and m.mtmd is None:
         raise EdgeKVError("--image needs a multimodal projector: pass --mmproj (or a -hf repo that has one)")
+    if clips and m.mtmd is None:
+        m.close()
+        raise EdgeKVError("--video needs a multimodal projector: pass --mmproj (or a -hf repo that has one)")
+    if clips and max_kv_cells is None:
+        from edgekv.cli.video import context_for
+
+        try:
+            m.resize_context(max(floor, context_for(m, clips, list(images), budget, prompt or "", max_tokens)))
+        except BaseException:
+            m.close()
+            raise
     # one-shot: the question is known before the images are read, so early compaction probes with it
     session = Session(m, method=method, budget=budget, compress=compress, seed=seed,
                       probe=prompt if prompt is not None else True)
-    gen = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    if clips or max_kv_cells is not None:
+        streaming(session)  # every image / frame chunk compacted right after its prefill
+    fit = max_kv_cells is not None
+    gen = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
+               stop=tuple(stops))
     try:
         if prompt is not None:
-            stream_turn(session, prompt, list(images), gen, not no_report)
+            stream_turn(session, prompt, list(images), gen, not no_report, clips, fit)
         else:
-            _repl(session, list(images), gen, not no_report)
+            _repl(session, list(images), gen, not no_report, clips, dict(fps=video_fps, max_frames=video_max_frames),
+                  fit)
     finally:
         session.close()
         m.close()
 
 
-def stream_turn(session, prompt: str, images: list[Path], gen: dict, report: bool) -> None:
-    """One user turn: stream the answer to stdout, then the report to stderr."""
+def read_line(prompt: str) -> str:
+    """One line from stdin (EOFError at its end). On a terminal it polls instead of blocking in read():
+    the kernel may hand Ctrl-C's SIGINT to one of llama.cpp's threads, and Python raises KeyboardInterrupt
+    in the main thread only when that runs Python code, never inside a blocking read."""
+    click.echo(prompt, nl=False)
+    stdin = sys.stdin
+    if os.name != "nt" and stdin.isatty():
+        while not select.select([stdin], [], [], 0.1)[0]:
+            pass
+    line = stdin.readline()
+    if not line:
+        raise EOFError
+    return line.rstrip("\r\n")
+
+
+@contextlib.contextmanager
+def ctrl_c_cancels(session):
+    """While a turn runs, Ctrl-C cancels it (session.cancel(): the answer so far is kept, a prefill is
+    undone) instead of killing the process; a second Ctrl-C interrupts for real (e.g. during an image
+    encode, which llama.cpp cannot abort).
+
+    Python runs signal handlers only when the main thread runs Python code, not while it sits in
+    llama_decode; so the C-level handler's wakeup byte also wakes a watcher thread, which cancels at once
+    (the main thread holds no GIL inside llama.cpp) and llama.cpp's abort callback stops the batch."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    hits = []
+
+    def on_sigint(signum, frame):
+        hits.append(signum)
+        if len(hits) > 1:
+            raise KeyboardInterrupt
+        session.cancel()
+
+    r, w = socket.socketpair()
+    w.setblocking(False)
+
+    def watch() -> None:
+        while True:
+            try:
+                data = r.recv(64)
+            except OSError:
+                return
+            if not data:
+                return
+            if signal.SIGINT in data:
+                session.cancel()
+
+    old = signal.signal(signal.SIGINT, on_sigint)
+    old_fd = signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
+    watcher = threading.Thread(target=watch, name="edgekv-ctrl-c", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(old_fd)
+        signal.signal(signal.SIGINT, old)
+        w.close()  # the watcher's recv returns b""
+        watcher.join(timeout=2)
+        r.close()
+
+
+def stream_turn(session, prompt: str, images: list[Path], gen: dict, report: bool, videos=(),
+                fit_videos: bool = False) -> bool:
+    """One user turn: stream the answer to stdout, then this turn's report to stderr. False when Ctrl-C
+    cancelled it before the answer (the conversation is as before). A clip that broke half-way was
+    answered from the frames before the damage; that is then one Error line (exit 2) after the answer."""
     last = None
-    for r in session.chat(prompt, images, **gen):
-        click.echo(r.text, nl=False)
-        last = r
+    n_reports = len(session.reports)
+    extra = {}
+    if videos:
+        from edgekv.cli.video import check_fits
+
+        # before the turn touches the cache; under --max-kv-cells the clips' budgets are lowered to fit
+        check_fits(session, list(videos), prompt, gen.get("max_tokens", 256), fit_videos)
+        extra = {"videos": list(videos)}
+    n_stats = len(session.video_stats)
+    try:
+        with ctrl_c_cancels(session):
+            for r in session.chat(prompt, images, **gen, **extra):
+                click.echo(r.text, nl=False)
+                last = r
+    except Cancelled:
+        click.echo("(cancelled before the answer; the conversation is as before)", err=True)
+        return False
     click.echo()
+    if last is not None and last.finish_reason == "cancelled":
+        click.echo("(stopped; the answer so far is kept)", err=True)
     if report:
-        echo_report(session, last)
+        echo_report(session, last, session.reports[n_reports:])
+    if videos:
+        from edgekv.cli.video import echo_video_report
+
+        damaged = echo_video_report(session, session.video_stats[n_stats:], report)
+        if damaged:
+            raise MediaError(damaged)
+    return True
 
 
-def _repl(session, images: list[Path], gen: dict, report: bool) -> None:
+def _repl(session, images: list[Path], gen: dict, report: bool, videos=(), sampling=None,
+          fit_videos: bool = False) -> None:
+    from edgekv.runtime.streaming import Video
+
     click.echo(f"edgekv chat ({session.method_name}, budget {session.budget}). {HELP}", err=True)
     pending = list(images)
+    pending_videos = list(videos)
     while True:
         try:
-            line = click.prompt("", prompt_suffix="> ", default="", show_default=False)
-        except (EOFError, click.exceptions.Abort):
+            line = read_line("> ")
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C at the prompt
             click.echo(err=True)
             return
         line = line.strip()
@@ -79,12 +218,30 @@ def _repl(session, images: list[Path], gen: dict, report: bool) -> None:
             return
         if line == "/clear":
             session.clear()
-            session.reports.clear()
             pending.clear()
+            pending_videos.clear()
             click.echo("(conversation cleared)", err=True)
             continue
         if line == "/stats":
             echo_report(session)
+            continue
+        if line.split()[0] in ("/save", "/load"):
+            cmd, _, path = line.partition(" ")
+            path = path.strip()
+            if not path:
+                click.echo(f"Error: {cmd} needs a file path", err=True)
+                continue
+            try:
+                if cmd == "/save":
+                    session.save(path)
+                    click.echo(f"(conversation saved to {path})", err=True)
+                else:
+                    session.load_conversation(path)
+                    pending.clear()
+                    click.echo(f"(loaded {path}: {len(session.messages)} messages, {session.n_cells} cells)",
+                               err=True)
+            except EdgeKVError as e:
+                click.echo(f"Error: {e}", err=True)
             continue
         if line.startswith("/image"):
             path = line[len("/image"):].strip()
@@ -94,11 +251,25 @@ def _repl(session, images: list[Path], gen: dict, report: bool) -> None:
             except click.BadParameter as e:
                 click.echo(f"Error: {e.message}", err=True)
             continue
+        if line.startswith("/video"):
+            path = line[len("/video"):].strip()
+            try:
+                pending_videos.append(Video(Path(path).expanduser(), **(sampling or {})))
+                click.echo(f"(attached video {path} to the next message)", err=True)
+            except EdgeKVError as e:
+                click.echo(f"Error: {e}", err=True)
+            continue
         if line.startswith("/"):
             click.echo(f"unknown command {line.split()[0]}; {HELP}", err=True)
             continue
         try:
-            stream_turn(session, line, pending, gen, report)
+            if not stream_turn(session, line, pending, gen, report, pending_videos, fit_videos) and (
+                    pending or pending_videos):
+                if pending:
+                    click.echo(f"({len(pending)} image(s) stay attached to the next message)", err=True)
+                if pending_videos:
+                    click.echo(f"({len(pending_videos)} video(s) stay attached to the next message)", err=True)
+                continue
         except EdgeKVError as e:  # a bad image must not end the conversation
             click.echo(f"Error: {e}", err=True)
-        pending = []
+        pending, pending_videos = [], []

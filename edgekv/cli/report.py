@@ -12,11 +12,19 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def format_report(session, last=None) -> str:
-    """Media tokens, KV cells and bytes before -> after, compaction time, speeds, peak RSS."""
+def format_report(session, last=None, reports=None) -> str:
+    """Media tokens, KV cells and bytes before -> after, compaction time, speeds, peak RSS.
+
+    reports: the compactions to show (one turn's); None = every compaction of the conversation."""
     lines = []
-    media = sum(r.n_candidates for r in session.reports)
-    for r in session.reports:
+    this_turn = reports is not None
+    reports = session.reports if reports is None else list(reports)
+    media = sum(r.n_candidates for r in reports)
+    for run in _runs(reports):
+        if len(run) > 1:
+            lines += _run_lines(run)
+            continue
+        r = run[0]
         pct = 100 * r.cells_after / r.cells_before if r.cells_before else 100
         lines.append(f"method      {r.method}   budget {r.budget_cells} cells/head of {r.n_candidates}"
                      + (f"   (nominal mean {r.nominal_mean:.0f}, max {r.nominal_max})" if r.nominal_max != r.budget_cells else "")
@@ -26,16 +34,40 @@ def format_report(session, last=None) -> str:
         lines.append(f"KV bytes    {human_bytes(r.bytes_before)} -> {human_bytes(r.bytes_after)} "
                      f"({100 * r.ratio:.0f}%)")
         lines.append(f"compaction  {1000 * r.seconds:.1f} ms (plan {1000 * r.plan_seconds:.1f} ms)")
-    if not session.reports:
-        lines.append("KV cells    " + f"{session.n_cells} (not compacted)")
+    if not reports:
+        lines.append("KV cells    " + f"{session.n_cells} ("
+                     + ("nothing compacted this turn)" if this_turn and session.reports else "not compacted)"))
     lines.insert(0, f"media tokens {media}")
-    if last is not None:
+    if last is not None:  # this turn's figures: prompt prefilled now, answer decoded now
         lines.append(f"prefill     {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s   "
                      f"decode {last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s")
         lines.append(f"peak RSS    {last.peak_memory_mb:.0f} MB")
     return "\n".join(lines)
 
 
-def echo_report(session, last=None) -> None:
+def echo_report(session, last=None, reports=None) -> None:
     click.secho("\n--- edgekv " + "-" * 40, err=True, dim=True)
-    click.echo(format_report(session, last), err=True)
+    click.echo(format_report(session, last, reports), err=True)
+
+
+def _runs(reports) -> list[list]:
+    """Consecutive query-agnostic compactions by the same method (a video or several images compacted
+    chunk by chunk) grouped, so the report stays a few lines."""
+    runs: list[list] = []
+    for r in reports:
+        if runs and r.window == 0 and runs[-1][-1].window == 0 and runs[-1][-1].method == r.method:
+            runs[-1].append(r)
+        else:
+            runs.append([r])
+    return runs
+
+
+def _run_lines(run) -> list[str]:
+    top = max(run, key=lambda r: r.cells_before)
+    last = run[-1]
+    return [f"method      {last.method} x {len(run)} chunks   budget {sum(r.budget_cells for r in run)} cells/head "
+            f"of {sum(r.n_candidates for r in run)}   query-agnostic",
+            f"KV cells    at most {top.cells_before} before a chunk's compaction, {last.cells_after} after the last",
+            f"KV bytes    at most {human_bytes(top.bytes_before)}, {human_bytes(last.bytes_after)} after the last",
+            f"compaction  {1000 * sum(r.seconds for r in run):.1f} ms in all "
+            f"(plan {1000 * sum(r.plan_seconds for r in run):.1f} ms)"]

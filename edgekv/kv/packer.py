@@ -19,7 +19,7 @@ import numpy as np
 
 from edgekv.kv.codec import KVBlock
 from edgekv.kv.dtypes import bytes_per_head, from_float, to_float
-from edgekv.methods.base import Plan
+from edgekv.plan import Plan
 
 
 def slot_labels(plan: Plan, candidates: np.ndarray, positions: np.ndarray) -> np.ndarray:

@@ -60,7 +60,8 @@ def _forget_pool() -> None:
     _blas_lock, _blas_users, _blas_limiter = threading.Lock(), 0, None
 
 
-os.register_at_fork(after_in_child=_forget_pool)
+if hasattr(os, "register_at_fork"):  # POSIX only; Windows has no fork
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _executor(n: int) -> ThreadPoolExecutor:

@@ -5,7 +5,7 @@ https://arxiv.org/abs/2404.14469 (defaults as in MixKV's code: window 32, avgpoo
 
 score_{l,h}(i) = avgpool_5( mean_{j in window} softmax(q_j K^T * scale)_i ), GQA-averaged over the
 query heads that read KV head h. The window tokens themselves are protected by the runtime (they are
-the question tail), so only the pooled prefix scores matter here.
+the question tail), so only the pooled prefix scores matter here; the window is cut off before pooling.
 """
 from __future__ import annotations
 
@@ -18,9 +18,16 @@ from edgekv.methods.registry import register
 
 
 def snapkv_scores(view: KVView, kernel: int = 5, pooling: str = "avg") -> np.ndarray:
-    """[L, H_kv, T] window attention averaged over the window queries, then 1-D pooled."""
+    """[L, H_kv, T] window attention averaged over the window queries, then 1-D pooled over the tokens
+    before the window only. The window's attention to itself (large: the diagonal) must not leak into
+    the pooled scores of the tokens just before it; kvpress and the MixKV code cut the window off before
+    pooling and give the window tokens the maximum score (they are always kept)."""
     attn = view.window_scores / view.window  # [L, H_kv, T] mean over the window
-    return pool1d(attn, kernel, pooling)
+    T, W = attn.shape[-1], view.window
+    out = np.empty_like(attn)
+    out[..., :T - W] = pool1d(attn[..., :T - W], kernel, pooling)
+    out[..., T - W:] = out[..., :T - W].max(axis=-1, keepdims=True) if T > W else 1.0
+    return out
 
 
 @register("snapkv")

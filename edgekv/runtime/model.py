@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from edgekv.errors import ModelLoadError
+from edgekv.errors import ModelLoadError, SessionError
 from edgekv.kv.codec import GGML_TYPES, TYPE_IDS
 from edgekv.runtime import lib
 from edgekv.runtime.lib import llama_cpp, mtmd_cpp
@@ -130,7 +130,9 @@ class Model:
     cache_type_k: str
     cache_type_v: str
     capture: object | None = None
+    abort_flag: object | None = field(default=None, repr=False)  # 2-byte buffer, see abort_callback()
     _closed: bool = field(default=False, repr=False)
+    _session: object | None = field(default=None, repr=False)    # the one live Session
 
     @classmethod
     def load(cls, model_path: str | os.PathLike, mmproj_path: str | os.PathLike | None = None, *,
@@ -171,31 +173,16 @@ class Model:
                     raise ModelLoadError(f"mmproj does not match the model: the projector outputs {out_dim}-dim "
                                          f"embeddings but {path.name} has n_embd {layout.n_embd}")
             capture = QueryCapture(layout) if capture_queries else None
-            cparams = llama_cpp.llama_context_default_params()
-            cparams.n_ctx = n_ctx
-            cparams.n_batch = n_batch
-            cparams.n_ubatch = n_batch  # non-causal image chunks must fit one ubatch
-            cparams.n_seq_max = 1
-            cparams.n_threads = threads
-            cparams.n_threads_batch = threads
-            cparams.flash_attn_type = _FA[flash_attn]
-            cparams.type_k = TYPE_IDS[cache_type_k]
-            cparams.type_v = TYPE_IDS[cache_type_v]
-            cparams.no_perf = True
-            if capture is not None:
-                cparams.cb_eval = capture.callback
-                cparams.cb_eval_user_data = None
-            ctx = llama_cpp.llama_init_from_model(model, cparams)
-            if not ctx:
-                raise ModelLoadError(f"llama.cpp could not create a context (n_ctx={n_ctx}, "
-                                     f"K {cache_type_k}, V {cache_type_v}, flash attention {flash_attn}):\n"
-                                     f"{lib.recent_log()}")
+            abort_flag = ctypes.create_string_buffer(2)
+            ctx = _new_context(model, n_ctx, n_batch, threads, flash_attn, cache_type_k, cache_type_v, capture,
+                               abort_flag)
         except BaseException:
             llama_cpp.llama_model_free(model)
             raise
         self = cls(model=model, ctx=ctx, mtmd=None, layout=layout, path=path, mmproj_path=mm,
                    n_ctx=llama_cpp.llama_n_ctx(ctx), n_batch=n_batch, threads=threads, flash_attn=flash_attn,
-                   cache_type_k=cache_type_k, cache_type_v=cache_type_v, capture=capture)
+                   cache_type_k=cache_type_k, cache_type_v=cache_type_v, capture=capture,
+                   abort_flag=abort_flag)
         if mm is not None:
             try:
                 self.mtmd = _init_mtmd(mm, model, threads, n_gpu_layers > 0, image_max_tokens)
@@ -203,6 +190,22 @@ class Model:
                 self.close()
                 raise
         return self
+
+    def resize_context(self, n_ctx: int) -> None:
+        """Recreate the llama.cpp context with `n_ctx` cells; the cache starts empty, so do it before a
+        Session uses the model. Lets a caller size the context once the projector has said what the media
+        costs (video: budget + one chunk + text). The old context is freed first, so the peak memory is
+        the larger of the two, not their sum."""
+        self.check_open()
+        if self._session is not None:
+            raise SessionError("resize_context() needs the model without a live Session: close() it first")
+        if n_ctx < 16:
+            raise ModelLoadError(f"context size must be >= 16 (got {n_ctx})")
+        llama_cpp.llama_free(self.ctx)
+        self.ctx = None
+        self.ctx = _new_context(self.model, n_ctx, self.n_batch, self.threads, self.flash_attn,
+                                self.cache_type_k, self.cache_type_v, self.capture, self.abort_flag)
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
 
     @property
     def vocab(self):
@@ -248,6 +251,32 @@ class Model:
         t = llama_cpp.llama_model_chat_template(self.model, None)
         return t.decode("utf-8", "replace") if t else None
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def check_open(self) -> None:
+        if self._closed:
+            raise SessionError("the model was closed (Model.close()); load it again to continue")
+
+    def attach(self, session: object) -> None:
+        """Make `session` the model's one live session. llama.cpp holds one sequence per context here
+        (n_seq_max = 1), so a second session would silently clear and overwrite the first one's cache."""
+        self.check_open()
+        if self._session is not None and self._session is not session:
+            raise SessionError("this model already has a live Session: close() it first (one conversation "
+                               "per loaded model; load the model twice for two at once)")
+        self._session = session
+
+    def detach(self, session: object) -> None:
+        if self._session is session:
+            self._session = None
+
+    def set_abort(self, on: bool) -> None:
+        """Raise or lower the flag llama.cpp's abort callback reads between graph nodes."""
+        if self.abort_flag is not None:
+            self.abort_flag[0] = b"\x01" if on else b"\x00"
+
     def close(self) -> None:
         if self._closed:
             return
@@ -270,6 +299,48 @@ class Model:
             self.close()
         except Exception:
             pass
+
+
+def _new_context(model, n_ctx: int, n_batch: int, threads: int, flash_attn: FlashAttn, cache_type_k: str,
+                 cache_type_v: str, capture, abort_flag):
+    cparams = llama_cpp.llama_context_default_params()
+    cparams.n_ctx = n_ctx
+    cparams.n_batch = n_batch
+    cparams.n_ubatch = n_batch  # non-causal image chunks must fit one ubatch
+    cparams.n_seq_max = 1
+    cparams.n_threads = threads
+    cparams.n_threads_batch = threads
+    cparams.flash_attn_type = _FA[flash_attn]
+    cparams.type_k = TYPE_IDS[cache_type_k]
+    cparams.type_v = TYPE_IDS[cache_type_v]
+    cparams.no_perf = True
+    cparams.abort_callback = abort_callback()
+    cparams.abort_callback_data = ctypes.cast(abort_flag, ctypes.c_void_p)
+    if capture is not None:
+        cparams.cb_eval = capture.callback
+        cparams.cb_eval_user_data = None
+    ctx = llama_cpp.llama_init_from_model(model, cparams)
+    if not ctx:
+        raise ModelLoadError(f"llama.cpp could not create a context (n_ctx={n_ctx}, "
+                             f"K {cache_type_k}, V {cache_type_v}, flash attention {flash_attn}):\n"
+                             f"{lib.recent_log()}")
+    return ctx
+
+
+_ABORT_CALLBACK = None
+
+
+def abort_callback():
+    """llama.cpp's abort callback as C's own `strlen` on a 2-byte flag buffer: it returns 1 (abort) once
+    the first byte is set and 0 otherwise, without the GIL. A Python callback would run for every graph
+    node (hundreds per decode) and wait for the GIL whenever another Python thread is busy."""
+    global _ABORT_CALLBACK
+    if _ABORT_CALLBACK is None:
+        import sys
+
+        libc = ctypes.cdll.msvcrt if sys.platform == "win32" else ctypes.CDLL(None)
+        _ABORT_CALLBACK = llama_cpp.ggml_abort_callback(ctypes.cast(libc.strlen, ctypes.c_void_p).value)
+    return _ABORT_CALLBACK
 
 
 def read_layout(model) -> ModelLayout:

@@ -50,75 +50,88 @@ def probe_tokens(session, probe: Probe) -> tuple[list[int], bool]:
 
 def compact_with_probe(session, method, budget, early: bool, probe: Probe):
     """Compact `session` with a probe window; returns the CompactionReport (None: nothing to do), or
-    SKIPPED when no probe can run (query capture off, probe longer than a batch, no room)."""
-    from edgekv.runtime.session import PROTECTED
+    SKIPPED when no probe is wanted or can run (query-agnostic method, query capture off, probe longer
+    than a batch, no room)."""
+    from edgekv.methods import resolve_budget
+    from edgekv.runtime.cache import PROTECTED
 
     s = session
+    c = s.cache
     cap = s.model.capture
+    if not wants_probe(method):
+        return SKIPPED
     toks, known = probe_tokens(s, probe)
     n = len(toks)
-    if cap is None or n == 0 or n > s.model.n_batch or s.n_cells + n > s.model.n_ctx or not s.n_cells:
+    if cap is None or n == 0 or n > s.model.n_batch or c.n_cells + n > s.model.n_ctx or not c.n_cells:
         return SKIPPED
     auto = hasattr(method, "resolve")
     if auto:   # `auto`: its pick for this regime (question known or not)
         method = method.for_probe(known)
     t0 = time.perf_counter()
-    p0, n0 = s.n_past, s.n_cells
-    saved = (s._logits, s._window_q, s._window_rows)
-    last_kind = int(s.kind[-1])
-    before = s._parse(s.state_blob())
+    p0, n0 = c.n_past, c.n_cells
+    saved = (c.logits, c.window_q, c.window_rows, c.logits_after_media)
+    last_kind = int(c.kind[-1])
+    blob = c.state_blob()
+    s._stash(blob)   # a turn rolled back after this compaction returns to before the probe
+    before = c.parse(blob)
     swa = before.blocks[1] if s.model.layout.iswa else None
-    t_swa = time.perf_counter() - t0
+    t_read = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    s._decode(toks, "none", capture_rows=n)
-    s._add_cells(n, PROTECTED)
-    q = cap.window(s._query_layers())
-    s._window_q, s._window_rows = q, (n if q is not None else 0)
+    c.decode(toks, "none", capture_rows=n)
+    c.add_cells(n, PROTECTED)
+    q = cap.window(s.model.layout.global_layers)
+    c.window_q, c.window_rows = q, (n if q is not None else 0)
     probe_s = time.perf_counter() - t1
     # After removal the media's last cell is the sequence's pos_max again: it must survive compaction.
-    s.kind[n0 - 1] = PROTECTED
+    c.kind[n0 - 1] = PROTECTED
     report = None
     try:
         if q is not None:
-            report = s.compact(method=method, budget=budget, early=early)
+            cand = c.candidates(s.compress)
+            if cand.any():
+                cells = resolve_budget(s.budget if budget is None else budget, int(cand.sum()))
+                suffix = (" (early, before the question)" if early else "") + \
+                    " (probe: " + ("question" if known else "generic") + ")"
+                report = c.compact(method, cand, cells, use_queries=True, seed=s.seed, label_suffix=suffix)
     finally:
         t2 = time.perf_counter()
         remove_probe(s, p0, n, swa)
-        s.kind[-1] = last_kind                 # the pos_max cell: a candidate again next time
-        s._logits, s._window_q, s._window_rows = saved
+        c.kind[-1] = last_kind                 # the pos_max cell: a candidate again next time
+        c.logits, c.window_q, c.window_rows, c.logits_after_media = saved
         remove_s = time.perf_counter() - t2
     if q is None:
         return SKIPPED
     if report is not None:
-        report.method = ("auto -> " if auto else "") + report.method + \
-            " (probe: " + ("question" if known else "generic") + ")"
+        if auto:
+            report.method = "auto -> " + report.method
         # the report describes the cache without the probe
-        report.cells_before, report.cells_after = n0, s.n_cells
-        report.bytes_before, report.bytes_after = before.nbytes, s.kv_bytes()
+        report.cells_before, report.cells_after = n0, c.n_cells
+        report.bytes_before, report.bytes_after = before.nbytes, c.nbytes()
         report.info.update(probe_tokens=n, probe_known=known, probe_s=round(probe_s, 4),
-                           probe_remove_s=round(remove_s + t_swa, 4))
-        report.seconds += probe_s + remove_s + t_swa
+                           probe_remove_s=round(remove_s + t_read, 4))
+        report.seconds += probe_s + remove_s + t_read
+        s.reports.append(report)
     return report
 
 
 def remove_probe(session, p0: int, n: int, swa_before) -> None:
     """Drop the probe's n cells (positions >= p0) exactly; see the module docstring."""
-    s = session
+    c = session.cache
     if swa_before is None:
-        mem = llama_cpp.llama_get_memory(s.model.ctx)
+        mem = llama_cpp.llama_get_memory(c.model.ctx)
         if not llama_cpp.llama_memory_seq_rm(mem, 0, p0, -1):
             raise CompactionError(f"llama.cpp refused to remove the probe's cells:\n{lib.recent_log()}")
     else:
-        blob = s.state_blob()
-        st = s._parse(blob)
+        blob = c.state_blob()
+        st = c.parse(blob)
         base = st.blocks[0]
         keep = np.flatnonzero(base.pos < p0)
         new = SeqState(st.seq_id, [base.take(keep), swa_before], st.has_ext)
-        if not s._set_state(serialize_state(new)):
-            restored = s._set_state(blob)
+        if not c.set_state(serialize_state(new)):
+            restored = c.set_state(blob)
             raise CompactionError("llama.cpp refused the cache without the probe"
                                   + ("" if restored else " AND the original could not be restored: call clear()")
                                   + f":\n{lib.recent_log()}")
-    s.kind, s.media = s.kind[:-n], s.media[:-n]
-    s.n_past = p0
+    c.kind, c.media = c.kind[:-n], c.media[:-n]
+    c.n_past = p0

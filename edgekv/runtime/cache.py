@@ -1,0 +1,312 @@
+"""The compressed cache: one llama.cpp sequence and the bookkeeping llama.cpp does not keep for us.
+
+After a compaction the cell count is not the position count, so we track the logical position of the
+next token (`n_past`, from chunks' n_pos for M-RoPE) and, per cell in blob order, its kind (protected
+text, media waiting for compaction, packed slots) and media index. Compaction reads the sequence's state
+blob, lets a method plan, packs the plan (`edgekv.kv.packer`) and writes the blob back.
+"""
+from __future__ import annotations
+
+import ctypes
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import numpy as np
+
+from edgekv.errors import Cancelled, CompactionError, ContextOverflowError, EdgeKVError, StateFormatError
+from edgekv.kv.codec import SeqState, parse_state, serialize_state
+from edgekv.kv.packer import layer_floats, pack_block
+from edgekv.methods import KVView, Method, Span
+from edgekv.methods.parallel import planning_threads
+from edgekv.runtime import lib
+from edgekv.runtime.lib import llama_cpp
+from edgekv.runtime.model import Model
+
+PROTECTED, PENDING, PACKED = 0, 1, 2
+CANCELLED_MESSAGE = "cancelled; the conversation is as it was before this turn"
+
+
+@dataclass
+class CompactionReport:
+    method: str
+    budget_cells: int          # cells per (layer, head) the user's budget asked for
+    n_candidates: int          # compressible cells before
+    cells_before: int
+    cells_after: int
+    bytes_before: int          # K+V bytes of the whole sequence (all cache blocks)
+    bytes_after: int
+    seconds: float             # read + plan + pack + write back
+    plan_seconds: float
+    nominal_mean: float
+    nominal_max: int
+    merged: bool
+    window: int                # captured query rows used (0 = query-agnostic)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_after / self.bytes_before if self.bytes_before else 1.0
+
+
+@dataclass(frozen=True)
+class CacheMarks:
+    """The bookkeeping of a CompressedCache at one moment (not the cells' bytes)."""
+
+    n_past: int
+    kind: np.ndarray
+    media: np.ndarray
+    n_media: int
+    window_q: np.ndarray | None
+    window_rows: int
+    logits: np.ndarray | None
+    after_media: bool = False
+
+
+class CompressedCache:
+    """Sequence 0 of the model's context, its cells' kinds and positions, decode and compaction."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.batch = llama_cpp.llama_batch_init(model.n_batch, 0, 1)
+        self.reset()
+
+    # --- bookkeeping ----------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Empty the sequence and forget every cell."""
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.model.ctx), True)
+        self.n_past = 0
+        self.kind = np.zeros(0, np.int8)        # per cell, blob order: PROTECTED / PENDING / PACKED
+        self.media = np.zeros(0, np.int32)      # per cell: media index or -1
+        self.n_media = 0
+        self.window_q: np.ndarray | None = None  # captured queries of the last prompt tokens [L, H, W, d]
+        self.window_rows = 0
+        self.logits: np.ndarray | None = None    # after the last decoded token
+        self.logits_after_media = False          # True: the prompt ends with media (no logits there)
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.kind.shape[0])
+
+    def marks(self) -> CacheMarks:
+        return CacheMarks(self.n_past, self.kind.copy(), self.media.copy(), self.n_media, self.window_q,
+                          self.window_rows, self.logits, self.logits_after_media)
+
+    def set_marks(self, m: CacheMarks) -> None:
+        self.n_past, self.kind, self.media, self.n_media = m.n_past, m.kind.copy(), m.media.copy(), m.n_media
+        self.window_q, self.window_rows, self.logits = m.window_q, m.window_rows, m.logits
+        self.logits_after_media = m.after_media
+
+    def add_cells(self, n: int, kind: int, media: int = -1) -> None:
+        self.kind = np.concatenate([self.kind, np.full(n, kind, np.int8)])
+        self.media = np.concatenate([self.media, np.full(n, media, np.int32)])
+
+    def drop_tail(self, n_past: int, n_cells: int) -> None:
+        """Remove every cell at position >= n_past: the last cells, when nothing was compacted since."""
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.model.ctx), 0, n_past, -1)
+        self.n_past = n_past
+        self.kind, self.media = self.kind[:n_cells], self.media[:n_cells]
+
+    def swa_state(self) -> bytes:
+        """The sliding-window block alone (LLAMA_STATE_SEQ_FLAGS_SWA_ONLY: the cells the current last
+        position can still see), to put back after a rollback. State blobs leave out the cells that are
+        masked for the last position, so a blob read later in a turn lacks what the turn's start needs."""
+        ctx, flags = self.model.ctx, llama_cpp.LLAMA_STATE_SEQ_FLAGS_SWA_ONLY
+        n = llama_cpp.llama_state_seq_get_size_ext(ctx, 0, flags)
+        buf = (ctypes.c_uint8 * n)()
+        if llama_cpp.llama_state_seq_get_data_ext(ctx, buf, n, 0, flags) != n:
+            raise StateFormatError("llama.cpp returned a short sliding-window state")
+        return bytes(buf)
+
+    def set_swa_state(self, blob: bytes) -> bool:
+        buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+        flags = llama_cpp.LLAMA_STATE_SEQ_FLAGS_SWA_ONLY
+        return llama_cpp.llama_state_seq_set_data_ext(self.model.ctx, buf, len(blob), 0, flags) == len(blob)
+
+    def check_room(self, n: int) -> None:
+        if self.n_cells + n > self.model.n_ctx:
+            raise ContextOverflowError(
+                f"the prompt needs {n} more cells but only {self.model.n_ctx - self.n_cells} of "
+                f"{self.model.n_ctx} are free; raise -c/--ctx-size or lower the image size or budget")
+
+    # --- the state blob -------------------------------------------------------------------------
+    def state_blob(self) -> bytes:
+        ctx = self.model.ctx
+        n = llama_cpp.llama_state_seq_get_size(ctx, 0)
+        buf = (ctypes.c_uint8 * n)()
+        got = llama_cpp.llama_state_seq_get_data(ctx, buf, n, 0)
+        if got != n:
+            raise StateFormatError(f"llama.cpp returned {got} of {n} state bytes")
+        return bytes(buf)
+
+    def set_state(self, blob: bytes) -> bool:
+        buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+        return llama_cpp.llama_state_seq_set_data(self.model.ctx, buf, len(blob), 0) == len(blob)
+
+    def parse(self, blob: bytes) -> SeqState:
+        lay = self.model.layout
+        state = parse_state(blob, has_ext=lay.mrope, n_blocks=2 if lay.iswa else 1)
+        base = state.blocks[0]
+        if base.n_cells:
+            want = len(lay.global_layers)
+            if base.n_layers != want:
+                raise StateFormatError(f"the cache holds {base.n_layers} layers where {lay.arch} should have "
+                                       f"{want}: unsupported model layout")
+            for layer in base.layers:
+                if layer.n_embd_k != lay.n_head_kv * lay.head_dim or layer.n_embd_v != lay.n_head_kv * lay.head_dim_v:
+                    raise StateFormatError(f"per-layer KV widths differ from {lay.n_head_kv} heads x "
+                                           f"{lay.head_dim}: unsupported model layout")
+        return state
+
+    def nbytes(self) -> int:
+        """K+V bytes the sequence holds in all cache blocks."""
+        return self.parse(self.state_blob()).nbytes if self.n_cells else 0
+
+    # --- decode ---------------------------------------------------------------------------------
+    def decode(self, tokens: list[int], logits: Literal["last", "all", "none"],
+               capture_rows: int = 0) -> np.ndarray | None:
+        """One llama_decode of at most n_batch tokens at positions n_past.. (cells not recorded here:
+        the caller adds them with their kind). Raises Cancelled when the abort flag stopped it."""
+        b = self.batch
+        n = len(tokens)
+        if n > self.model.n_batch:  # llama_batch_init sized the arrays for n_batch tokens
+            raise EdgeKVError(f"internal: {n} tokens in one batch of {self.model.n_batch}")
+        for i, tok in enumerate(tokens):
+            b.token[i] = tok
+            b.pos[i] = self.n_past + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = logits == "all" or (logits == "last" and i == n - 1)
+        b.n_tokens = n
+        cap = self.model.capture
+        if capture_rows and cap is not None:
+            cap.arm(capture_rows)
+        try:
+            rc = llama_cpp.llama_decode(self.model.ctx, b)
+        finally:
+            if cap is not None:
+                cap.disarm()
+        if rc != 0:
+            if rc == 2:  # the abort callback (Session.cancel); this batch's cells were dropped
+                raise Cancelled(CANCELLED_MESSAGE)
+            if rc == 1:
+                raise ContextOverflowError("llama.cpp found no free KV slot for the batch (context full)")
+            raise EdgeKVError(f"llama_decode failed with code {rc}:\n{lib.recent_log()}")
+        self.n_past += n
+        if logits == "none":
+            return None
+        rows = range(n) if logits == "all" else [n - 1]
+        out = np.stack([self.logits_row(i) for i in rows])
+        self.logits = out[-1]
+        self.logits_after_media = False
+        return out
+
+    def current_logits(self) -> np.ndarray:
+        """The logits to sample the next token from, or a clear error when there are none."""
+        if self.logits is None:
+            if self.logits_after_media:
+                raise EdgeKVError("the prompt ends with an image: llama.cpp computes no logits for image "
+                                  "embeddings, so there is nothing to sample from; append text after it (the "
+                                  "question; chat() always does)")
+            raise EdgeKVError("no logits yet: append a prompt first")
+        return self.logits
+
+    def logits_row(self, i: int) -> np.ndarray:
+        ptr = llama_cpp.llama_get_logits_ith(self.model.ctx, i)
+        if not ptr:
+            raise EdgeKVError(f"llama.cpp has no logits for row {i}:\n{lib.recent_log()}")
+        return np.ctypeslib.as_array(ptr, (self.model.n_vocab,)).copy()
+
+    # --- compaction -----------------------------------------------------------------------------
+    def candidates(self, compress: Literal["media", "all"]) -> np.ndarray:
+        """[cells] bool: what the next compaction may evict."""
+        cand = self.kind == PENDING
+        if compress == "all":
+            cand = self.kind != PACKED
+            cand[:1] = False
+        if self.window_rows:
+            cand[self.n_cells - self.window_rows:] = False
+        if self.n_cells:
+            cand[-1] = False  # the pos_max cell must survive, or the next decode is refused
+        return cand
+
+    def spans(self) -> tuple[Span, ...]:
+        spans, start = [], 0
+        key = np.where(self.kind == PACKED, -2, self.media)
+        for i in range(1, self.n_cells + 1):
+            if i == self.n_cells or key[i] != key[start]:
+                m = int(self.media[start])
+                spans.append(Span(start, i, "media" if m >= 0 else "text", m))
+                start = i
+        return tuple(spans)
+
+    def compact(self, meth: Method, cand: np.ndarray, budget_cells: int, *, use_queries: bool, seed: int,
+                label_suffix: str = "", on_blob: Callable[[bytes], None] | None = None) -> CompactionReport:
+        """Plan with `meth` over the candidate cells and write the packed cache back. On any failure the
+        original cache is restored and CompactionError raised. on_blob sees the blob before the rewrite."""
+        t0 = time.perf_counter()
+        blob = self.state_blob()
+        if on_blob is not None:
+            on_blob(blob)
+        state = self.parse(blob)
+        base = state.blocks[0]
+        if base.n_cells != self.n_cells:
+            raise StateFormatError(f"the cache holds {base.n_cells} cells where the session tracked {self.n_cells}")
+        lay = self.model.layout
+        K, V = layer_floats(base, lay.n_head_kv)
+        view = KVView(keys=K, values=V, candidates=cand, spans=self.spans(),
+                      queries=self.window_q if use_queries else None,
+                      scale=lay.attn_scale, positions=base.pos.astype(np.int64), seed=seed,
+                      rope_base=lay.rope_base, rope_neox=lay.rope_neox)
+        label = meth.name
+        if getattr(meth, "resolve", None):
+            meth = meth.resolve(view)  # `auto`: picks by regime (query window or not)
+            label = f"auto -> {meth.name}"
+        label += label_suffix
+        if meth.needs_queries and view.queries is None:
+            raise EdgeKVError(f"method {meth.name!r} needs the question's queries, but none were captured "
+                              "(flash attention capture off, or no text after the media): use "
+                              "--method flashcache or --method auto")
+        t1 = time.perf_counter()
+        with planning_threads(self.model.threads):
+            plan = (meth.plan(view, budget_cells) if budget_cells < view.n_candidates or meth.name == "full"
+                    else None)
+        plan_s = time.perf_counter() - t1
+        if plan is None:  # budget covers everything: keep the cells as they are
+            self.kind[cand] = PACKED
+            return _report(label, budget_cells, cand, state, state, t0, plan_s, None, view)
+        merged = None
+        if plan.merge_to is not None:
+            from edgekv.methods.merge import merged_kv
+
+            merged = merged_kv(K, V, plan)
+        new_base, src = pack_block(base, plan, cand, lay.n_head_kv, merged)
+        new_state = SeqState(state.seq_id, [new_base] + state.blocks[1:], state.has_ext)
+        if not self.set_state(serialize_state(new_state)):
+            restored = self.set_state(blob)
+            raise CompactionError("llama.cpp refused the compacted cache"
+                                  + ("; the original cache was restored" if restored
+                                     else " AND the original could not be restored: call clear()")
+                                  + f":\n{lib.recent_log()}")
+        # Bookkeeping follows the packer's cell order: protected cells in place, slots marked PACKED.
+        self.kind = np.where(cand[src], PACKED, self.kind[src]).astype(np.int8)
+        self.media = self.media[src]
+        return _report(label, budget_cells, cand, state, new_state, t0, plan_s, plan, view)
+
+    def free(self) -> None:
+        if self.batch is not None:
+            llama_cpp.llama_batch_free(self.batch)
+            self.batch = None
+
+
+def _report(name, budget_cells, cand, before: SeqState, after: SeqState, t0, plan_s, plan, view) -> CompactionReport:
+    return CompactionReport(
+        method=name, budget_cells=budget_cells, n_candidates=int(cand.sum()),
+        cells_before=before.blocks[0].n_cells, cells_after=after.blocks[0].n_cells,
+        bytes_before=before.nbytes, bytes_after=after.nbytes, seconds=time.perf_counter() - t0,
+        plan_seconds=plan_s,
+        nominal_mean=float(plan.nominal.mean()) if plan is not None else float(budget_cells),
+        nominal_max=int(plan.nominal.max()) if plan is not None else budget_cells,
+        merged=plan is not None and plan.merge_to is not None,
+        window=0 if view.queries is None else view.window,
+        info=dict(plan.info) if plan is not None else {})
