@@ -53,3 +53,23 @@ def test_covariance_and_vnorm_change_the_scores():
     np.testing.assert_allclose(vn, plain * np.linalg.norm(values, axis=-1), rtol=1e-6)
     sink = get_method("expected", n_sink=3).score(view)
     assert (sink[..., :3] > sink[..., 3:].max()).all()
+
+
+def test_covariance_term_matches_the_gaussian_formula():
+    """log E[exp(s q.k)] for q ~ N(mu', S') = s k.mu' + s^2/2 k^T S' k, S' = Rbar S Rbar^T."""
+    from edgekv.methods.expected import _rotate_matrix, mean_rotation
+
+    rng = np.random.default_rng(3)
+    L, Hk, H, T, d, W = 1, 1, 1, 25, 8, 5
+    keys = rng.standard_normal((L, Hk, T, d)).astype(np.float32)
+    q = rng.standard_normal((L, H, W, d)).astype(np.float32)
+    pos = np.arange(T) + 10
+    view = KVView(keys, np.ones_like(keys), np.ones(T, bool), queries=q, positions=pos, rope_base=1e4)
+    got = get_method("expected", n_sink=0, use_vnorm=False, n_future=7).score(view)[0, 0]
+    q0 = unrotate(q, pos[-W:], 1e4, True)[0, 0]
+    R = _rotate_matrix(*mean_rotation(int(pos[-1]) + 1, 7, d, 1e4), d, True)
+    mu, S = R @ q0.mean(0), R @ np.cov(q0.T) @ R.T
+    k, s = keys[0, 0].astype(np.float64), view.scale
+    z = s * k @ mu + 0.5 * s * s * np.einsum("td,de,te->t", k, S, k)
+    want = np.exp(z - z.max())
+    np.testing.assert_allclose(got, want / want.sum(), rtol=1e-4, atol=1e-7)

@@ -110,19 +110,20 @@ class ExpectedAttention(ScoreMethod):
         R = _rotate_matrix(*mean_rotation(int(pos_w[-1]) + 1, self.n_future, d, base), d, view.rope_neox)
         mu_r = mu @ R.T                                          # [L, H, d]
         scale = float(view.scale)
-        S_r = None
+        C_r = None
         if self.use_covariance and W > 1:
-            c = q0 - mu[:, :, None, :]
-            S_r = R @ (c.transpose(0, 1, 3, 2) @ c / (W - 1)) @ R.T          # [L, H, d, d]
+            # Sigma' = R Sigma R^T with Sigma = C^T C / (W - 1): k^T Sigma' k = |C R^T k|^2 / (W - 1), which
+            # costs W (not d) multiply-adds per key and head (rank <= W - 1)
+            C_r = (q0 - mu[:, :, None, :]) @ R.T / np.sqrt(W - 1)            # [L, H, W, d]
         z = np.empty((L, Hk, g, T))
-        for layer in range(L):   # one layer at a time: [H_kv, g, T, d] stays ~100 MB at the 7B shape
+        for layer in range(L):   # one layer at a time: [H_kv, g, T, W] stays small at the 7B shape
             K = view.keys[layer]                                             # [Hk, T, d] float32
             m = mu_r[layer].reshape(Hk, g, d).astype(np.float32)
             z[layer] = scale * np.matmul(m, K.transpose(0, 2, 1))            # [Hk, g, T]
-            if S_r is not None:
-                S = S_r[layer].reshape(Hk, g, d, d).astype(np.float32)
-                KS = np.matmul(K[:, None], S)                                # [Hk, g, T, d]
-                z[layer] += 0.5 * scale * scale * (KS * K[:, None]).sum(axis=-1)
+            if C_r is not None:
+                C = C_r[layer].reshape(Hk, g, W, d).astype(np.float32)
+                proj = np.matmul(K[:, None], C.transpose(0, 1, 3, 2))       # [Hk, g, T, W]
+                z[layer] += 0.5 * scale * scale * np.square(proj).sum(axis=-1)
         z = z.reshape(L, H, T)
         z -= z.max(axis=-1, keepdims=True)
         a = np.exp(z)
