@@ -11,3 +11,15 @@ __version__ = "0.1.0"
 from edgekv.errors import EdgeKVError  # noqa: E402
 
 __all__ = ["EdgeKVError", "__version__"]
+
+# The app-facing API (edgekv/app.py), imported on first use so `import edgekv` stays light.
+_APP = ("load_model", "Chat", "TurnSummary")
+__all__ += list(_APP)
+
+
+def __getattr__(name: str):
+    if name in _APP:
+        from edgekv import app
+
+        return getattr(app, name)
+    raise AttributeError(f"module 'edgekv' has no attribute {name!r}")

@@ -33,12 +33,15 @@ def cli() -> None:
 
 
 def _register() -> None:
+    from edgekv.cli.caption import caption
     from edgekv.cli.chat import chat
     from edgekv.cli.demo import demo
     from edgekv.cli.info import info
     from edgekv.cli.methods_cmd import methods
+    from edgekv.cli.models_cmd import models
+    from edgekv.cli.serve import serve
 
-    for cmd in (chat, demo, info, methods):
+    for cmd in (chat, caption, serve, demo, info, methods, models):
         cli.add_command(cmd)
     try:
         from edgekv.cli.eval_cmd import eval_command

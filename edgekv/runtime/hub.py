@@ -15,6 +15,22 @@ from edgekv.errors import ModelLoadError
 PREFERRED_QUANTS = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q8_0", "Q4_0", "F16", "BF16")
 
 
+def expand_known(spec: str) -> str:
+    """A short name from the registry (`gemma3-4b`, `gemma3-4b:Q8_0`) -> 'owner/repo:QUANT'; a full
+    'owner/repo[:quant]' is returned as it is."""
+    from edgekv.runtime.registry import known_models
+
+    name, _, quant = spec.partition(":")
+    if "/" in name:
+        return spec
+    known = known_models()
+    entry = known.get(name.strip().lower())
+    if entry is None:
+        raise ModelLoadError(f"-hf expects owner/repo[:quant] or a known model name ({', '.join(known)}), "
+                             f"got {spec!r}")
+    return f"{entry.repo}:{quant or entry.quant}"
+
+
 def parse_spec(spec: str) -> tuple[str, str | None]:
     """'owner/repo[:quant]' -> (repo, quant)."""
     repo, _, quant = spec.partition(":")
@@ -98,6 +114,7 @@ def resolve(spec: str, offline: bool | None = None,
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    spec = expand_known(spec)
     repo, quant = parse_spec(spec)
     cache = cache_dir()
     if offline is None:

@@ -1,0 +1,173 @@
+"""`edgekv caption`: batch captions as sidecar files or one JSONL, resumable, on one process or Ray.
+
+Exit codes: 0 every input captioned (or already done), 1 at least one input failed (each failure is in
+the JSONL's `error` field or the errors file, and the rest of the batch went on), 2 bad usage."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from edgekv.cli.options import method_options, model_options
+from edgekv.errors import EdgeKVError
+
+
+def _ray_address(ctx, param, value):
+    """`--ray` alone starts a local Ray; `--ray ADDRESS` connects. Click gives an optional value the next
+    word, so `--ray photos/` would swallow an input: refuse that with a hint."""
+    if value is None or value in ("local", "auto") or "://" in value or ":" in value:
+        return value
+    raise click.BadParameter(f"{value!r} is not a Ray address (auto, host:port, ray://host:port); "
+                             "to start a local Ray put --ray after the inputs or write --ray local")
+
+
+@click.command()
+@model_options
+@method_options
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-r", "--recursive", is_flag=True, help="Descend into sub-folders of folder inputs (and ** in globs).")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Write one JSONL (file_name, text, ...) instead of sidecar files.")
+@click.option("--caption-extension", default=".txt", show_default=True, help="Sidecar file extension.")
+@click.option("--errors-file", type=click.Path(path_type=Path),
+              help="Sidecar mode: where failures are logged (default: edgekv-caption-errors.jsonl in the "
+                   "inputs' common folder).")
+@click.option("--overwrite", is_flag=True, help="Caption every input again (default: skip what is done).")
+@click.option("--prompt", help="Captioning prompt.")
+@click.option("--prompt-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Read the prompt from a file.")
+@click.option("--prefix", default="", help="Trigger word put in front of every caption ('sks' -> 'sks, ...').")
+@click.option("-n", "--max-tokens", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--temp", "temperature", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Sampling temperature (0 = greedy).")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="Sample from the k best (0 = off).")
+@click.option("--min-p", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Drop tokens below min_p x the best token's probability (0 = off).")
+@click.option("--stop", "stops", multiple=True, help="End the caption at this string (repeatable; not written).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (the same for every image).")
+@click.option("--no-progress", is_flag=True, help="No progress bar (it is off anyway when stderr is not a TTY).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              callback=_ray_address,
+              help="Run on Ray Data: alone, a local Ray; with ADDRESS (auto, ray://host:10001), that cluster.")
+@click.option("--concurrency", type=click.IntRange(1), default=1, show_default=True,
+              help="Ray: number of actors (one loaded model each).")
+@click.option("--num-gpus", type=click.FloatRange(0), default=0, show_default=True, help="Ray: GPUs per actor.")
+def caption(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash_attn, cache_type_k, cache_type_v,
+            threads, image_max_tokens, method, budget, compress, inputs, recursive, output, caption_extension,
+            errors_file, overwrite, prompt, prompt_file, prefix, max_tokens, temperature, top_p, top_k, min_p, stops,
+            seed, no_progress,
+            ray_address, concurrency, num_gpus):
+    """Caption images in folders, globs or @list.txt files; resumes where a previous run stopped.
+
+    Exit code 0: all captioned; 1: some inputs failed (logged, the rest went on); 2: bad usage."""
+    from edgekv.caption.batch import Summary, plan
+    from edgekv.caption.captioner import DEFAULT_PROMPT, CaptionConfig
+    from edgekv.caption.inputs import collect_inputs
+    from edgekv.caption.sinks import ERRORS_NAME, JsonlSink, SidecarSink
+
+    if prompt is not None and prompt_file is not None:
+        raise EdgeKVError("use either --prompt or --prompt-file, not both")
+    if prompt_file is not None:
+        prompt = prompt_file.read_text(encoding="utf-8").strip()
+        if not prompt:
+            raise EdgeKVError(f"the prompt file {prompt_file} is empty")
+    if ray_address is None and (concurrency != 1 or num_gpus):
+        raise EdgeKVError("--concurrency and --num-gpus are Ray options: add --ray [ADDRESS]")
+    if output is not None and errors_file is not None:
+        raise EdgeKVError("--errors-file is for sidecar mode; with -o failures are records with an `error` field")
+
+    images = collect_inputs(inputs, recursive)
+    if not images:
+        raise EdgeKVError(f"no images found in {' '.join(inputs)}"
+                          + ("" if recursive else " (sub-folders need --recursive)"))
+    if output is not None:
+        sink = JsonlSink(output)
+    else:
+        if errors_file is None:
+            errors_file = Path(os.path.commonpath([str(p.parent) for p in images])) / ERRORS_NAME
+        sink = SidecarSink(caption_extension, errors_file)
+    try:
+        for note in sink.notes:
+            click.echo(note, err=True)
+        todo, skipped = plan(images, sink, overwrite)
+        summary = Summary(total=len(images), skipped=skipped)
+        if todo:
+            model_path, mmproj_path = _resolve_model(model, mmproj, hf_repo, offline)
+            if ray_address is not None and threads is None:
+                threads = max(1, (os.cpu_count() or 1) // concurrency)
+            cfg = CaptionConfig(model=str(model_path), mmproj=str(mmproj_path) if mmproj_path else None,
+                                n_ctx=n_ctx, n_batch=n_batch, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
+                                cache_type_k=cache_type_k, cache_type_v=cache_type_v, threads=threads,
+                                image_max_tokens=image_max_tokens, method=method, budget=budget, compress=compress,
+                                prompt=prompt or DEFAULT_PROMPT, prefix=prefix, max_tokens=max_tokens,
+                                temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                                stop=list(stops), seed=seed)
+            click.echo(f"captioning {len(todo)} of {len(images)} input(s) ({skipped} already done)", err=True)
+            if ray_address is None:
+                _run_single(cfg, todo, sink, summary, not no_progress)
+            else:
+                _run_ray(cfg, todo, sink, summary, not no_progress, ray_address, concurrency, num_gpus)
+        else:
+            click.echo(f"nothing to do: all {len(images)} input(s) already captioned (--overwrite redoes them)",
+                       err=True)
+    finally:
+        sink.close()
+    for line in summary.lines():
+        click.echo(line, err=True)
+    if summary.failed:
+        where = output if output is not None else sink.errors_path
+        click.echo(f"{summary.failed} input(s) failed; see {where}", err=True)
+        sys.exit(1)
+
+
+def _resolve_model(model, mmproj, hf_repo, offline) -> tuple[Path, Path | None]:
+    from edgekv.errors import ModelLoadError
+
+    if hf_repo:
+        if model:
+            raise ModelLoadError("use either -m/--model or -hf, not both")
+        from edgekv.runtime.hub import resolve
+
+        model, hf_mmproj = resolve(hf_repo, offline=offline or None, notify=lambda m: click.echo(m, err=True))
+        mmproj = mmproj or hf_mmproj
+    if not model:
+        raise ModelLoadError("no model: pass -m MODEL.gguf and --mmproj MMPROJ.gguf, or -hf owner/repo")
+    from edgekv.runtime.model import check_gguf
+
+    check_gguf(model, "model")   # here, not first in every Ray actor
+    if mmproj:
+        check_gguf(mmproj, "mmproj")
+    if not mmproj:
+        raise ModelLoadError("captioning needs a multimodal projector: pass --mmproj (or a -hf repo that has one)")
+    return Path(model), Path(mmproj)
+
+
+def _run_single(cfg, todo, sink, summary, show_progress: bool) -> None:
+    from edgekv.caption.batch import run_local
+    from edgekv.caption.captioner import Captioner
+
+    with Captioner(cfg) as captioner:
+        run_local(captioner, todo, sink, summary, show_progress)
+
+
+def _run_ray(cfg, todo, sink, summary, show_progress: bool, address: str, concurrency: int, num_gpus: float) -> None:
+    import time
+
+    from edgekv.caption.batch import progress_bar
+    from edgekv.caption.ray_runner import caption_with_ray, init_ray
+
+    init_ray(address, num_cpus=None)
+    t0 = time.perf_counter()
+    with progress_bar(len(todo), show_progress) as bar:
+        def on_record(path, rec, worker, rss):
+            rec = sink.write(path, rec)
+            summary.add(sink.key(path), rec)
+            summary.peak_rss_mb[worker] = max(rss, summary.peak_rss_mb.get(worker, 0.0))
+            bar.update(1)
+
+        caption_with_ray(todo, cfg.to_dict(), concurrency=concurrency, num_gpus=num_gpus,
+                         num_cpus=cfg.threads if not num_gpus else None, on_record=on_record)
+    summary.seconds += time.perf_counter() - t0

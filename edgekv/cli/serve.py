@@ -1,0 +1,100 @@
+"""`edgekv serve`: the OpenAI-compatible server (FastAPI + uvicorn), one model, conversations kept compacted."""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from pathlib import Path
+
+import click
+
+from edgekv.cli.options import load_model_from_options, method_options, model_options
+from edgekv.errors import EdgeKVError
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail with one line before the model loads, not with uvicorn's log after it."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise EdgeKVError(f"cannot resolve --host {host}: {e.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise EdgeKVError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@click.command()
+@model_options
+@method_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; anything but loopback exposes the model to the network.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option("--alias", "aliases", multiple=True, help="Extra model name clients may ask for (repeatable).")
+@click.option("--api-key", envvar="EDGEKV_API_KEY", default=None,
+              help="Require `Authorization: Bearer KEY` on /v1/ (env EDGEKV_API_KEY).")
+@click.option("--max-request-mb", type=click.FloatRange(0.001), default=32.0, show_default=True,
+              help="Larger request bodies get 413 before they are read.")
+@click.option("--max-image-pixels", type=click.IntRange(1), default=50_000_000, show_default=True,
+              help="Images with more pixels are refused (400): decompression bombs.")
+@click.option("--allow-local-files", "local_dirs", multiple=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Accept image_url file paths under this folder (repeatable); off by default.")
+@click.option("--cache-ram", "cache_mib", type=click.FloatRange(0), default=1024.0, show_default=True,
+              help="MiB of host RAM for kept conversations (compacted caches; LRU).")
+@click.option("--queue-size", type=click.IntRange(1), default=8, show_default=True,
+              help="Requests that may wait while one is served; more get 503.")
+@click.option("-n", "--max-tokens", type=click.IntRange(1), default=1024, show_default=True,
+              help="Answer length when a request does not say.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def serve(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash_attn, cache_type_k, cache_type_v,
+          threads, image_max_tokens, method, budget, compress, host, port, aliases, api_key, max_request_mb,
+          max_image_pixels, local_dirs, cache_mib, queue_size, max_tokens, seed):
+    """OpenAI-compatible server: /v1/chat/completions, /v1/models, /health."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise EdgeKVError("edgekv serve needs FastAPI and uvicorn: pip install 'edgekv[serve]'") from None
+    from edgekv.methods import uses_queries
+    from edgekv.server.app import create_app
+    from edgekv.server.engine import Engine
+    from edgekv.server.images import ImageLoader
+
+    _check_port(host, port)
+    if not _is_loopback(host) and api_key is None:
+        click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use the model",
+                   err=True)
+    # Query capture is on unless the default method is query-agnostic (then a request asking for a
+    # query-aware method gets 400: capture cannot be switched on without reloading).
+    m = load_model_from_options(model, mmproj, hf_repo, offline, n_ctx=n_ctx, n_batch=n_batch,
+                                n_gpu_layers=n_gpu_layers, threads=threads, flash_attn=flash_attn,
+                                cache_type_k=cache_type_k, cache_type_v=cache_type_v,
+                                image_max_tokens=image_max_tokens, capture_queries=uses_queries(method))
+    model_id = hf_repo or m.path.stem
+    engine = Engine(m, model_id=model_id, method=method, budget=budget, compress=compress, seed=seed,
+                    queue_size=queue_size, cache_bytes=int(cache_mib * (1 << 20)),
+                    max_image_pixels=max_image_pixels, max_tokens=max_tokens)
+    app = create_app(engine, api_key=api_key, max_request_bytes=int(max_request_mb * (1 << 20)),
+                     images=ImageLoader(local_dirs, max_image_pixels, int(max_request_mb * (1 << 20))),
+                     aliases=tuple(aliases))
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    click.echo(f"edgekv serve: {model_id} on http://{host}:{port}/v1 (method {method}, budget {budget}, "
+               f"conversation cache {cache_mib:g} MiB)", err=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    finally:
+        engine.close()
+        m.close()

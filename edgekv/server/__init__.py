@@ -1,0 +1,1 @@
+"""`edgekv serve`: an OpenAI-compatible chat server that keeps every conversation's media cache compacted."""

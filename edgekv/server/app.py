@@ -1,0 +1,277 @@
+"""The FastAPI app: /v1/chat/completions (SSE stream or one JSON), /v1/models, /health.
+
+Every failure a client can cause answers 4xx with OpenAI's error body; a bug answers 500 with the same
+shape and the traceback goes to the server log, never to the client."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from edgekv.errors import BudgetError, ContextOverflowError, EdgeKVError, MediaError
+from edgekv.server.engine import ConvMessage, Engine, Job, QueueFull
+from edgekv.server.images import ImageLoader, ImageRefused
+from edgekv.server.schemas import ChatRequest, ImagePart, TextPart, error_body
+
+log = logging.getLogger("edgekv.serve")
+POLL_S = 0.25   # how often a waiting request checks that its client is still there
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.type, self.code, self.param = status, type_, code, param
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(error_body(str(self), self.type, self.code, self.param), status_code=self.status)
+
+
+def api_error(e: BaseException) -> APIError:
+    """An exception from parsing or from the engine -> the status and body the client gets."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, QueueFull):
+        return APIError(503, str(e), "server_error", "queue_full")
+    if isinstance(e, ImageRefused):
+        return APIError(e.status, str(e), code=e.code, param="messages")
+    if isinstance(e, MediaError):
+        return APIError(400, str(e), code="invalid_image", param="messages")
+    if isinstance(e, BudgetError):
+        return APIError(400, str(e), code="invalid_budget", param="edgekv.budget")
+    if isinstance(e, ContextOverflowError):
+        return APIError(400, str(e), code="context_length_exceeded", param="messages")
+    if isinstance(e, EdgeKVError):
+        return APIError(400, str(e), code="invalid_request")
+    return APIError(500, "internal server error (details in the server log)", "server_error", "internal_error")
+
+
+class BodyLimit:
+    """ASGI middleware: a body over max_bytes gets 413 before it is read whole (Content-Length checked
+    first; a chunked body is counted as it arrives). The rest of an oversized body is drained, not kept,
+    so the client can read the answer instead of a reset connection."""
+
+    def __init__(self, app, max_bytes: int, drain_bytes: int = 256 << 20) -> None:
+        self.app, self.max_bytes, self.drain_bytes = app, max_bytes, drain_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._reject(receive, send, 0)
+        chunks, total = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            body = msg.get("body", b"")
+            total += len(body)
+            if total > self.max_bytes:
+                return await self._reject(receive, send, total, more=msg.get("more_body", False))
+            chunks.append(body)
+            if not msg.get("more_body", False):
+                break
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def receive_again():
+            return replay.pop() if replay else await receive()
+
+        await self.app(scope, receive_again, send)
+
+    async def _reject(self, receive, send, seen: int, more: bool = True) -> None:
+        mb = self.max_bytes / (1 << 20)
+        body = json.dumps(error_body(f"request body larger than {mb:g} MiB (--max-request-mb)",
+                                     code="request_too_large")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+        while more and seen < self.drain_bytes:   # discard what the client is still sending
+            msg = await receive()
+            if msg["type"] != "http.request":
+                break
+            seen += len(msg.get("body", b""))
+            more = msg.get("more_body", False)
+
+
+def create_app(engine: Engine, *, api_key: str | None = None, max_request_bytes: int = 32 << 20,
+               images: ImageLoader | None = None, aliases: tuple[str, ...] = ()):
+    """The ASGI app serving `engine` (body limit outermost, then the API key check, then the routes)."""
+    images = images or ImageLoader()
+    names = (engine.model_id, *aliases)
+    app = FastAPI(title="edgekv", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+    created = int(time.time())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return JSONResponse(error_body(str(e.detail), code=code), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception):
+        log.exception("request failed")
+        return api_error(e).response()
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next):
+        if api_key is not None and request.url.path.startswith("/v1/"):
+            auth = request.headers.get("authorization", "")
+            given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+            if not secrets.compare_digest(given.encode(), api_key.encode()):
+                return APIError(401, "invalid API key (send Authorization: Bearer KEY)",
+                                code="invalid_api_key").response()
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", **engine.stats()}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "edgekv"}
+                                           for n in names]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        try:
+            job, req = await _parse(request)
+            engine.submit(job)
+        except (APIError, EdgeKVError) as e:
+            return api_error(e).response()
+        try:
+            first = await _next_event(job, request)
+        except _ClientGone:
+            return JSONResponse(error_body("client disconnected"), status_code=499)
+        if first[0] == "error":
+            return api_error(first[1]).response()
+        if first[0] == "cancelled":
+            return JSONResponse(error_body("cancelled"), status_code=499)
+        cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(_sse(job, first, cid, now, req.model, include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        event = first
+        try:
+            while event[0] == "token":
+                event = await _next_event(job, request)
+        except _ClientGone:
+            return JSONResponse(error_body("client disconnected"), status_code=499)
+        if event[0] != "done":
+            return api_error(event[1] if event[0] == "error" else APIError(499, "cancelled")).response()
+        res = event[1]
+        return {"id": cid, "object": "chat.completion", "created": now, "model": req.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": res["text"]},
+                             "logprobs": None, "finish_reason": res["finish_reason"]}],
+                "usage": res["usage"], "edgekv": res["edgekv"]}
+
+    async def _parse(request: Request) -> tuple[Job, ChatRequest]:
+        raw = await request.body()
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        try:
+            req = ChatRequest.model_validate(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(x) for x in first["loc"])
+            raise APIError(400, f"invalid request: {where}: {first['msg']}" + (
+                f" ({len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""),
+                param=where or None) from None
+        if req.model not in names:
+            raise APIError(404, f"the model {req.model!r} does not exist here; this server serves "
+                           f"{', '.join(repr(n) for n in names)}", code="model_not_found", param="model")
+        if req.n != 1:
+            raise APIError(400, "n must be 1: edgekv answers one choice", param="n")
+        ext = req.edgekv
+        method, budget = engine.check_options(ext.method if ext else None, ext.budget if ext else None)
+        messages = _messages(req)
+        gen: dict[str, Any] = {"max_tokens": req.max_completion_tokens or req.max_tokens or engine.max_tokens}
+        if req.temperature is not None:
+            gen["temperature"] = req.temperature
+        if req.top_p is not None:
+            gen["top_p"] = req.top_p
+        if req.seed is not None:
+            gen["seed"] = req.seed
+        if req.stop:
+            gen["stop"] = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
+        return Job(messages, gen, method, budget, asyncio.get_running_loop()), req
+
+    def _messages(req: ChatRequest) -> list[ConvMessage]:
+        out, n_images = [], 0
+        for i, m in enumerate(req.messages):
+            role = "system" if m.role == "developer" else m.role
+            texts, ims = [], []
+            if isinstance(m.content, str):
+                texts.append(m.content)
+            for part in m.content if isinstance(m.content, list) else ():
+                if isinstance(part, TextPart):
+                    texts.append(part.text)
+                elif isinstance(part, ImagePart):
+                    if role != "user":
+                        raise APIError(400, f"messages[{i}]: images are accepted in user messages only",
+                                       param=f"messages.{i}")
+                    n_images += 1
+                    ims.append(images.load(part.image_url.url, n_images))
+            out.append(ConvMessage(role, "\n".join(texts), ims))
+        if out[-1].role != "user":
+            raise APIError(400, "the last message must be the user's", param="messages")
+        if n_images and engine.model.mtmd is None:
+            raise APIError(400, "this model was loaded without a projector (--mmproj): it cannot read images",
+                           code="images_unsupported", param="messages")
+        return out
+
+    async def _next_event(job: Job, request: Request) -> tuple[str, Any]:
+        while True:
+            try:
+                return await asyncio.wait_for(job.events.get(), POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    engine.cancel(job)
+                    raise _ClientGone from None
+
+    async def _sse(job: Job, first, cid: str, now: int, model: str, include_usage: bool) -> AsyncIterator[bytes]:
+        def chunk(delta: dict, finish: str | None = None, **extra) -> bytes:
+            body = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": model,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
+            return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+        finished = False
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            event = first
+            while event[0] == "token":
+                yield chunk({"content": event[1]})
+                event = await job.events.get()
+            if event[0] == "done":
+                res = event[1]
+                yield chunk({}, res["finish_reason"], edgekv=res["edgekv"])
+                if include_usage:
+                    body = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": model,
+                            "choices": [], "usage": res["usage"]}
+                    yield b"data: " + json.dumps(body).encode() + b"\n\n"
+            else:   # an error after the answer started: the status is sent, so say it in the stream
+                err = api_error(event[1]) if event[0] == "error" else APIError(499, "cancelled")
+                yield b"data: " + json.dumps(error_body(str(err), err.type, err.code)).encode() + b"\n\n"
+            yield b"data: [DONE]\n\n"
+            finished = True
+        finally:
+            if not finished:   # the client went away mid-answer (or the server is stopping)
+                engine.cancel(job)
+
+    return BodyLimit(app, max_request_bytes)
+
+
+class _ClientGone(Exception):
+    pass

@@ -1,0 +1,97 @@
+"""Kept conversations: after each turn the conversation's compacted cache (a Session snapshot: state
+blob + bookkeeping) stays in host RAM, in an LRU bounded in bytes.
+
+A conversation is keyed by its messages: (role, text with media markers, sha256 of each image). A request
+whose messages extend a kept conversation restores it and prefills only the new messages, so its images
+are not encoded again. One entry per conversation: a turn's entry replaces the one it extended."""
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Hashable, Sequence
+
+import numpy as np
+
+MessageKey = tuple[str, str, tuple[str, ...]]   # (role, text with markers, image sha256s)
+
+
+@dataclass(frozen=True)
+class Kept:
+    key: tuple[MessageKey, ...]
+    snapshot: Any          # edgekv.runtime.session.SessionSnapshot
+    n_tokens: int          # prompt + answer tokens the cache stands for (usage.prompt_tokens_details.cached_tokens)
+    nbytes: int
+
+
+def snapshot_nbytes(snap: Any) -> int:
+    """Host bytes a snapshot holds: the state blob, the numpy bookkeeping (logits, query window) and the
+    conversation text."""
+    n = 0
+    for f in dataclasses.fields(snap):
+        v = getattr(snap, f.name)
+        if isinstance(v, (bytes, bytearray)):
+            n += len(v)
+        elif isinstance(v, np.ndarray):
+            n += v.nbytes
+        elif isinstance(v, str):
+            n += len(v.encode())
+        elif isinstance(v, tuple):   # messages
+            n += sum(len(str(m).encode()) for m in v)
+    return n
+
+
+class ConversationCache:
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple[MessageKey, ...], Kept] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = self.evictions = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def match(self, key: Sequence[MessageKey]) -> Kept | None:
+        """The longest kept conversation that `key` strictly extends (there must be a new message)."""
+        key = tuple(key)
+        with self._lock:
+            best = None
+            for k, e in self._entries.items():
+                if len(k) < len(key) and key[: len(k)] == k and (best is None or len(k) > len(best.key)):
+                    best = e
+            if best is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(best.key)
+            self.hits += 1
+            return best
+
+    def put(self, key: Sequence[MessageKey], snapshot: Any, n_tokens: int, replaces: Hashable | None = None) -> bool:
+        """Keep a finished turn. Evicts least recently used conversations to stay within max_bytes; a
+        snapshot larger than the whole budget is not kept. Returns whether it was kept."""
+        entry = Kept(tuple(key), snapshot, n_tokens, snapshot_nbytes(snapshot))
+        with self._lock:
+            if replaces is not None:
+                self._entries.pop(replaces, None)
+            if entry.nbytes > self.max_bytes:
+                return False
+            self._entries[entry.key] = entry
+            self._entries.move_to_end(entry.key)
+            while sum(e.nbytes for e in self._entries.values()) > self.max_bytes:
+                self._entries.popitem(last=False)
+                self.evictions += 1
+            return True
+
+    def get_nbytes(self, key: Sequence[MessageKey] | None) -> int:
+        e = self._entries.get(tuple(key)) if key is not None else None
+        return e.nbytes if e is not None else 0
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"conversations": len(self._entries), "bytes": self.nbytes, "max_bytes": self.max_bytes,
+                    "hits": self.hits, "misses": self.misses, "evictions": self.evictions}

@@ -1,0 +1,306 @@
+"""One model, one Session, one worker thread: requests are served one at a time from a bounded queue.
+
+A turn starts from a kept conversation (restored from the ConversationCache) or from an empty cache,
+prefills only the messages the kept one does not have, generates, and keeps the result. Only finished
+turns are kept, so a failed or cancelled turn leaves nothing behind: the next request restores a kept
+conversation or starts empty, never from a half turn."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgekv.errors import BudgetError, Cancelled, EdgeKVError
+from edgekv.methods import METHODS, get_method, parse_budget, uses_queries
+from edgekv.runtime import Model, Session
+from edgekv.runtime.lib import mtmd_cpp
+from edgekv.server.convcache import ConversationCache, MessageKey
+from edgekv.server.images import RequestImage
+
+log = logging.getLogger("edgekv.serve")
+MARKER = mtmd_cpp.mtmd_default_marker().decode()
+
+
+class QueueFull(EdgeKVError):
+    """The bounded request queue is full (503)."""
+
+
+@dataclass
+class ConvMessage:
+    """One message as the session formats it: Session.chat's layout, one marker line per image first."""
+
+    role: str
+    text: str
+    images: list[RequestImage] = field(default_factory=list)
+
+    @property
+    def content(self) -> str:
+        return "".join(f"{MARKER}\n" for _ in self.images) + self.text
+
+    @property
+    def key(self) -> MessageKey:
+        return (self.role, self.content, tuple(im.sha256 for im in self.images))
+
+
+@dataclass
+class Job:
+    """A request waiting for (or on) the worker. Events go to the request's asyncio queue:
+    ("token", str), ("done", result), ("error", exception), ("cancelled", None)."""
+
+    messages: list[ConvMessage]
+    gen: dict
+    method: str
+    budget: float | int
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def emit(self, kind: str, payload: Any = None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+        except RuntimeError:  # the event loop is gone (server shutting down)
+            pass
+
+
+class Engine:
+    def __init__(self, model: Model, *, model_id: str, method: str = "auto", budget: float | int = 0.25,
+                 compress: str = "media", seed: int = 0, queue_size: int = 8, cache_bytes: int = 1 << 30,
+                 max_image_pixels: int = 50_000_000, max_tokens: int = 1024) -> None:
+        self.model, self.model_id = model, model_id
+        self.default_method, self.default_budget = method, budget
+        self.max_image_pixels, self.max_tokens = max_image_pixels, max_tokens
+        self.session = Session(model, method=method, budget=budget, compress=compress, seed=seed)
+        self.cache = ConversationCache(cache_bytes)
+        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
+        self._current: Job | None = None
+        self._lock = threading.Lock()
+        self._live: tuple[MessageKey, ...] | None = None   # the kept conversation the session holds now
+        self.images_encoded = 0        # images handed to the projector, over the server's life
+        self.media_chunks_encoded = 0  # image chunks (tiles) the session encoded, counted by its progress
+        self.session.progress = self._on_progress
+        self.turns = 0
+        self._worker = threading.Thread(target=self._loop, name="edgekv-engine", daemon=True)
+        self._worker.start()
+
+    # --- called from the web app ----------------------------------------------------------------
+    def check_options(self, method: str | None, budget: Any) -> tuple[str, float | int]:
+        """The request's method/budget (or the defaults), validated: EdgeKVError subclasses -> 400."""
+        method = (method or self.default_method).lower()
+        if method not in METHODS:
+            raise EdgeKVError(f"unknown method {method!r}; choose one of: {', '.join(sorted(METHODS))}")
+        if self.model.capture is None and uses_queries(method):
+            raise EdgeKVError(f"method {method!r} reads the question's attention, but the server was started "
+                              "with a query-agnostic --method and no query capture")
+        b = self.default_budget if budget is None else parse_budget(budget)
+        if isinstance(b, int) and b > self.model.n_ctx:
+            raise BudgetError(f"budget of {b} cells is larger than the context ({self.model.n_ctx} cells)")
+        return method, b
+
+    def submit(self, job: Job) -> None:
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise QueueFull(f"the server is busy: {self._queue.maxsize} requests are already waiting "
+                            "(--queue-size); retry later") from None
+
+    def cancel(self, job: Job) -> None:
+        """Stop a job (client gone): skipped if still queued, its generation stopped if running."""
+        job.cancelled.set()
+        with self._lock:   # never a cancel meant for this job landing on the next one
+            if self._current is job:
+                self.session.cancel()
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    @property
+    def current_cancelled(self) -> bool:
+        """Whether the job being served was cancelled (its client went away)."""
+        job = self._current
+        return job is not None and job.cancelled.is_set()
+
+    @property
+    def busy(self) -> bool:
+        return self._current is not None
+
+    def close(self) -> None:
+        """Stop the worker: waiting jobs are dropped, the running one is cancelled."""
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                self.cancel(job)
+                job.emit("cancelled")
+        if self._current is not None:
+            self.cancel(self._current)
+        self._queue.put(None)
+        self._worker.join(timeout=30)
+        if not self._worker.is_alive():
+            self.session.close()
+
+    # --- the worker ---------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if job.cancelled.is_set():
+                job.emit("cancelled")
+                continue
+            with self._lock:
+                self._current = job
+            try:
+                self._turn(job)
+            except Cancelled:       # cancel() during the prefill: the session rolled the turn back
+                self._live = None
+                job.emit("cancelled")
+            except EdgeKVError as e:
+                self._live = None
+                job.emit("error", e)
+            except Exception as e:  # a bug: log it here, answer a clean 500 without the traceback
+                self._live = None
+                log.error("turn failed:\n%s", traceback.format_exc())
+                job.emit("error", e)
+            finally:
+                with self._lock:
+                    self._current = None
+
+    def _start(self, keys: list[MessageKey]) -> tuple[int, int]:
+        """Restore the longest kept conversation these messages extend, else empty the cache.
+        Returns (messages reused, tokens they stand for)."""
+        kept = self.cache.match(keys)
+        if kept is None:
+            self.session.clear()
+            self._live = None
+            return 0, 0
+        if self._live != kept.key:
+            self._live = None
+            self.session.restore(kept.snapshot)
+        return len(kept.key), kept.n_tokens
+
+    def _on_progress(self, stage: str, done: int, total: int) -> None:
+        if stage == "image":   # called once per image chunk encoded and decoded (even if the turn fails later)
+            self.media_chunks_encoded += 1
+
+    def _configure(self, method: str, budget: float | int) -> None:
+        s = self.session
+        if s.method_name != method:
+            s.method_name, s.method = method, get_method(method)
+        s.budget = budget
+
+    def _decode_images(self, msgs: list[ConvMessage]) -> list:
+        return [im.decode(self.max_image_pixels) for m in msgs for im in m.images]
+
+    def _prefill_history(self, msgs: list[ConvMessage]) -> bool:
+        """Prefill whole messages before the last user message (a conversation the cache did not keep).
+        False when the template renders the kept part differently (then the caller starts over)."""
+        s = self.session
+        done = s._in_cache_text   # the formatted text the cache holds (Session's own bookkeeping)
+        s.messages.extend({"role": m.role, "content": m.content} for m in msgs)
+        full = s.format_chat(s.messages, add_assistant=False)
+        if not full.startswith(done):
+            return False
+        images = self._decode_images(msgs)
+        s.append_prompt(full[len(done):], images)
+        s._in_cache_text = full
+        self.images_encoded += len(images)
+        return True
+
+    def _turn(self, job: Job) -> None:
+        s, msgs = self.session, job.messages
+        t0 = time.perf_counter()
+        keys = [m.key for m in msgs]
+        reused, cached_tokens = self._start(keys)
+        self._live = None                      # from here on the session is mid-turn
+        if job.cancelled.is_set():
+            return job.emit("cancelled")
+        self._configure(job.method, job.budget)
+        s.reports.clear()
+        t_restored = time.perf_counter()
+        tok0, images0, chunks0 = s.prompt_tokens, self.images_encoded, self.media_chunks_encoded
+        history, last = msgs[reused:-1], msgs[-1]
+        if history and not self._prefill_history(history):
+            s.clear()
+            reused, cached_tokens, tok0 = 0, 0, s.prompt_tokens
+            if not self._prefill_history(msgs[:-1]):
+                raise EdgeKVError("the model's chat template renders this conversation inconsistently")
+        last_images = self._decode_images([last])
+        turn = s.chat(last.text, last_images, **job.gen)
+        first = last_rec = None
+        text = []
+        t_first = None
+        try:
+            for rec in turn:
+                if first is None:   # the prefill (images included) is done
+                    first, t_first = rec, time.perf_counter()
+                    self.images_encoded += len(last_images)
+                last_rec = rec
+                if rec.text:
+                    text.append(rec.text)
+                    job.emit("token", rec.text)
+                if job.cancelled.is_set():
+                    break
+        finally:
+            turn.close()
+        if last_rec is None or last_rec.finish_reason in (None, "cancelled"):   # stopped mid-answer
+            return job.emit("cancelled")
+        answer = s.messages[-1]["content"] if s.messages and s.messages[-1]["role"] == "assistant" else "".join(text)
+        new_key = tuple(keys) + (("assistant", answer, ()),)
+        prompt_new = s.prompt_tokens - tok0       # prefilled this turn (answers are not counted)
+        n_tokens = cached_tokens + prompt_new + last_rec.generation_tokens
+        t_done = time.perf_counter()
+        # The next turn always prefills a new message first, which recomputes the logits and the query
+        # window: keeping them would cost n_vocab floats (1 MB for Gemma 3) per conversation for nothing.
+        snap = dataclasses.replace(s.snapshot(), logits=None, window_q=None, window_rows=0)
+        kept = self.cache.put(new_key, snap, n_tokens, replaces=new_key[:reused] if reused else None)
+        self._live = new_key if kept else None
+        self.turns += 1
+        job.emit("done", self._result(job, last_rec, answer, reused, cached_tokens, prompt_new,
+                                      self.images_encoded - images0, self.media_chunks_encoded - chunks0, kept,
+                                      dict(queue=t0 - job.submitted, restore=t_restored - t0,
+                                           first_token=t_first - t_restored, generate=t_done - t_first,
+                                           keep=time.perf_counter() - t_done)))
+
+    def _result(self, job, rec, answer, reused, cached_tokens, prompt_new, images, chunks, kept, timings) -> dict:
+        s = self.session
+        reports = list(s.reports)
+        if reports:
+            cells = (reports[0].cells_before, reports[-1].cells_after)
+            nbytes = (reports[0].bytes_before, reports[-1].bytes_after)
+        else:
+            cells = (s.n_cells, s.n_cells)
+            nbytes = (s.kv_bytes(),) * 2
+        finish = {"context": "length", None: "stop"}.get(rec.finish_reason, rec.finish_reason)
+        return {
+            "text": answer, "finish_reason": finish,
+            "usage": {"prompt_tokens": cached_tokens + prompt_new, "completion_tokens": rec.generation_tokens,
+                      "total_tokens": cached_tokens + prompt_new + rec.generation_tokens,
+                      "prompt_tokens_details": {"cached_tokens": cached_tokens}},
+            "edgekv": {
+                "cache": "hit" if reused else "miss", "reused_messages": reused, "cached_tokens": cached_tokens,
+                "images_encoded": images, "media_chunks_encoded": chunks,
+                "method": reports[-1].method if reports else job.method, "budget": job.budget,
+                "cells_before": cells[0], "cells_after": cells[1],
+                "bytes_before": nbytes[0], "bytes_after": nbytes[1],
+                "kv_cells": s.n_cells, "kept": kept,
+                "kept_bytes": self.cache.get_nbytes(self._live) if kept else 0,
+                "compaction_s": round(sum(r.seconds for r in reports), 6),
+                "timings": {k + "_s": round(v, 6) for k, v in timings.items()},
+            },
+        }
+
+    def stats(self) -> dict:
+        return {"model": self.model_id, "busy": self.busy, "queued": self.queued,
+                "queue_size": self._queue.maxsize, "turns": self.turns, "images_encoded": self.images_encoded,
+                "media_chunks_encoded": self.media_chunks_encoded, "kv_cells": self.session.n_cells,
+                "conversation_cache": self.cache.stats()}
