@@ -162,10 +162,11 @@ def test_query_method_without_window_is_explained(tiny_pairs):
 
     model, mmproj, image = tiny_pairs["llava"]
     with Model.load(model, mmproj, threads=THREADS, flash_attn="off") as m:
-        s = Session(m, method="snapkv")
+        s = Session(m, method="snapkv", probe=False)
         s.append_prompt("<__media__>", [image])
         with pytest.raises(EdgeKVError, match="flashcache"):
             s.compact()
+        assert "probe: generic" in s.compact(probe=True).method   # the default: a probe window stands in
         s.close()
 
 

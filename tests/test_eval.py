@@ -197,7 +197,7 @@ def test_reports_tables_and_plots(tmp_path):
                   and r["budget"] == 0.5)
     assert recent["score"] == 0.5 and recent["relative"] == 0.5   # keeps the needle at depth 0.8 only
     md = markdown(load_records(tmp_path))
-    assert "| recent | 0.50 (0.50) |" in md
+    assert "| recent | 0.50 [0.15, 0.85] (0.50) n=4 |" in md   # n and the 95 % Wilson interval
     assert "## Full-cache baseline" in md and "compact % of prefill" in md
 
 

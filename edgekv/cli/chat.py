@@ -74,7 +74,9 @@ def chat(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash_at
         except BaseException:
             m.close()
             raise
-    session = Session(m, method=method, budget=budget, compress=compress, seed=seed)
+    # one-shot: the question is known before the images are read, so early compaction probes with it
+    session = Session(m, method=method, budget=budget, compress=compress, seed=seed,
+                      probe=prompt if prompt is not None else True)
     if clips or max_kv_cells is not None:
         streaming(session)  # every image / frame chunk compacted right after its prefill
     fit = max_kv_cells is not None

@@ -68,7 +68,12 @@ def parse_methods(value: str | None) -> tuple[str, ...] | None:
         return None
     if items == ["all"]:
         return tuple(m for m in METHODS if m != "full")
-    unknown = [m for m in items if m not in METHODS]
+    from edgekv.eval.engine import REGIMES
+
+    bad_regime = [m for m in items if "@" in m and m.partition("@")[2] not in REGIMES]
+    if bad_regime:
+        raise EdgeKVError(f"unknown regime in {', '.join(bad_regime)}; after @ write one of {', '.join(REGIMES)}")
+    unknown = [m for m in items if m.partition("@")[0] not in METHODS]
     if unknown:
         raise EdgeKVError(f"unknown method(s) {', '.join(unknown)}; choose from: {', '.join(sorted(METHODS))}")
     return tuple(dict.fromkeys(items))
@@ -89,7 +94,8 @@ def parse_floats(value: str | None, what: str) -> tuple[float, ...] | None:
 
 @click.command("eval", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--quick", is_flag=True, help="A few seconds: 384 tokens, one sample per task, streaming+snapkv at 0.25.")
-@click.option("--methods", help="Comma-separated methods (default: every registered one); 'full' always runs as reference.")
+@click.option("--methods", help="Comma-separated methods (default: every registered one); 'full' always runs as "
+              "reference. name@before / name@known / name@after: that regime only, whatever --regime says.")
 @click.option("--budgets", help="Comma-separated ratios of the context kept. [default: 0.5,0.25,0.1,0.05]")
 @click.option("--lengths", help="Prompt lengths in tokens, e.g. 1k,2k,4k,8k. [default: 1k,2k,4k,8k]")
 @click.option("--tasks", help="passkey, kv, continuation (comma-separated). [default: all three]")
@@ -111,17 +117,24 @@ def parse_floats(value: str | None, what: str) -> tuple[float, ...] | None:
 @click.option("--report-only", is_flag=True, help="Rebuild the reports from the records, run nothing.")
 @click.option("--no-plots", is_flag=True, help="Skip the matplotlib figures.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--media", is_flag=True,
+              help="Deliver the document as images (text-in-pixels projector for the model), the question as text.")
+@click.option("--regime", type=click.Choice(["after", "before", "known", "both", "all"]), default=None,
+              help="after: compact once the question is there; before: compact before it (not known: generic "
+                   "probe); known: before, the question known in advance (it is the probe); both = after+before; "
+                   "all = the three. [default: both with --media, else after]")
 def eval_command(quick, methods, budgets, lengths, tasks, depths, samples, continuation_samples, target_tokens,
-                 out, model, threads, window, max_new_tokens, seed, fresh, report_only, no_plots, no_progress):
+                 out, model, threads, window, max_new_tokens, seed, fresh, report_only, no_plots, no_progress,
+                 media, regime):
     """Measure every method x budget on a real model: passkey and key-value retrieval at several
     depths and lengths, and teacher-forced continuation (KL, top-1 vs the full cache). Writes
     records.jsonl, results.csv, summary.json, results.md and plots into --out."""
     from edgekv.eval.report import write_reports
     from edgekv.eval.runner import RECORDS, GridConfig, run_grid
-    from edgekv.eval.tasks import TASKS, TaskSpec
+    from edgekv.eval.tasks import DEFAULT_TASKS, TASKS, TaskSpec
     from edgekv.methods import METHODS
 
-    out = out or Path("results") / ("eval-quick" if quick else "eval")
+    out = out or Path("results") / (("eval-media" if media else "eval") + ("-quick" if quick else ""))
     if report_only:
         if not (out / RECORDS).exists():
             raise EdgeKVError(f"no records in {out} to report on")
@@ -130,7 +143,7 @@ def eval_command(quick, methods, budgets, lengths, tasks, depths, samples, conti
         return
 
     base = QUICK if quick else {}
-    spec_kw = dict(tasks=tuple(_split(tasks)) or TASKS,
+    spec_kw = dict(tasks=tuple(_split(tasks)) or DEFAULT_TASKS,
                    lengths=parse_lengths(lengths) or base.get("lengths", (1024, 2048, 4096, 8192)),
                    depths=parse_floats(depths, "--depths") or base.get("depths", (0.1, 0.5, 0.9)),
                    samples=samples or base.get("samples", 1),
@@ -143,15 +156,20 @@ def eval_command(quick, methods, budgets, lengths, tasks, depths, samples, conti
     spec = TaskSpec(**spec_kw)
     meths = parse_methods(methods) or base.get("methods") or tuple(m for m in METHODS if m != "full")
     buds = parse_budgets(budgets) or base.get("budgets", (0.5, 0.25, 0.1, 0.05))
+    regime = regime or ("both" if media else "after")
+    regimes = {"both": ("after", "before"), "all": ("after", "before", "known")}.get(regime, (regime,))
+    # "name@regime" in --methods runs in that regime only; plain names run in every --regime
+    meths = tuple(dict.fromkeys(m if (r == "after" or "@" in m) else f"{m}@{r}" for r in regimes for m in meths))
 
     if model is None:
         from edgekv.eval.gemma import gemma_path
 
         model = gemma_path()
     n_ctx = max(spec.lengths) + max(max_new_tokens, spec.target_tokens) + 16
+    n_ctx += (256 if media else 0) + (64 if regimes != ("after",) else 0)  # last image's padding, the probe
     n_ctx = (n_ctx + 255) // 256 * 256
     cfg = GridConfig(methods=meths, budgets=buds, spec=spec, window=window, max_new_tokens=max_new_tokens,
-                     model=str(model), n_ctx=n_ctx)
+                     model=str(model), n_ctx=n_ctx, media=media)
 
     if fresh and out.exists():
         for name in (RECORDS, "config.json", "commands.txt"):
@@ -165,7 +183,7 @@ def eval_command(quick, methods, budgets, lengths, tasks, depths, samples, conti
         f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')}  {' '.join(argv)}\n")
 
     t0 = time.perf_counter()
-    engine = RuntimeEngine(model, n_ctx=n_ctx, threads=threads, flash_attn="off", seed=seed)
+    engine = RuntimeEngine(model, n_ctx=n_ctx, threads=threads, flash_attn="off", seed=seed, media=media)
     try:
         records = run_grid(engine, cfg, out, progress=not no_progress,
                            log=lambda m: click.echo(f"warning: {m}", err=True))

@@ -101,3 +101,16 @@ def filler_paragraphs() -> tuple[str, ...]:
         if len(text) >= 40:
             out.append(text)
     return tuple(out)
+
+
+@lru_cache(maxsize=1)
+def license_paragraphs() -> tuple[str, ...]:
+    """A second filler source: the license texts (CPython's LICENSE.txt ships everywhere), wrapped lines
+    joined, so a needle is found in legal prose as well as in technical prose."""
+    out = []
+    for doc in license_documents():
+        for p in paragraphs(doc.text):
+            text = " ".join(ln.strip() for ln in p.splitlines() if ln.strip())
+            if len(text) >= 40:
+                out.append(text)
+    return tuple(out)

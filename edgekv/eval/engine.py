@@ -69,6 +69,18 @@ class ModelTokenizer:
         return self.model.detokenize(list(ids))
 
 
+REGIMES = ("after", "before", "known")
+
+
+def split_regime(label: str) -> tuple[str, str]:
+    """'hybridkv@before' -> ('hybridkv', 'before'); a plain name is the question-after regime."""
+    name, _, regime = label.partition("@")
+    regime = regime or "after"
+    if regime not in REGIMES:
+        raise ValueError(f"unknown regime {regime!r} in {label!r}; choose from {', '.join(REGIMES)}")
+    return name, regime
+
+
 class RuntimeEngine(Engine):
     """The runner's engine on `edgekv.runtime` (llama.cpp).
 
@@ -81,19 +93,33 @@ class RuntimeEngine(Engine):
     name = "edgekv.runtime"
 
     def __init__(self, model_path, *, n_ctx: int, threads: int = 2, n_batch: int = 512,
-                 flash_attn: str = "off", cache_type_k: str = "f16", cache_type_v: str = "f16", seed: int = 0):
+                 flash_attn: str = "off", cache_type_k: str = "f16", cache_type_v: str = "f16", seed: int = 0,
+                 media: bool = False):
         from edgekv.runtime import Model
 
         self.model_path = str(model_path)
-        self.model = Model.load(model_path, n_ctx=n_ctx, n_batch=n_batch, threads=threads, flash_attn=flash_attn,
-                                cache_type_k=cache_type_k, cache_type_v=cache_type_v)
+        self.media = media
+        mmproj, self.codec = None, None
+        if media:  # the document arrives as text-in-pixels images (edgekv.pixels)
+            from edgekv.pixels import PixelCodec, build_projector
+
+            mmproj = build_projector(model_path)
+            self.codec = PixelCodec.for_model(model_path)
+        self.model = Model.load(model_path, mmproj, n_ctx=n_ctx, n_batch=n_batch, threads=threads,
+                                flash_attn=flash_attn, cache_type_k=cache_type_k, cache_type_v=cache_type_v)
         self.tokenizer = ModelTokenizer(self.model)
+        self.pad = self.model.tokenize("\n", add_bos=False, special=False)[-1] if media else 0
         self.seed = seed
         self.settings = {"n_ctx": self.model.n_ctx, "threads": threads, "n_batch": n_batch,
-                         "flash_attn": flash_attn, "cache_type_k": cache_type_k, "cache_type_v": cache_type_v}
+                         "flash_attn": flash_attn, "cache_type_k": cache_type_k, "cache_type_v": cache_type_v,
+                         "media": media}
         self.sess = None
         self._snap = None
+        self._snap_before = None
+        self._question: list[int] = []
         self._last: list[int] = []
+        self.media_prefill_s = 0.0
+        self.n_context = 0
 
     def _session(self, window: int):
         from edgekv.runtime import Session
@@ -112,9 +138,21 @@ class RuntimeEngine(Engine):
         s.clear()
         t0 = time.perf_counter()
         s.append_tokens(list(sample.prefix), compressible=False)
-        s.append_tokens(list(sample.context), compressible=True)
+        t1 = time.perf_counter()
+        if self.media:
+            from edgekv.runtime.lib import mtmd_cpp
+
+            images = self.codec.encode(sample.context, pad=self.pad)
+            s.append_prompt(mtmd_cpp.mtmd_default_marker().decode() * len(images), images)
+        else:  # the same batch split as ever (its captured tail is dropped below: no question)
+            s.append_tokens(list(sample.context), compressible=True)
+        s._window_q, s._window_rows = None, 0   # the document's own tail is not a question window
+        self.media_prefill_s = time.perf_counter() - t1
+        self.n_context = int((s.kind == 1).sum())   # the compressible cells (images: padding included)
+        self._snap_before = s.snapshot()
         s.append_tokens(list(sample.question[:-1]), compressible=False)
         seconds = time.perf_counter() - t0
+        self._question = list(sample.question)
         self._last = list(sample.question[-1:])
         self._snap = s.snapshot()
         return seconds
@@ -125,26 +163,38 @@ class RuntimeEngine(Engine):
         self.sess.restore(self._snap)
 
     def compact(self, method: str, budget: float, window: int) -> CompactInfo:
+        """`method` may carry a regime: `name` (question after the document: compact with the question's
+        window), `name@before` (compact before the question, which is not known: generic probe for
+        query-aware methods), `name@known` (before the question, known in advance: it is the probe)."""
+        method, regime = split_regime(method)
         s = self.sess
-        self._restore()
+        if regime == "after":
+            self._restore()
+        else:
+            if self._snap_before is None:
+                raise RuntimeError("prefill() first")
+            s.restore(self._snap_before)
         n_cells = s.n_cells
-        if method == "full":
+        r = None
+        if method != "full":
+            probe = None if regime == "after" else (list(self._question) if regime == "known" else True)
+            r = s.compact(method=method, budget=budget, probe=probe)
+        if r is None:
             nbytes = s.kv_bytes()
             info = CompactInfo(n_cells, n_cells, nbytes, nbytes, 0.0)
         else:
-            r = s.compact(method=method, budget=budget)
-            if r is None:
-                nbytes = s.kv_bytes()
-                info = CompactInfo(n_cells, n_cells, nbytes, nbytes, 0.0)
-            else:
-                info = CompactInfo(r.cells_before, r.cells_after, r.bytes_before, r.bytes_after, r.seconds,
-                                   {"plan_s": round(r.plan_seconds, 4), "budget_cells": r.budget_cells,
-                                    "n_candidates": r.n_candidates, "window_rows": r.window,
-                                    "merged": r.merged})
+            info = CompactInfo(r.cells_before, r.cells_after, r.bytes_before, r.bytes_after, r.seconds,
+                               {"plan_s": round(r.plan_seconds, 4), "budget_cells": r.budget_cells,
+                                "n_candidates": r.n_candidates, "window_rows": r.window,
+                                "merged": r.merged, "resolved": r.method,
+                                **{k: v for k, v in r.info.items() if k.startswith("probe")}})
         bpc = self.model.layout.bytes_per_cell(self.model.cache_type_k, self.model.cache_type_v)
-        info.extra.update(block_bytes_before=info.cells_before * bpc, block_bytes_after=info.cells_after * bpc)
-        if self._last:
-            s.append_tokens(self._last, compressible=False, capture=False)
+        info.extra.update(block_bytes_before=info.cells_before * bpc, block_bytes_after=info.cells_after * bpc,
+                          media_prefill_s=round(self.media_prefill_s, 4), regime=regime,
+                          n_context=self.n_context)
+        tail = self._last if regime == "after" else self._question
+        if tail:
+            s.append_tokens(tail, compressible=False, capture=False)
         return info
 
     def generate(self, max_tokens: int) -> str:

@@ -35,14 +35,32 @@ def _mean(xs) -> float | None:
     return mean(xs) if xs else None
 
 
+RETRIEVAL_TASKS = ("passkey", "kv", "word", "pair")
+POOLED = "retrieval"   # every needle task pooled: the headline cell with the most samples
+
+
+def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """95 % Wilson score interval of a proportion k / n."""
+    if n <= 0:
+        return None
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
 def aggregate(records: list[dict]) -> list[dict]:
     """One row per (task, length | 'all', method, budget): mean score, its ratio to the full cache on
-    the same samples, and for continuation KL / top-1. Lengths are also pooled ('all')."""
+    the same samples, and for continuation KL / top-1. Lengths are also pooled ('all'), and the needle
+    tasks are also pooled as task 'retrieval'. Retrieval rows carry n and a 95 % Wilson interval."""
     full = {r["sample"]: r for r in records if r["method"] == FULL}
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         for length in (r["length"], "all"):
             groups[(r["task"], length, r["method"], r["budget"])].append(r)
+            if r["task"] in RETRIEVAL_TASKS:
+                groups[(POOLED, length, r["method"], r["budget"])].append(r)
     rows = []
     for (task, length, method, budget), rs in groups.items():
         paired = [r for r in rs if r["sample"] in full]
@@ -63,10 +81,22 @@ def aggregate(records: list[dict]) -> list[dict]:
             "bytes_after": _mean(r.get("bytes_after") for r in rs),
             "compact_s": _mean(r.get("compact_s") for r in rs),
             "prefill_s": _mean(r.get("prefill_s") for r in rs),
+            "ci": (wilson(sum(r.get("score") or 0 for r in rs), len(rs))
+                   if task in RETRIEVAL_TASKS + (POOLED,) else None),
         })
     rows.sort(key=lambda r: (r["task"], str(r["length"]) if r["length"] == "all" else f"{r['length']:08d}",
                              r["method"] != FULL, r["method"], -r["budget"]))
     return rows
+
+
+def _pct(x: float | None) -> float | None:
+    return None if x is None else 100 * x
+
+
+def _retrieval_cell(r: dict) -> str:
+    ci = r.get("ci")
+    iv = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+    return f"{_fmt(r['score'])}{iv} ({_fmt(r['relative'])}) n={r['n']}"
 
 
 def _fmt(x, spec=".2f", none="–") -> str:
@@ -90,8 +120,10 @@ def markdown(records: list[dict], config: dict | None = None, errors: list[dict]
              title: str = "edgekv eval", commands: list[str] | None = None) -> str:
     agg = aggregate(records)
     by = {(r["task"], r["length"], r["method"], r["budget"]): r for r in agg}
-    tasks = sorted({r["task"] for r in records}, key=lambda t: ("passkey", "kv", "continuation").index(t)
-                   if t in ("passkey", "kv", "continuation") else 9)
+    order = ("passkey", "kv", "word", "pair", "continuation")
+    tasks = sorted({r["task"] for r in records}, key=lambda t: order.index(t) if t in order else 9)
+    if len([t for t in tasks if t in RETRIEVAL_TASKS]) > 1:
+        tasks = [POOLED] + tasks
     lengths = sorted({r["length"] for r in records})
     methods = sorted({r["method"] for r in records if r["method"] != FULL})
     budgets = sorted({r["budget"] for r in records if r["method"] != FULL}, reverse=True)
@@ -128,11 +160,11 @@ def markdown(records: list[dict], config: dict | None = None, errors: list[dict]
                       _budget_table(by, t, methods, budgets,
                                     lambda r: f"{_fmt(r['top1'])} / {_fmt(r['kl'], '.3f')}"), ""]
         else:
-            parts += [f"## {t}: accuracy (relative to full cache), all lengths", "",
-                      "Cells: mean accuracy over samples (relative = method accuracy / full-cache accuracy on the "
-                      "same samples).", "",
-                      _budget_table(by, t, methods, budgets, lambda r: f"{_fmt(r['score'])} ({_fmt(r['relative'])})"),
-                      ""]
+            title = "every needle task pooled" if t == POOLED else t
+            parts += [f"## {title}: accuracy (relative to full cache), all lengths", "",
+                      "Cells: mean accuracy over samples [95 % Wilson interval] (relative = method accuracy / "
+                      "full-cache accuracy on the same samples), n samples.", "",
+                      _budget_table(by, t, methods, budgets, _retrieval_cell), ""]
         if len(lengths) > 1:
             parts += [f"### {t} by length ({'top-1 agreement' if t == 'continuation' else 'accuracy'})", ""]
             rows = []
@@ -185,11 +217,17 @@ def markdown(records: list[dict], config: dict | None = None, errors: list[dict]
     for m in methods:
         rs = [r for r in records if r["method"] == m and r.get("compact_s") is not None]
         if rs:
+            probe = [r for r in rs if r.get("probe_s") is not None]
             per_method.append([m, _fmt(_mean(r["compact_s"] for r in rs), ".3f"),
-                               _fmt(100 * _mean(r["compact_s"] / r["prefill_s"] for r in rs if r.get("prefill_s")), ".1f")])
+                               _fmt(100 * _mean(r["compact_s"] / r["prefill_s"] for r in rs if r.get("prefill_s")), ".1f"),
+                               _fmt(_pct(_mean(r["compact_s"] / r["media_prefill_s"] for r in rs
+                                               if r.get("media_prefill_s"))), ".1f"),
+                               _fmt(_mean(r["probe_s"] + r.get("probe_remove_s", 0) for r in probe), ".3f")])
     if per_method:
-        parts += ["Compaction time by method (mean over all lengths and budgets):", "",
-                  _table(["method", "compact s", "% of prefill"], per_method), ""]
+        parts += ["Compaction time by method (mean over all lengths and budgets). With a probe (regimes before/known) "
+                  "compact s includes the probe's decode and removal (probe s); % of the document prefill = "
+                  "compact s / the prefill of the compressible span (the images on --media).", "",
+                  _table(["method", "compact s", "% of prefill", "% of document prefill", "probe s"], per_method), ""]
     if errors:
         parts += ["## Errors", "", "Runs that raised (recorded, not scored):", ""]
         seen = {}

@@ -36,13 +36,15 @@ class GridConfig:
     max_new_tokens: int = 8     # greedy tokens generated for retrieval answers
     model: str = ""
     n_ctx: int = 0              # 0: sized from the longest sample
+    media: bool = False         # the document delivered as text-in-pixels images
 
     # Fields that change what a sample or a score means: a run may only resume with the same values.
     def identity(self) -> dict:
         s = self.spec
         return {"seed": s.seed, "target_tokens": s.target_tokens, "spec_window": s.window,
                 "window": self.window, "max_new_tokens": self.max_new_tokens,
-                "model": Path(self.model).name if self.model else ""}
+                "model": Path(self.model).name if self.model else "",
+                **({"media": True} if self.media else {})}
 
     def to_json(self) -> dict:
         d = asdict(self)

@@ -21,7 +21,11 @@ import numpy as np
 from edgekv.errors import EdgeKVError
 from edgekv.eval import corpus
 
-TASKS = ("passkey", "kv", "continuation")
+TASKS = ("passkey", "kv", "continuation", "word", "pair")
+DEFAULT_TASKS = ("passkey", "kv", "continuation")   # `word` and `pair` on request (--tasks)
+RETRIEVAL = ("passkey", "kv", "word", "pair")
+# Filler sources for haystacks; sample i uses FILLERS[i % len(FILLERS)], so --samples 2 covers both.
+FILLERS = ("docs", "license")
 
 
 class Tokenizer(Protocol):
@@ -71,7 +75,7 @@ class Sample:
 class TaskSpec:
     """What to build: which tasks, lengths, depths and how many samples of each."""
 
-    tasks: tuple[str, ...] = TASKS
+    tasks: tuple[str, ...] = DEFAULT_TASKS
     lengths: tuple[int, ...] = (1024, 2048, 4096, 8192)
     depths: tuple[float, ...] = (0.1, 0.5, 0.9)   # passkey and kv
     samples: int = 1                              # per (task, length, depth); continuation: per length
@@ -94,6 +98,17 @@ KV_HEADER = ("The text below hides several records, each giving the value of a k
 KV_RECORD = 'The value of key "{key}" is "{value}".'
 KV_QUESTION = '\n\nWhat is the value of key "{key}"? The value of key "{key}" is "'
 KV_TOKENS_PER_PAIR = 256  # one record per this many context tokens (4 at 1k ... 32 at 8k)
+
+WORD_NEEDLE = "The secret word is: {word}. Remember it. {word} is the secret word."
+WORD_QUESTION = "\n\nWhat is the secret word? The secret word is:"
+# Concrete, unrelated to the filler, mostly 2-3 Gemma tokens each.
+WORDS = ("pineapple", "lighthouse", "volcano", "saxophone", "cucumber", "kangaroo", "umbrella", "glacier",
+         "trombone", "avocado", "parachute", "cathedral", "walrus", "hammock", "lantern", "porcupine",
+         "tornado", "marshmallow", "flamingo", "telescope", "canyon", "harmonica", "jellyfish", "windmill")
+
+PAIR_NEEDLE = "The pass key of the {color} door is: {key}."
+PAIR_QUESTION = "\n\nWhat is the pass key of the {color} door? The pass key of the {color} door is:"
+COLORS = ("red", "blue", "green", "yellow", "white", "black")
 
 _HEX = "0123456789abcdef"
 
@@ -157,6 +172,24 @@ def _insert(pieces: list[list[int]], inserts: Sequence[tuple[float, list[int]]])
     return out, starts
 
 
+def filler_for(index: int) -> str:
+    return FILLERS[index % len(FILLERS)]
+
+
+class Haystacks:
+    """One lazily built Haystack per filler source."""
+
+    def __init__(self, tok: Tokenizer):
+        self.tok = tok
+        self._by: dict[str, Haystack] = {}
+
+    def __call__(self, source: str) -> Haystack:
+        if source not in self._by:
+            paras = corpus.filler_paragraphs() if source == "docs" else corpus.license_paragraphs()
+            self._by[source] = Haystack(self.tok, paras)
+        return self._by[source]
+
+
 def _bos(tok: Tokenizer) -> list[int]:
     return [] if tok.bos_id is None else [tok.bos_id]
 
@@ -174,7 +207,7 @@ def passkey_sample(tok: Tokenizer, hay: Haystack, spec: TaskSpec, length: int, d
     pieces = hay.take(n_fill, rng.randrange(len(hay.paragraphs)))
     context, starts = _insert(pieces, [(depth, needle)])
     return Sample("passkey", length, index, depth, tuple(prefix), tuple(context), tuple(question),
-                  answer=key, source="pydoc_data.topics",
+                  answer=key, source=filler_for(index),
                   meta={"needle_at": starts[0], "needle_len": len(needle)})
 
 
@@ -205,7 +238,7 @@ def kv_sample(tok: Tokenizer, hay: Haystack, spec: TaskSpec, length: int, depth:
     pieces = hay.take(n_fill, rng.randrange(len(hay.paragraphs)))
     context, starts = _insert(pieces, list(zip(depths, records)))
     return Sample("kv", length, index, depth, tuple(prefix), tuple(context), tuple(question),
-                  answer=values[target], source="pydoc_data.topics",
+                  answer=values[target], source=filler_for(index),
                   meta={"needle_at": starts[target], "needle_len": len(records[target]),
                         "n_pairs": n_pairs, "key": keys[target]})
 
@@ -248,12 +281,51 @@ def continuation_sample(tok: Tokenizer, docs: DocumentTokens, spec: TaskSpec, le
                   source=docs.documents[d].name, meta={"offset": off})
 
 
+def word_sample(tok: Tokenizer, hay: Haystack, spec: TaskSpec, length: int, depth: float,
+                index: int) -> Sample:
+    """A secret word (letters, not digits) inside the filler."""
+    rng = _rng(spec, "word", length, depth, index)
+    word = rng.choice(WORDS)
+    prefix = _bos(tok) + tok.encode(PASSKEY_HEADER.replace("pass key", "secret word"))
+    question = tok.encode(WORD_QUESTION)
+    needle = tok.encode(WORD_NEEDLE.format(word=word)) + hay.sep
+    n_fill = length - len(prefix) - len(question) - len(needle)
+    if n_fill < 16:
+        raise EdgeKVError(f"length {length} is too short for the word task")
+    pieces = hay.take(n_fill, rng.randrange(len(hay.paragraphs)))
+    context, starts = _insert(pieces, [(depth, needle)])
+    return Sample("word", length, index, depth, tuple(prefix), tuple(context), tuple(question),
+                  answer=word, source=filler_for(index), meta={"needle_at": starts[0], "needle_len": len(needle)})
+
+
+def pair_sample(tok: Tokenizer, hay: Haystack, spec: TaskSpec, length: int, depth: float,
+                index: int) -> Sample:
+    """Two competing needles of the same form (two doors, two keys); the question asks for the one at
+    `depth`, the other sits 0.4 of the context away. Answering with the other key is a miss."""
+    rng = _rng(spec, "pair", length, depth, index)
+    c1, c2 = rng.sample(COLORS, 2)
+    k1, k2 = str(rng.randint(10000, 99999)), str(rng.randint(10000, 99999))
+    other = (depth + 0.4) % 1.0
+    prefix = _bos(tok) + tok.encode(PASSKEY_HEADER.replace("an important pass key", "two pass keys"))
+    question = tok.encode(PAIR_QUESTION.format(color=c1))
+    n1 = tok.encode(PAIR_NEEDLE.format(color=c1, key=k1)) + hay.sep
+    n2 = tok.encode(PAIR_NEEDLE.format(color=c2, key=k2)) + hay.sep
+    n_fill = length - len(prefix) - len(question) - len(n1) - len(n2)
+    if n_fill < 16:
+        raise EdgeKVError(f"length {length} is too short for the pair task")
+    pieces = hay.take(n_fill, rng.randrange(len(hay.paragraphs)))
+    context, starts = _insert(pieces, [(depth, n1), (other, n2)])
+    return Sample("pair", length, index, depth, tuple(prefix), tuple(context), tuple(question),
+                  answer=k1, source=filler_for(index),
+                  meta={"needle_at": starts[0], "needle_len": len(n1), "distractor": k2})
+
+
 def build_samples(tok: Tokenizer, spec: TaskSpec) -> list[Sample]:
     """All samples of `spec`, shortest lengths first (so a partial run covers every task)."""
     unknown = set(spec.tasks) - set(TASKS)
     if unknown:
         raise EdgeKVError(f"unknown task(s) {sorted(unknown)}; choose from {', '.join(TASKS)}")
-    hay = Haystack(tok) if {"passkey", "kv"} & set(spec.tasks) else None
+    hays = Haystacks(tok)
     docs = DocumentTokens(tok) if "continuation" in spec.tasks else None
     out: list[Sample] = []
     for length in sorted(spec.lengths):
@@ -261,7 +333,7 @@ def build_samples(tok: Tokenizer, spec: TaskSpec) -> list[Sample]:
             if task == "continuation":
                 out += [continuation_sample(tok, docs, spec, length, i) for i in range(spec.continuation_samples)]
                 continue
-            make = passkey_sample if task == "passkey" else kv_sample
+            make = {"passkey": passkey_sample, "kv": kv_sample, "word": word_sample, "pair": pair_sample}[task]
             for depth in spec.depths:
-                out += [make(tok, hay, spec, length, depth, i) for i in range(spec.samples)]
+                out += [make(tok, hays(filler_for(i)), spec, length, depth, i) for i in range(spec.samples)]
     return out

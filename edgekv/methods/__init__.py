@@ -6,7 +6,7 @@ from edgekv.methods.registry import METHODS, get_method, register, uses_queries
 
 # Each import registers its methods.
 from edgekv.methods import (  # noqa: E402,F401
-    adakv, flashcache, flowmm, full, hybridkv, keydiff, knorm, mixkv, pyramidkv, randomkv, snapkv, streaming,
+    adakv, expected, flashcache, flowmm, full, hybridkv, keydiff, knorm, mixkv, pyramidkv, randomkv, snapkv, streaming,
     vnorm,
 )
 

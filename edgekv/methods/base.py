@@ -47,6 +47,7 @@ class KVView:
     scale:        attention scale from the model's hyper-parameters (1/sqrt(d) for most models).
     positions:    [T] logical positions (labels) of the tokens.
     seed:         for methods that draw random numbers.
+    rope_base, rope_neox: the RoPE of the compressed layers (methods that un-rotate queries: `expected`).
     """
 
     keys: np.ndarray
@@ -57,6 +58,8 @@ class KVView:
     scale: float | None = None
     positions: np.ndarray | None = None
     seed: int = 0
+    rope_base: float | None = None
+    rope_neox: bool = True
 
     def __post_init__(self) -> None:
         if self.keys.ndim != 4 or self.keys.shape != self.values.shape:

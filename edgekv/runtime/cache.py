@@ -256,7 +256,8 @@ class CompressedCache:
         K, V = layer_floats(base, lay.n_head_kv)
         view = KVView(keys=K, values=V, candidates=cand, spans=self.spans(),
                       queries=self.window_q if use_queries else None,
-                      scale=lay.attn_scale, positions=base.pos.astype(np.int64), seed=seed)
+                      scale=lay.attn_scale, positions=base.pos.astype(np.int64), seed=seed,
+                      rope_base=lay.rope_base, rope_neox=lay.rope_neox)
         label = meth.name
         if getattr(meth, "resolve", None):
             meth = meth.resolve(view)  # `auto`: picks by regime (query window or not)

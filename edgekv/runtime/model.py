@@ -17,6 +17,7 @@ from edgekv.runtime.lib import llama_cpp, mtmd_cpp
 FlashAttn = Literal["auto", "on", "off"]
 CACHE_TYPES = ("f16", "bf16", "q8_0", "q4_0", "f32")
 _FA = {"auto": -1, "off": 0, "on": 1}
+_LLAMA_ROPE_TYPE_NEOX = 2
 _LLAMA_ROPE_TYPE_MROPE = 8  # LLAMA_ROPE_TYPE_MROPE (and IMROPE=40, VISION=24 share the bit)
 
 # Interleaved sliding-window layouts llama.cpp hard-codes per architecture (llama-model.cpp
@@ -42,6 +43,8 @@ class ModelLayout:
     mrope: bool
     attn_scale: float
     n_params: int = 0
+    rope_base: float = 10000.0         # of the global (compressed) layers
+    rope_neox: bool = False            # NEOX pairs (i, i + d/2) instead of (2i, 2i + 1)
 
     @property
     def iswa(self) -> bool:
@@ -364,12 +367,15 @@ def read_layout(model) -> ModelLayout:
     attn_scale = float(scale_meta) if scale_meta and float(scale_meta) > 0 else 1.0 / math.sqrt(head_dim)
     mrope = (llama_cpp.llama_model_rope_type(model) & _LLAMA_ROPE_TYPE_MROPE) != 0 and \
         llama_cpp.llama_model_rope_type(model) > 0
+    rope_base = float(_meta(model, f"{arch}.rope.freq_base") or 10000.0)
+    rope_neox = llama_cpp.llama_model_rope_type(model) == _LLAMA_ROPE_TYPE_NEOX
     return ModelLayout(arch=arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
                        head_dim=head_dim, head_dim_v=head_dim_v,
                        n_ctx_train=llama_cpp.llama_model_n_ctx_train(model),
                        n_vocab=llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model)),
                        n_swa=n_swa, swa_layers=swa, mrope=mrope, attn_scale=attn_scale,
-                       n_params=int(llama_cpp.llama_model_n_params(model)))
+                       n_params=int(llama_cpp.llama_model_n_params(model)), rope_base=rope_base,
+                       rope_neox=rope_neox)
 
 
 def _init_mtmd(mmproj: Path, model, threads: int, use_gpu: bool, image_max_tokens: int | None):

@@ -83,12 +83,18 @@ class Session:
               sized for the budget hold a many-tile image or many frames (design.md section 4).
     progress: called as progress(stage, done, total) during prefill ("prefill": tokens) and for image
               chunks ("image": chunks), on the thread that runs the turn.
+    probe:    the probe window used when compaction must happen with no question window (early compaction,
+              or compact() before the user's question; runtime/probe.py): the question text when it is known
+              in advance, True for a generic probe, False for none (query-agnostic `auto` pick then).
     """
+
+    probe: str | bool = True
 
     def __init__(self, model: Model, *, method: str | Method = "auto", budget: float | int | str = 0.25,
                  compress: Literal["media", "all"] = "media", window: int = 32, seed: int = 0,
                  auto_compact: bool = True, early_compact: bool = True,
-                 method_kwargs: dict | None = None, progress: Progress | None = None) -> None:
+                 method_kwargs: dict | None = None, progress: Progress | None = None,
+                 probe: str | bool = True) -> None:
         self._closed = True  # until attached: close() and __del__ must not detach another session
         if compress not in ("media", "all"):
             raise EdgeKVError(f"compress must be 'media' or 'all', got {compress!r}")
@@ -107,6 +113,7 @@ class Session:
         self.seed = seed
         self.auto_compact = auto_compact
         self.early_compact = early_compact
+        self.probe = probe
         model.attach(self)
         self._closed = False
         self._cancel = threading.Event()
@@ -331,17 +338,26 @@ class Session:
         return self.cache.spans()
 
     def compact(self, method: str | Method | None = None, budget: float | int | str | None = None,
-                early: bool = False) -> CompactionReport | None:
+                early: bool = False, probe: str | bool | None = None) -> CompactionReport | None:
         """Compress the compressible cells appended since the last compaction. On any failure the
         original cache is restored and CompactionError raised. Returns None when there is nothing to do.
 
         early: the question has not arrived (media still coming in), so the compaction is query-agnostic:
-        whatever text was captured last (e.g. the newline between two images) is no question."""
+        whatever text was captured last (e.g. the newline between two images) is no question.
+        With no question window (or early), `auto` and query-aware methods use a probe window
+        (runtime/probe.py; `probe`: the question if known, True generic, False none; default self.probe)."""
         self._check_usable()
         cand = self.candidates()
         if not cand.any():
             return None
         meth = self.method if method is None else (get_method(method) if isinstance(method, str) else method)
+        probe = self.probe if probe is None else probe
+        if (early or not self.cache.window_rows) and probe is not False:
+            from edgekv.runtime import probe as probes
+
+            r = probes.compact_with_probe(self, meth, budget, early, probe)
+            if r is not probes.SKIPPED:
+                return r
         if early and meth.needs_queries:
             meth = get_method("auto")  # resolves to its query-agnostic pick (no queries)
         budget_cells = resolve_budget(self.budget if budget is None else budget, int(cand.sum()))
