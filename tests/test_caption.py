@@ -141,6 +141,37 @@ def test_prefix_reuse_matches_naive_prefill(pair, folder):
     assert len({r["text"] for r in a}) > 1   # different images, different captions
 
 
+def test_the_caption_prompt_is_the_probe_of_compaction_before_it(tiny_pairs, tmp_path, monkeypatch):
+    """The prompt is known before each input is read: early compaction of a 10-tile image (2560 media
+    tokens in a 1024-cell context) and every chunk of a streamed clip probe with the prompt's own text
+    (not the generic probe, not the chat template around it); a prompt with no text falls back to the
+    generic probe."""
+    from test_probe import spy_probes
+    from test_video import make_clip
+
+    seen = spy_probes(monkeypatch)
+    model, mmproj, big = tiny_pairs["llava-tiles"]
+    clip = make_clip(tmp_path / "clip.mp4", n=8, fps=4, w=224, h=224)
+    prompt, vprompt = "Name every colour in it.", "Say what moves."
+    with Captioner(cfg((model, mmproj), prompt=prompt, video_prompt=vprompt, video_fps=2, max_tokens=2)) as c:
+        for path, text in ((big, prompt), (clip, vprompt)):
+            seen.clear()
+            rec = c.caption(path)
+            assert "error" not in rec, rec
+            early = [r for r in c.session.reports if "(early, before the question)" in r.method]
+            want = c.model.tokenize(text, add_bos=False, special=False)
+            assert len(early) >= 2 and all("(probe: question)" in r.method for r in early), early
+            assert all(r.info["probe_tokens"] == len(want) for r in early)
+            assert seen == [(text, want, True)] * len(early)
+        assert rec["chunks"] == len(early)            # the clip: every chunk's compaction probed
+    seen.clear()
+    with Captioner(cfg((model, mmproj), prompt=" ", max_tokens=2)) as c:
+        assert "error" not in c.caption(big)
+        early = [r for r in c.session.reports if "early" in r.method]
+        assert early and all("(probe: generic)" in r.method for r in early)
+        assert [p for p, _, known in seen] == [True] * len(early) and not any(k for _, _, k in seen)
+
+
 def test_per_input_failures_do_not_stop_the_engine(pair, folder, tmp_path):
     bad = tmp_path / "corrupt.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")

@@ -30,6 +30,29 @@ class KeepFirstQA(KeepFirst):
     needs_queries = True
 
 
+def spy_probes(monkeypatch) -> list[tuple]:
+    """Record every probe a compaction decodes, as (the probe asked for, its tokens, known question?):
+    a spy on the probe module's own tokenizing step, the real probe still runs."""
+    from edgekv.runtime import probe as probes
+
+    real, seen = probes.probe_tokens, []
+
+    def spy(session, probe):
+        toks, known = real(session, probe)
+        seen.append((probe, list(toks), known))
+        return toks, known
+
+    monkeypatch.setattr(probes, "probe_tokens", spy)
+    return seen
+
+
+def test_question_probe():
+    from edgekv.runtime.probe import question_probe
+
+    assert question_probe("What is on the door?") == "What is on the door?"
+    assert question_probe("") is True and question_probe(" \n") is True and question_probe(None) is True
+
+
 def _prefill(model, doc, prefix):
     from edgekv.runtime import Session
 

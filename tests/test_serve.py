@@ -308,7 +308,7 @@ class Held:
     queue and disconnect states are exact rather than races against a fast tiny model. The holds go
     through the session's own progress callback and its chat() generator: the llama.cpp work is real."""
 
-    def __init__(self, tiny_pairs) -> None:
+    def __init__(self, tiny_pairs, n_ctx: int = N_CTX) -> None:
         import uvicorn
 
         from edgekv.runtime import Model
@@ -316,7 +316,7 @@ class Held:
         from edgekv.server.engine import Engine
 
         model, mmproj, _ = tiny_pairs["llava"]
-        self.model = Model.load(model, mmproj, n_ctx=N_CTX, threads=THREADS, flash_attn="off")
+        self.model = Model.load(model, mmproj, n_ctx=n_ctx, threads=THREADS, flash_attn="off")
         self.engine = Engine(self.model, model_id=MODEL_ID, method="snapkv", queue_size=1)
         self.gate = threading.Event()
         self.hold_image = False          # hold at the first image chunk of a turn
@@ -433,3 +433,34 @@ def test_disconnect_mid_stream_leaves_no_half_turn(held, image_url):
     assert e.media_chunks_encoded == chunks
     assert r2.choices[0].message.content.startswith("".join(got))   # greedy, same state: same start
     assert len("".join(got)) > 0
+
+
+def test_the_request_question_is_the_probe_of_its_early_compaction(tiny_pairs, image_url, monkeypatch):
+    """Two 256-token images in a 512-cell context: the first is compacted before the second is read, so
+    before the question is in the cache. The request's question is known then and is the probe (its own
+    text); a request without text gets the generic probe, and no request inherits another's."""
+    from test_probe import spy_probes
+
+    seen = spy_probes(monkeypatch)
+    h = Held(tiny_pairs, n_ctx=512)
+    try:
+        client = openai.OpenAI(base_url=h.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        s = h.engine.session
+        q = "what colour is the box"
+        want = h.model.tokenize(q, add_bos=False, special=False)
+        for text, probe in ((q, q), ("", True)):
+            seen.clear()
+            client.chat.completions.create(model=MODEL_ID, messages=[user(text, image_url, image_url)],
+                                           max_tokens=2)
+            wait_for(lambda: not h.engine.busy)
+            early = [r for r in s.reports if "(early, before the question)" in r.method]
+            assert early, s.reports
+            assert [p for p, _, _ in seen] == [probe] * len(early)
+            assert s.probe is True                     # the session's default is back for the next request
+            if probe is True:
+                assert all("(probe: generic)" in r.method for r in early) and not any(k for _, _, k in seen)
+            else:
+                assert all("(probe: question)" in r.method and r.info["probe_tokens"] == len(want) for r in early)
+                assert all(toks == want for _, toks, _ in seen)
+    finally:
+        h.close()

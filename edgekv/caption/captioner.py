@@ -10,9 +10,12 @@ before any image is evaluated, so every image is compacted for the question that
 
 Videos render as `<head><timestamp><frame>...<timestamp><frame>\n<video prompt><assistant header>`: the same
 head (restored the same way), then the clip streamed frame by frame (`streaming.append_video`), each chunk
-compacted right after its prefill (query-agnostic: the prompt comes after the clip), as `edgekv chat --video`
-does. The context is sized per clip for budget + one chunk + text (`cli.video.context_for`, rounded up to
-256 cells so clips of similar length share a size), and back to `n_ctx` for images; `Model.resize_context`
+compacted right after its prefill, as `edgekv chat --video` does. The prompt comes after the clip in the
+cache but is known before the clip is read, so it is the probe window of those compactions (and of the
+early compaction of a many-tile image): `runtime/probe.py` decodes the caption prompt (the text as given,
+as `edgekv chat -p` does) after the media, scores with its queries and removes it exactly. The context is
+sized per clip for budget + one chunk + text (`cli.video.context_for`, rounded up to 256 cells so clips
+of similar length share a size), and back to `n_ctx` for images; `Model.resize_context`
 needs no live Session, so the Session is closed, the context resized, the head prefilled and snapshotted
 again. A clip's context depends only on the clip and the options, never on the order of the batch, so a
 caption is the same in any order and on any worker. With `max_kv_cells` the context is that many cells for
@@ -158,8 +161,11 @@ class Captioner:
                 self._open_session()
 
     def _prefill(self, image: Path) -> None:
+        from edgekv.runtime.probe import question_probe
+
         s = self.session
         s.reports.clear()
+        s.probe = question_probe(self.config.prompt)   # known before the image: early / per-chunk compaction
         if self._snap is not None:
             s.restore(self._snap)       # the shared head, as prefilled once
             s.append_prompt(self.tail, [image])
@@ -217,6 +223,7 @@ class Captioner:
     def _prefill_video(self, path: Path) -> dict:
         """Stream one clip after the shared head (see the module doc); returns the record's video fields."""
         from edgekv.cli.video import check_fits, context_for
+        from edgekv.runtime.probe import question_probe
         from edgekv.runtime.streaming import Video, append_video, state_cells
 
         c = self.config
@@ -227,6 +234,7 @@ class Captioner:
         s = self.session
         s.reports.clear()
         s.video_stats.clear()
+        s.probe = question_probe(c.video_prompt)       # known before the clip: every chunk's compaction
         if self._snap is not None and self.video_head == self.head:
             s.restore(self._snap)
         else:

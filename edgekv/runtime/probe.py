@@ -34,6 +34,12 @@ Probe = Union[str, Sequence[int], bool, None]
 SKIPPED = object()  # compact_with_probe could not probe (no capture, no room): the caller goes on without
 
 
+def question_probe(text: str | None) -> str | bool:
+    """The probe for a question known before the media are read (a caption prompt, a server request's
+    last user message): its text as given, or the generic probe (True) when there is no text to probe with."""
+    return text if text and text.strip() else True
+
+
 def wants_probe(method) -> bool:
     """Query-aware methods and `auto` (which then picks per regime) profit from a probe window."""
     return bool(getattr(method, "needs_queries", False) or hasattr(method, "resolve"))

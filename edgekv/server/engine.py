@@ -20,6 +20,7 @@ from edgekv.errors import BudgetError, Cancelled, EdgeKVError
 from edgekv.methods import METHODS, get_method, parse_budget, uses_queries
 from edgekv.runtime import Model, Session
 from edgekv.runtime.lib import mtmd_cpp
+from edgekv.runtime.probe import question_probe
 from edgekv.server.convcache import ConversationCache, MessageKey
 from edgekv.server.images import RequestImage
 
@@ -77,6 +78,7 @@ class Engine:
         self.default_method, self.default_budget = method, budget
         self.max_image_pixels, self.max_tokens = max_image_pixels, max_tokens
         self.session = Session(model, method=method, budget=budget, compress=compress, seed=seed)
+        self.default_probe = self.session.probe   # put back after every turn (see _turn)
         self.cache = ConversationCache(cache_bytes)
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
         self._current: Job | None = None
@@ -217,6 +219,16 @@ class Engine:
         return True
 
     def _turn(self, job: Job) -> None:
+        """One request. Its question (the last user message) is known before any of its images is read: it
+        is the probe window of this turn's early compaction (runtime/probe.py), and of this turn only."""
+        s = self.session
+        s.probe = question_probe(job.messages[-1].text)
+        try:
+            self._serve(job)
+        finally:
+            s.probe = self.default_probe
+
+    def _serve(self, job: Job) -> None:
         s, msgs = self.session, job.messages
         t0 = time.perf_counter()
         keys = [m.key for m in msgs]
