@@ -20,6 +20,7 @@ are the same code for both layouts; `serialize_state` transposes back.
 """
 from __future__ import annotations
 
+import ctypes
 import struct
 from dataclasses import dataclass, field, replace
 
@@ -116,9 +117,10 @@ class SeqState:
 
 
 class _Reader:
-    def __init__(self, blob: bytes | bytearray | memoryview):
+    def __init__(self, blob, copy: bool = True):
         self.buf = memoryview(blob).cast("B")
         self.off = 0
+        self.copy = copy
 
     def need(self, n: int, what: str) -> None:
         if n < 0 or self.off + n > len(self.buf):
@@ -135,14 +137,19 @@ class _Reader:
     def array(self, dtype, count: int, what: str) -> np.ndarray:
         n = np.dtype(dtype).itemsize * count
         self.need(n, what)
-        a = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.off).copy()
+        a = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.off)
         self.off += n
+        if self.copy:
+            return a.copy()
+        a.flags.writeable = False  # a view into the blob: the blob must not change through it
         return a
 
 
-def parse_state(blob: bytes | bytearray | memoryview, *, has_ext: bool = False, n_blocks: int = 1) -> SeqState:
-    """Parse a `llama_state_seq_get_data` blob. Raises StateFormatError on anything unexpected."""
-    r = _Reader(blob)
+def parse_state(blob, *, has_ext: bool = False, n_blocks: int = 1, copy: bool = True) -> SeqState:
+    """Parse a `llama_state_seq_get_data` blob (bytes or any buffer, e.g. a ctypes array). Raises
+    StateFormatError on anything unexpected. copy=False: the K rows (and V rows unless transposed) are
+    read-only views into `blob`, which they keep alive: no second copy of the cache (compaction)."""
+    r = _Reader(blob, copy)
     magic = r.unpack("<I", "magic")
     if magic != MAGIC:
         raise StateFormatError(f"not a llama.cpp sequence state (magic {magic:#x}, expected {MAGIC:#x}); "
@@ -200,29 +207,67 @@ def _parse_block(r: _Reader, has_ext: bool, index: int) -> KVBlock:
 
 def serialize_state(state: SeqState) -> bytes:
     """The exact inverse of `parse_state`."""
-    out = bytearray(struct.pack("<Ii", MAGIC, state.seq_id))
+    return bytes(state_buffer(state))
+
+
+def state_size(state: SeqState) -> int:
+    """Bytes of the blob `state_buffer(state)` writes."""
+    n = 8
     for b in state.blocks:
-        out += struct.pack("<II", 1, b.n_cells)
+        n += 8
+        if b.n_cells:
+            n += b.n_cells * 4 * (2 + (3 if state.has_ext else 0) + 1) + 8
+            n += sum(12 + l.k.nbytes for l in b.layers)
+            n += sum(12 + l.v.nbytes for l in b.layers)  # "<iQ" or "<iII" header
+    return n
+
+
+def state_buffer(state: SeqState) -> ctypes.Array:
+    """`serialize_state` written straight into one ctypes buffer (what llama.cpp reads), with no
+    intermediate bytes: the only copy of the new blob."""
+    buf = (ctypes.c_uint8 * state_size(state))()
+    out = np.frombuffer(buf, dtype=np.uint8)
+    off = 0
+
+    def put(a: np.ndarray) -> None:
+        nonlocal off
+        a = np.asarray(a)
+        flat = out[off:off + a.nbytes]
+        flat.view(a.dtype).reshape(a.shape)[...] = a  # one copy, transposes included
+        off += a.nbytes
+
+    def header(fmt: str, *vals) -> None:
+        nonlocal off
+        struct.pack_into(fmt, buf, off, *vals)
+        off += struct.calcsize(fmt)
+
+    header("<Ii", MAGIC, state.seq_id)
+    for b in state.blocks:
+        header("<II", 1, b.n_cells)
         if b.n_cells == 0:
             continue
-        cols = [b.pos[:, None], np.ones((b.n_cells, 1), np.int32)]
+        width = 2 + (3 if state.has_ext else 0) + 1
+        meta = out[off:off + b.n_cells * width * 4].view("<i4").reshape(b.n_cells, width)
+        meta[:, 0], meta[:, 1] = b.pos, 1
         if state.has_ext:
             if b.ext is None:
                 raise ValueError("state has_ext but a block has no ext")
-            cols.append(b.ext)
-        cols.append(b.seq_id[:, None])
-        out += np.ascontiguousarray(np.concatenate(cols, axis=1), dtype="<i4").tobytes()
-        out += struct.pack("<II", int(b.v_trans), b.n_layers)
+            meta[:, 2:5] = b.ext
+        meta[:, -1] = b.seq_id
+        off += meta.nbytes
+        header("<II", int(b.v_trans), b.n_layers)
         for l in b.layers:
-            out += struct.pack("<iQ", l.k_type, l.k.shape[1])
-            out += np.ascontiguousarray(l.k).tobytes()
+            header("<iQ", l.k_type, l.k.shape[1])
+            put(l.k)
         for l in b.layers:
             if not b.v_trans:
-                out += struct.pack("<iQ", l.v_type, l.v.shape[1])
-                out += np.ascontiguousarray(l.v).tobytes()
+                header("<iQ", l.v_type, l.v.shape[1])
+                put(l.v)
             else:
                 el = GGML_TYPES[l.v_type][2]
                 n_embd_v = l.v.shape[1] // el
-                out += struct.pack("<iII", l.v_type, el, n_embd_v)
-                out += np.ascontiguousarray(l.v.reshape(b.n_cells, n_embd_v, el).transpose(1, 0, 2)).tobytes()
-    return bytes(out)
+                header("<iII", l.v_type, el, n_embd_v)
+                put(l.v.reshape(b.n_cells, n_embd_v, el).transpose(1, 0, 2))
+    if off != len(buf):
+        raise AssertionError(f"state_buffer wrote {off} of {len(buf)} bytes")
+    return buf

@@ -90,11 +90,27 @@ def _fill_slots(new: np.ndarray, old: np.ndarray, type_id: int, keep: np.ndarray
     return new
 
 
-def layer_floats(block: KVBlock, n_kv_heads: int) -> tuple[np.ndarray, np.ndarray]:
-    """K and V of the block as float32 [L, H_kv, T, d] (the methods' view)."""
-    ks, vs = [], []
-    for layer in block.layers:
-        for rows, t, acc in ((layer.k, layer.k_type, ks), (layer.v, layer.v_type, vs)):
-            f = to_float(rows, t)
-            acc.append(f.reshape(f.shape[0], n_kv_heads, -1).transpose(1, 0, 2))
-    return np.stack(ks), np.stack(vs)
+def layer_floats(block: KVBlock, n_kv_heads: int, cells: np.ndarray | None = None, *, keys: bool = True,
+                 values: bool = True) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """K and V of the block as float32 [L, H_kv, T, d] (the methods' view). cells: only these cells
+    (an index array, in that order; T = len(cells)); keys/values=False: that one is None. Each layer is
+    converted alone into the preallocated result, so the float copy is the only one held."""
+    idx = None if cells is None else np.asarray(cells, dtype=np.int64)
+    out = []
+    for want, rows_of, type_of in ((keys, lambda l: l.k, lambda l: l.k_type),
+                                   (values, lambda l: l.v, lambda l: l.v_type)):
+        if not want:
+            out.append(None)
+            continue
+        acc = None
+        for il, layer in enumerate(block.layers):
+            rows = rows_of(layer)
+            f = to_float(rows if idx is None else rows[idx], type_of(layer))   # [T, H_kv * d]
+            f = f.reshape(f.shape[0], n_kv_heads, -1).transpose(1, 0, 2)
+            if acc is None:
+                acc = np.empty((block.n_layers,) + f.shape, dtype=np.float32)
+            acc[il] = f
+        if acc is None:
+            acc = np.zeros((0, n_kv_heads, 0 if idx is None else len(idx), 0), np.float32)
+        out.append(acc)
+    return out[0], out[1]

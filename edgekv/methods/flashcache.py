@@ -111,6 +111,7 @@ class FlashCache(ScoreMethod):
     name = "flashcache"
     paper = "https://arxiv.org/abs/2511.16786"
     needs_queries = False
+    view_cells = "candidates"  # the DCT runs over the candidate tokens only
 
     def __post_init__(self) -> None:
         if not 0.0 < self.gamma < 1.0:
