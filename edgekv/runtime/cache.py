@@ -251,7 +251,7 @@ class CompressedCache:
         return tuple(spans)
 
     def compact(self, meth: Method, cand: np.ndarray, budget_cells: int, *, use_queries: bool, seed: int,
-                label_suffix: str = "", on_blob: Callable[[bytes], None] | None = None) -> CompactionReport:
+                label_suffix: str = "", on_blob: Callable[[ctypes.Array], None] | None = None) -> CompactionReport:
         """Plan with `meth` over the candidate cells and write the packed cache back. On any failure the
         original cache is restored and CompactionError raised. on_blob sees the blob before the rewrite."""
         t0 = time.perf_counter()
