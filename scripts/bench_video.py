@@ -5,6 +5,10 @@ RSS.
 
     OMP_WAIT_POLICY=PASSIVE flock /tmp/edgekv-bench.lock python scripts/bench_video.py \
         [--shape qwen2-0.5b] [--frames 64] [--ratios 0.2,0.1] [--threads 2] [--out results/video]
+        [--baseline-tree DIR]
+
+--baseline-tree DIR: the streamed runs again with another checkout's edgekv (its scripts/bench_video.py
+runs the child), so a change is measured against the code before it in one run, same clip, same load.
 
 The model is synthetic (random weights, the text shapes of a real small VLM, built once into the edgekv
 model cache) with a tiny llava-style projector of the same width (256 tokens per frame); the clip is
@@ -115,11 +119,14 @@ def child(args: dict) -> dict:
     return out
 
 
-def run_child(args: dict, poll_s: float = 0.02) -> dict:
+def run_child(args: dict, poll_s: float = 0.02, tree: Path | None = None) -> dict:
     import psutil
 
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(args)], stdout=subprocess.PIPE,
+    script = __file__ if tree is None else str(tree / "scripts" / "bench_video.py")
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
+    proc = subprocess.Popen([sys.executable, script, "--child", json.dumps(args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     ps = psutil.Process(proc.pid)
     polled = 0.0
@@ -148,6 +155,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n-batch", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("results/video"))
+    ap.add_argument("--baseline-tree", type=Path, help="Also run the streamed configs with this checkout's code.")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
@@ -161,15 +169,21 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     load0 = os.getloadavg()
     runs = []
-    for ratio in [1.0] + [float(x) for x in a.ratios.split(",")]:
-        r = run_child({**base, "ratio": ratio})
+    jobs = [(1.0, None)]
+    for x in a.ratios.split(","):
+        jobs += [(float(x), a.baseline_tree)] if a.baseline_tree else []
+        jobs += [(float(x), None)]
+    for ratio, tree in jobs:
+        r = run_child({**base, "ratio": ratio}, tree=tree)
+        r["tree"] = None if tree is None else str(tree)
         runs.append(r)
-        print(f"ratio {ratio}: peak cells {r['peak_cells']}, n_ctx {r['n_ctx']}, peak RSS "
+        print(f"ratio {ratio}{' (baseline tree)' if tree else ''}: peak cells {r['peak_cells']}, n_ctx {r['n_ctx']}, peak RSS "
               f"{max(r['peak_rss_mb'], r['polled_peak_rss_mb']):.0f} MB, {r['frames_per_s']:.2f} frames/s", flush=True)
     cmd = "python scripts/bench_video.py " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"command": cmd, "model": str(model), "shape": a.shape, "weight_type": a.weight_type, "threads": a.threads,
             "seconds": time.perf_counter() - t0, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "loadavg_before": load0, "loadavg_after": os.getloadavg()}
+            "loadavg_before": load0, "loadavg_after": os.getloadavg(),
+            "baseline": str(a.baseline_tree) if a.baseline_tree else None}
     (a.out / "video.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=2))
     clip.unlink()
     md = report(meta, runs)
@@ -187,16 +201,20 @@ def report(meta: dict, runs: list[dict]) -> str:
              f"{full['frames']} frames ({full['seconds_of_video']:.1f} s of video at 2 fps), {full['media_tokens']} media "
              f"tokens, chunk = one frame = {full['chunk']} tokens. Each run is a fresh subprocess.", "",
              "| run | n_ctx | peak KV cells (re-read) | budget + chunk | KV allocated MiB | vs full | KV at peak MiB | "
-             "peak RSS MiB | RSS drop MiB | KV saving MiB | prefill frames/s | vs full | compaction s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "peak RSS MiB | RSS drop MiB | KV saving MiB | drop / saving | prefill frames/s | vs full | compaction s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         peak = max(r["peak_rss_mb"], r["polled_peak_rss_mb"])
         name = "full cache" if r["ratio"] >= 1 else f"streamed, {r['method']} @ {r['ratio']:g}"
+        if r.get("tree"):
+            name += f" (baseline: {meta.get('baseline', r['tree'])})"
+        saving = (full["kv_alloc_bytes"] - r["kv_alloc_bytes"]) / 2**20
         bc = "" if r["ratio"] >= 1 else f"{r['final_cells']} + {r['chunk']} = {r['final_cells'] + r['chunk']}"
         lines.append(
             f"| {name} | {r['n_ctx']} | {r['peak_cells']} | {bc} | {r['kv_alloc_bytes'] / 2**20:.1f} | "
             f"{100 * r['kv_alloc_bytes'] / full['kv_alloc_bytes']:.0f}% | {r['kv_peak_bytes'] / 2**20:.1f} | {peak:.0f} | "
-            f"{fpeak - peak:.0f} | {(full['kv_alloc_bytes'] - r['kv_alloc_bytes']) / 2**20:.1f} | {r['frames_per_s']:.2f} | "
+            f"{fpeak - peak:.0f} | {saving:.1f} | {f'{100 * (fpeak - peak) / saving:.0f}%' if saving else ''} | "
+            f"{r['frames_per_s']:.2f} | "
             f"{100 * r['frames_per_s'] / full['frames_per_s']:.0f}% | {r['compact_s']:.1f} |")
     lines += ["", "Budget B = the cells kept at the end (compacted frames + text), re-read from llama.cpp's state; "
               "KV allocated = n_ctx x bytes per cell (what llama.cpp reserves when the context is made)."]

@@ -132,7 +132,7 @@ def test_failed_restore_recovers_original_cache(tiny_pairs, monkeypatch):
         want = ref.eval_logits(probe)
         ref.close()
 
-        real_serialize = session_mod.serialize_state
+        real_serialize = session_mod.state_buffer
 
         def broken(state):  # flip v_trans: llama.cpp's state_read_data rejects it after dropping the seq
             state.blocks[0].v_trans = not state.blocks[0].v_trans
@@ -141,10 +141,10 @@ def test_failed_restore_recovers_original_cache(tiny_pairs, monkeypatch):
         s = Session(m, method="snapkv", budget=0.25, auto_compact=False)
         s.append_prompt("<__media__>\ndescribe", [image])
         cells = s.n_cells
-        monkeypatch.setattr(session_mod, "serialize_state", broken)
+        monkeypatch.setattr(session_mod, "state_buffer", broken)
         with pytest.raises(CompactionError, match="original cache was restored"):
             s.compact()
-        monkeypatch.setattr(session_mod, "serialize_state", real_serialize)
+        monkeypatch.setattr(session_mod, "state_buffer", real_serialize)
         assert parse_state(s.state_blob()).blocks[0].n_cells == cells == s.n_cells
         np.testing.assert_array_equal(s.eval_logits(probe), want)   # the cache answers as before
         s.close()

@@ -188,6 +188,9 @@ def test_streamed_video_stays_within_budget_plus_chunk(tiny_pairs, clip, variant
         C = plan.chunk_tokens
         final = state_cells(s)
         assert final == s.n_cells  # llama.cpp and the session's bookkeeping agree
+        # state_cells reads the 16-byte header only; the whole blob says the same
+        from edgekv.kv.codec import parse_state
+        assert final == parse_state(s.state_blob(), has_ext=m.layout.mrope).blocks[0].n_cells
         text = int((s.kind == 0).sum())  # protected: template, timestamps, vision wrappers, answer
         budget = math.ceil(0.25 * plan.media_tokens) + plan.groups
         assert final - text <= budget

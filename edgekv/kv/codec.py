@@ -20,6 +20,7 @@ are the same code for both layouts; `serialize_state` transposes back.
 """
 from __future__ import annotations
 
+import ctypes
 import struct
 from dataclasses import dataclass, field, replace
 
@@ -72,6 +73,67 @@ class LayerKV:
     def n_embd_v(self) -> int:
         return row_elements(self.v_type, self.v.shape[1])
 
+    @property
+    def k_row(self) -> int:
+        return int(self.k.shape[1])
+
+    @property
+    def v_row(self) -> int:
+        return int(self.v.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.k.nbytes + self.v.nbytes)
+
+    def v_dim_major(self) -> np.ndarray:
+        """V as a blob with v_trans stores it: [n_embd_v, cells, element bytes] (a view of `v`)."""
+        el = GGML_TYPES[self.v_type][2]
+        return self.v.reshape(self.v.shape[0], -1, el).transpose(1, 0, 2)
+
+
+class LazyLayerKV:
+    """A LayerKV whose rows are made when read (`k`, `v`: a fresh array on every access), so a whole
+    cache is never held twice: the writer takes one layer at a time (compaction, `state_buffer`)."""
+
+    k_type: int
+    v_type: int
+    k_row: int
+    v_row: int
+    n_cells: int
+
+    @property
+    def n_embd_k(self) -> int:
+        return row_elements(self.k_type, self.k_row)
+
+    @property
+    def n_embd_v(self) -> int:
+        return row_elements(self.v_type, self.v_row)
+
+    @property
+    def nbytes(self) -> int:
+        return self.n_cells * (self.k_row + self.v_row)
+
+    def v_dim_major(self) -> np.ndarray:
+        el = GGML_TYPES[self.v_type][2]
+        return self.v.reshape(self.n_cells, -1, el).transpose(1, 0, 2)
+
+
+class TransposedLayerKV(LazyLayerKV):
+    """A layer parsed without copy from a v_trans blob: K rows are a view into the blob, V stays in the
+    blob's dim-major layout and is transposed to cell-major rows when read."""
+
+    def __init__(self, k_type: int, k: np.ndarray, v_type: int, v_raw: np.ndarray) -> None:
+        self.k_type, self.k, self.v_type, self._raw = k_type, k, v_type, v_raw   # raw [n_embd_v, n, el]
+        self.k_row, self.n_cells = int(k.shape[1]), int(k.shape[0])
+        self.v_row = int(v_raw.shape[0] * v_raw.shape[2])
+
+    @property
+    def v(self) -> np.ndarray:
+        return self._raw.transpose(1, 0, 2).reshape(self.n_cells, self.v_row)
+
+    def v_dim_major(self) -> np.ndarray:
+        return self._raw
+
 
 @dataclass(eq=False)
 class KVBlock:
@@ -94,7 +156,7 @@ class KVBlock:
     @property
     def nbytes(self) -> int:
         """K and V bytes held by these cells."""
-        return int(sum(l.k.nbytes + l.v.nbytes for l in self.layers))
+        return int(sum(l.nbytes for l in self.layers))
 
     def take(self, idx: np.ndarray) -> "KVBlock":
         """The block restricted to cells `idx` (in that order); rows are copied byte for byte."""
@@ -116,9 +178,10 @@ class SeqState:
 
 
 class _Reader:
-    def __init__(self, blob: bytes | bytearray | memoryview):
+    def __init__(self, blob, copy: bool = True):
         self.buf = memoryview(blob).cast("B")
         self.off = 0
+        self.copy = copy
 
     def need(self, n: int, what: str) -> None:
         if n < 0 or self.off + n > len(self.buf):
@@ -135,14 +198,19 @@ class _Reader:
     def array(self, dtype, count: int, what: str) -> np.ndarray:
         n = np.dtype(dtype).itemsize * count
         self.need(n, what)
-        a = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.off).copy()
+        a = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.off)
         self.off += n
+        if self.copy:
+            return a.copy()
+        a.flags.writeable = False  # a view into the blob: the blob must not change through it
         return a
 
 
-def parse_state(blob: bytes | bytearray | memoryview, *, has_ext: bool = False, n_blocks: int = 1) -> SeqState:
-    """Parse a `llama_state_seq_get_data` blob. Raises StateFormatError on anything unexpected."""
-    r = _Reader(blob)
+def parse_state(blob, *, has_ext: bool = False, n_blocks: int = 1, copy: bool = True) -> SeqState:
+    """Parse a `llama_state_seq_get_data` blob (bytes or any buffer, e.g. a ctypes array). Raises
+    StateFormatError on anything unexpected. copy=False: the K rows (and V rows unless transposed) are
+    read-only views into `blob`, which they keep alive: no second copy of the cache (compaction)."""
+    r = _Reader(blob, copy)
     magic = r.unpack("<I", "magic")
     if magic != MAGIC:
         raise StateFormatError(f"not a llama.cpp sequence state (magic {magic:#x}, expected {MAGIC:#x}); "
@@ -192,37 +260,76 @@ def _parse_block(r: _Reader, has_ext: bool, index: int) -> KVBlock:
             name, blck, size = GGML_TYPES.get(v_type, (None, 0, 0))
             if name is None or blck != 1 or el != size:
                 raise StateFormatError(f"transposed V of type id {v_type} (element {el} B) is not supported")
-            raw = r.array(np.uint8, n_embd_v * n * el, f"layer {il} V")
-            v = raw.reshape(n_embd_v, n, el).transpose(1, 0, 2).reshape(n, n_embd_v * el).copy()
+            raw = r.array(np.uint8, n_embd_v * n * el, f"layer {il} V").reshape(n_embd_v, n, el)
+            if not r.copy:  # left in the blob, transposed when read (one layer at a time)
+                layers.append(TransposedLayerKV(ks[il][0], ks[il][1], v_type, raw))
+                continue
+            v = raw.transpose(1, 0, 2).reshape(n, n_embd_v * el).copy()
         layers.append(LayerKV(ks[il][0], ks[il][1], v_type, v))
     return KVBlock(pos=pos, seq_id=seq, ext=ext, v_trans=bool(v_trans), layers=layers)
 
 
 def serialize_state(state: SeqState) -> bytes:
     """The exact inverse of `parse_state`."""
-    out = bytearray(struct.pack("<Ii", MAGIC, state.seq_id))
+    return bytes(state_buffer(state))
+
+
+def state_size(state: SeqState) -> int:
+    """Bytes of the blob `state_buffer(state)` writes."""
+    n = 8
     for b in state.blocks:
-        out += struct.pack("<II", 1, b.n_cells)
+        n += 8
+        if b.n_cells:
+            n += b.n_cells * 4 * (2 + (3 if state.has_ext else 0) + 1) + 8
+            n += sum(24 + l.nbytes for l in b.layers)  # K "<iQ" and V "<iQ" or "<iII" headers
+    return n
+
+
+def state_buffer(state: SeqState) -> ctypes.Array:
+    """`serialize_state` written straight into one ctypes buffer (what llama.cpp reads), with no
+    intermediate bytes: the only copy of the new blob."""
+    buf = (ctypes.c_uint8 * state_size(state))()
+    out = np.frombuffer(buf, dtype=np.uint8)
+    off = 0
+
+    def put(a: np.ndarray) -> None:
+        nonlocal off
+        a = np.asarray(a)
+        flat = out[off:off + a.nbytes]
+        flat.view(a.dtype).reshape(a.shape)[...] = a  # one copy, transposes included
+        off += a.nbytes
+
+    def header(fmt: str, *vals) -> None:
+        nonlocal off
+        struct.pack_into(fmt, buf, off, *vals)
+        off += struct.calcsize(fmt)
+
+    header("<Ii", MAGIC, state.seq_id)
+    for b in state.blocks:
+        header("<II", 1, b.n_cells)
         if b.n_cells == 0:
             continue
-        cols = [b.pos[:, None], np.ones((b.n_cells, 1), np.int32)]
+        width = 2 + (3 if state.has_ext else 0) + 1
+        meta = out[off:off + b.n_cells * width * 4].view("<i4").reshape(b.n_cells, width)
+        meta[:, 0], meta[:, 1] = b.pos, 1
         if state.has_ext:
             if b.ext is None:
                 raise ValueError("state has_ext but a block has no ext")
-            cols.append(b.ext)
-        cols.append(b.seq_id[:, None])
-        out += np.ascontiguousarray(np.concatenate(cols, axis=1), dtype="<i4").tobytes()
-        out += struct.pack("<II", int(b.v_trans), b.n_layers)
-        for l in b.layers:
-            out += struct.pack("<iQ", l.k_type, l.k.shape[1])
-            out += np.ascontiguousarray(l.k).tobytes()
+            meta[:, 2:5] = b.ext
+        meta[:, -1] = b.seq_id
+        off += meta.nbytes
+        header("<II", int(b.v_trans), b.n_layers)
+        for l in b.layers:  # `l.k` / `l.v` read once each: a LazyLayerKV makes one layer at a time
+            header("<iQ", l.k_type, l.k_row)
+            put(l.k)
         for l in b.layers:
             if not b.v_trans:
-                out += struct.pack("<iQ", l.v_type, l.v.shape[1])
-                out += np.ascontiguousarray(l.v).tobytes()
+                header("<iQ", l.v_type, l.v_row)
+                put(l.v)
             else:
                 el = GGML_TYPES[l.v_type][2]
-                n_embd_v = l.v.shape[1] // el
-                out += struct.pack("<iII", l.v_type, el, n_embd_v)
-                out += np.ascontiguousarray(l.v.reshape(b.n_cells, n_embd_v, el).transpose(1, 0, 2)).tobytes()
-    return bytes(out)
+                header("<iII", l.v_type, el, l.v_row // el)
+                put(l.v_dim_major())
+    if off != len(buf):
+        raise AssertionError(f"state_buffer wrote {off} of {len(buf)} bytes")
+    return buf

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgekv.kv.codec import KVBlock
+from dataclasses import replace
+
+from edgekv.kv.codec import KVBlock, LazyLayerKV
 from edgekv.kv.dtypes import bytes_per_head, from_float, to_float
 from edgekv.plan import Plan
 
@@ -52,17 +54,38 @@ def pack_block(block: KVBlock, plan: Plan, candidates: np.ndarray, n_kv_heads: i
     src, is_slot = src[order], is_slot[order]
     slot_rows = np.flatnonzero(is_slot)           # row of slot s in the new block (labels are sorted)
 
-    out = block.take(src)
-    for il, layer in enumerate(out.layers):
-        keep = plan.keep[il].T                    # [C, H_kv]: token of slot s for head h
-        old = block.layers[il]
-        mk = None if merged is None else merged[0][il]
-        mv = None if merged is None else merged[1][il]
-        layer.k = _fill_slots(layer.k, old.k, old.k_type, keep, slot_rows, n_kv_heads, mk)
-        layer.v = _fill_slots(layer.v, old.v, old.v_type, keep, slot_rows, n_kv_heads, mv)
+    layers = [PackedLayerKV(old, src, plan.keep[il].T, slot_rows, n_kv_heads,
+                            None if merged is None else (merged[0][il], merged[1][il]))
+              for il, old in enumerate(block.layers)]
+    out = replace(block, pos=block.pos[src], seq_id=block.seq_id[src],
+                  ext=None if block.ext is None else block.ext[src], layers=layers)
     if T and out.n_cells and out.pos.max() != block.pos.max():
         raise AssertionError("the pos_max cell was not kept")
     return out, src
+
+
+class PackedLayerKV(LazyLayerKV):
+    """One packed layer, made when read from the old layer (protected rows copied, slots filled), so
+    writing the new blob holds one layer's rows at a time, not a second copy of the cache."""
+
+    def __init__(self, old, src: np.ndarray, keep: np.ndarray, slot_rows: np.ndarray, n_heads: int,
+                 merged: tuple[np.ndarray, np.ndarray] | None) -> None:
+        self._old, self._src, self._keep, self._slots, self._heads = old, src, keep, slot_rows, n_heads
+        self._merged = merged                      # [H_kv, C, d] K and V of this layer's slots
+        self.k_type, self.v_type, self.k_row, self.v_row = old.k_type, old.v_type, old.k_row, old.v_row
+        self.n_cells = len(src)
+
+    @property
+    def k(self) -> np.ndarray:
+        old = self._old.k
+        return _fill_slots(old[self._src], old, self.k_type, self._keep, self._slots, self._heads,
+                           None if self._merged is None else self._merged[0])
+
+    @property
+    def v(self) -> np.ndarray:
+        old = self._old.v                          # a transposed blob's V: this layer, cell-major
+        return _fill_slots(old[self._src], old, self.v_type, self._keep, self._slots, self._heads,
+                           None if self._merged is None else self._merged[1])
 
 
 def _fill_slots(new: np.ndarray, old: np.ndarray, type_id: int, keep: np.ndarray, slot_rows: np.ndarray,
@@ -90,11 +113,27 @@ def _fill_slots(new: np.ndarray, old: np.ndarray, type_id: int, keep: np.ndarray
     return new
 
 
-def layer_floats(block: KVBlock, n_kv_heads: int) -> tuple[np.ndarray, np.ndarray]:
-    """K and V of the block as float32 [L, H_kv, T, d] (the methods' view)."""
-    ks, vs = [], []
-    for layer in block.layers:
-        for rows, t, acc in ((layer.k, layer.k_type, ks), (layer.v, layer.v_type, vs)):
-            f = to_float(rows, t)
-            acc.append(f.reshape(f.shape[0], n_kv_heads, -1).transpose(1, 0, 2))
-    return np.stack(ks), np.stack(vs)
+def layer_floats(block: KVBlock, n_kv_heads: int, cells: np.ndarray | None = None, *, keys: bool = True,
+                 values: bool = True) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """K and V of the block as float32 [L, H_kv, T, d] (the methods' view). cells: only these cells
+    (an index array, in that order; T = len(cells)); keys/values=False: that one is None. Each layer is
+    converted alone into the preallocated result, so the float copy is the only one held."""
+    idx = None if cells is None else np.asarray(cells, dtype=np.int64)
+    out = []
+    for want, rows_of, type_of in ((keys, lambda l: l.k, lambda l: l.k_type),
+                                   (values, lambda l: l.v, lambda l: l.v_type)):
+        if not want:
+            out.append(None)
+            continue
+        acc = None
+        for il, layer in enumerate(block.layers):
+            rows = rows_of(layer)
+            f = to_float(rows if idx is None else rows[idx], type_of(layer))   # [T, H_kv * d]
+            f = f.reshape(f.shape[0], n_kv_heads, -1).transpose(1, 0, 2)
+            if acc is None:
+                acc = np.empty((block.n_layers,) + f.shape, dtype=np.float32)
+            acc[il] = f
+        if acc is None:
+            acc = np.zeros((0, n_kv_heads, 0 if idx is None else len(idx), 0), np.float32)
+        out.append(acc)
+    return out[0], out[1]

@@ -204,6 +204,14 @@ class Method(ABC):
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""           # link to the paper (or code) the method follows
     needs_queries: ClassVar[bool] = False  # True when plan() requires view.queries
+    # What plan() reads, so the runtime converts only that to float32 (a compaction's largest copy).
+    # view_cells "candidates": the plan depends on the candidate tokens alone (their K/V, order, seed),
+    # not on protected tokens, T, spans or queries, so the runtime may pass a view of the candidates only
+    # and map the plan back. reads_keys / reads_values False: that array is a zero-byte placeholder.
+    # tests/test_methods_scope.py checks every registered method against the whole view.
+    view_cells: ClassVar[Literal["all", "candidates"]] = "all"
+    reads_keys: ClassVar[bool] = True
+    reads_values: ClassVar[bool] = True
 
     @abstractmethod
     def plan(self, view: KVView, budget: int) -> Plan:

@@ -111,6 +111,8 @@ class FlashCache(ScoreMethod):
     name = "flashcache"
     paper = "https://arxiv.org/abs/2511.16786"
     needs_queries = False
+    # view_cells stays "all": the DCT runs over the candidates only, but einsum's sums over a gathered
+    # copy and over a contiguous view round differently (tests/test_methods_scope.py saw it)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.gamma < 1.0:

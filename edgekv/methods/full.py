@@ -16,6 +16,8 @@ class Full(ScoreMethod):
 
     name = "full"
     paper = ""
+    view_cells = "candidates"
+    reads_keys = reads_values = False
 
     def score(self, view: KVView) -> np.ndarray:
         # Earlier tokens first, so the plan is the identity order.

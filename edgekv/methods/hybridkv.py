@@ -59,6 +59,7 @@ class HybridKV(Method):
     name = "hybridkv"
     paper = "https://arxiv.org/abs/2604.05887"
     needs_queries = True
+    reads_values = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.theta <= 1.0:

@@ -61,6 +61,7 @@ def key_diversity(view: KVView) -> tuple[np.ndarray, np.ndarray]:
 class KeyDiff(ScoreMethod):
     name = "keydiff"
     paper = "https://arxiv.org/abs/2504.15364"
+    reads_values = False  # all cells: the sums run over T (protected rows zeroed), so T fixes the bits
 
     def score(self, view: KVView) -> np.ndarray:
         return -key_diversity(view)[0]

@@ -20,6 +20,8 @@ from edgekv.methods.registry import register
 class KNorm(ScoreMethod):
     name = "knorm"
     paper = "https://arxiv.org/abs/2406.11430"
+    view_cells = "candidates"  # a per-token norm: protected tokens do not change a candidate's score
+    reads_values = False
 
     def score(self, view: KVView) -> np.ndarray:
         return -row_norms(view.keys)

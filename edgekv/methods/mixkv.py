@@ -65,6 +65,7 @@ def mixkv_scores(view: KVView, attn: np.ndarray) -> tuple[np.ndarray, np.ndarray
 class MixKV(SnapKV):
     name = "mixkv"
     paper = "https://arxiv.org/abs/2510.20707"
+    reads_values = True  # the value norms
 
     def score(self, view: KVView) -> np.ndarray:
         return mixkv_scores(view, snapkv_scores(view, self.kernel_size, self.pooling))[0]

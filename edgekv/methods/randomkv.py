@@ -20,6 +20,7 @@ class Random(ScoreMethod):
 
     name = "random"
     paper = "https://github.com/NVIDIA/kvpress/blob/main/kvpress/presses/random_press.py"
+    reads_keys = reads_values = False  # but all cells: the draws are shaped [L, H_kv, T]
 
     def score(self, view: KVView) -> np.ndarray:
         rng = np.random.default_rng([view.seed, self.seed])

@@ -39,6 +39,7 @@ class SnapKV(ScoreMethod):
     name = "snapkv"
     paper = "https://arxiv.org/abs/2404.14469"
     needs_queries = True
+    reads_values = False  # window attention: every key, no value
 
     def __post_init__(self) -> None:
         if self.kernel_size < 1 or self.pooling not in ("avg", "max"):

@@ -23,6 +23,8 @@ class StreamingLLM(ScoreMethod):
 
     name = "streaming"
     paper = "https://arxiv.org/abs/2309.17453"
+    view_cells = "candidates"  # the candidates' order alone
+    reads_keys = reads_values = False
 
     def __post_init__(self) -> None:
         if self.n_sink < 0:

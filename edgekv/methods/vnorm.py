@@ -19,6 +19,8 @@ from edgekv.methods.registry import register
 class VNorm(ScoreMethod):
     name = "vnorm"
     paper = "https://arxiv.org/abs/2510.20707"
+    view_cells = "candidates"
+    reads_keys = False
 
     def score(self, view: KVView) -> np.ndarray:
         return row_norms(view.values)

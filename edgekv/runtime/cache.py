@@ -15,7 +15,7 @@ from typing import Callable, Literal
 import numpy as np
 
 from edgekv.errors import Cancelled, CompactionError, ContextOverflowError, EdgeKVError, StateFormatError
-from edgekv.kv.codec import SeqState, parse_state, serialize_state
+from edgekv.kv.codec import SeqState, parse_state, state_buffer
 from edgekv.kv.packer import layer_floats, pack_block
 from edgekv.methods import KVView, Method, Span
 from edgekv.methods.parallel import planning_threads
@@ -131,21 +131,31 @@ class CompressedCache:
 
     # --- the state blob -------------------------------------------------------------------------
     def state_blob(self) -> bytes:
+        return bytes(self.state_buffer())
+
+    def state_buffer(self) -> ctypes.Array:
+        """The sequence's state blob in the ctypes buffer llama.cpp wrote it to (no bytes copy)."""
         ctx = self.model.ctx
         n = llama_cpp.llama_state_seq_get_size(ctx, 0)
         buf = (ctypes.c_uint8 * n)()
         got = llama_cpp.llama_state_seq_get_data(ctx, buf, n, 0)
         if got != n:
             raise StateFormatError(f"llama.cpp returned {got} of {n} state bytes")
-        return bytes(buf)
+        return buf
 
-    def set_state(self, blob: bytes) -> bool:
-        buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
-        return llama_cpp.llama_state_seq_set_data(self.model.ctx, buf, len(blob), 0) == len(blob)
+    def set_state(self, blob: bytes | ctypes.Array) -> bool:
+        """Write a state blob back: a ctypes buffer as it is, bytes without a copy (llama.cpp only reads)."""
+        n = len(blob)
+        if isinstance(blob, ctypes.Array):
+            ptr = ctypes.cast(blob, ctypes.POINTER(ctypes.c_uint8))
+        else:
+            blob = bytes(blob)  # a no-op for bytes; the pointer below must point at immutable memory
+            ptr = ctypes.cast(ctypes.c_char_p(blob), ctypes.POINTER(ctypes.c_uint8))
+        return llama_cpp.llama_state_seq_set_data(self.model.ctx, ptr, n, 0) == n
 
-    def parse(self, blob: bytes) -> SeqState:
+    def parse(self, blob: bytes | ctypes.Array, copy: bool = True) -> SeqState:
         lay = self.model.layout
-        state = parse_state(blob, has_ext=lay.mrope, n_blocks=2 if lay.iswa else 1)
+        state = parse_state(blob, has_ext=lay.mrope, n_blocks=2 if lay.iswa else 1, copy=copy)
         base = state.blocks[0]
         if base.n_cells:
             want = len(lay.global_layers)
@@ -160,7 +170,7 @@ class CompressedCache:
 
     def nbytes(self) -> int:
         """K+V bytes the sequence holds in all cache blocks."""
-        return self.parse(self.state_blob()).nbytes if self.n_cells else 0
+        return self.parse(self.state_buffer(), copy=False).nbytes if self.n_cells else 0
 
     # --- decode ---------------------------------------------------------------------------------
     def decode(self, tokens: list[int], logits: Literal["last", "all", "none"],
@@ -241,32 +251,34 @@ class CompressedCache:
         return tuple(spans)
 
     def compact(self, meth: Method, cand: np.ndarray, budget_cells: int, *, use_queries: bool, seed: int,
-                label_suffix: str = "", on_blob: Callable[[bytes], None] | None = None) -> CompactionReport:
+                label_suffix: str = "", on_blob: Callable[[ctypes.Array], None] | None = None) -> CompactionReport:
         """Plan with `meth` over the candidate cells and write the packed cache back. On any failure the
         original cache is restored and CompactionError raised. on_blob sees the blob before the rewrite."""
         t0 = time.perf_counter()
-        blob = self.state_blob()
+        # Host memory (scripts/mem_compaction.py): the blob llama.cpp writes is the only copy of the
+        # cache read back (parsed as views into it); only the cells and arrays the method reads become
+        # float32; the packed blob is written straight into the buffer llama.cpp reads.
+        blob = self.state_buffer()
         if on_blob is not None:
             on_blob(blob)
-        state = self.parse(blob)
+        state = self.parse(blob, copy=False)
         base = state.blocks[0]
         if base.n_cells != self.n_cells:
             raise StateFormatError(f"the cache holds {base.n_cells} cells where the session tracked {self.n_cells}")
         lay = self.model.layout
-        K, V = layer_floats(base, lay.n_head_kv)
-        view = KVView(keys=K, values=V, candidates=cand, spans=self.spans(),
-                      queries=self.window_q if use_queries else None,
-                      scale=lay.attn_scale, positions=base.pos.astype(np.int64), seed=seed,
-                      rope_base=lay.rope_base, rope_neox=lay.rope_neox)
+        queries = self.window_q if use_queries else None
         label = meth.name
-        if getattr(meth, "resolve", None):
-            meth = meth.resolve(view)  # `auto`: picks by regime (query window or not)
+        if getattr(meth, "resolve", None):  # `auto`: picks by regime (query window or not)
+            meth = meth.resolve(_shape_view(base, lay.n_head_kv, cand, queries))
             label = f"auto -> {meth.name}"
         label += label_suffix
-        if meth.needs_queries and view.queries is None:
+        if meth.needs_queries and queries is None:
             raise EdgeKVError(f"method {meth.name!r} needs the question's queries, but none were captured "
                               "(flash attention capture off, or no text after the media): use "
                               "--method flashcache or --method auto")
+        window = 0 if queries is None else int(queries.shape[2])  # captured rows (the report's)
+        view, cells = method_view(meth, base, lay.n_head_kv, cand, self.spans(), queries, lay.attn_scale, seed,
+                                  rope=(lay.rope_base, lay.rope_neox))
         t1 = time.perf_counter()
         with planning_threads(self.model.threads):
             plan = (meth.plan(view, budget_cells) if budget_cells < view.n_candidates or meth.name == "full"
@@ -274,15 +286,22 @@ class CompressedCache:
         plan_s = time.perf_counter() - t1
         if plan is None:  # budget covers everything: keep the cells as they are
             self.kind[cand] = PACKED
-            return _report(label, budget_cells, cand, state, state, t0, plan_s, None, view)
+            return _report(label, budget_cells, cand, state, state, t0, plan_s, None, window)
+        if cells is not None:  # a view of the candidates alone: its token indices -> cell indices
+            plan = _plan_to_cells(plan, cells, base.n_cells)
         merged = None
         if plan.merge_to is not None:
             from edgekv.methods.merge import merged_kv
 
+            if cells is not None or not (meth.reads_keys and meth.reads_values):
+                K, V = layer_floats(base, lay.n_head_kv)
+            else:
+                K, V = view.keys, view.values
             merged = merged_kv(K, V, plan)
+        del view
         new_base, src = pack_block(base, plan, cand, lay.n_head_kv, merged)
         new_state = SeqState(state.seq_id, [new_base] + state.blocks[1:], state.has_ext)
-        if not self.set_state(serialize_state(new_state)):
+        if not self.set_state(state_buffer(new_state)):
             restored = self.set_state(blob)
             raise CompactionError("llama.cpp refused the compacted cache"
                                   + ("; the original cache was restored" if restored
@@ -291,7 +310,7 @@ class CompressedCache:
         # Bookkeeping follows the packer's cell order: protected cells in place, slots marked PACKED.
         self.kind = np.where(cand[src], PACKED, self.kind[src]).astype(np.int8)
         self.media = self.media[src]
-        return _report(label, budget_cells, cand, state, new_state, t0, plan_s, plan, view)
+        return _report(label, budget_cells, cand, state, new_state, t0, plan_s, plan, window)
 
     def free(self) -> None:
         if self.batch is not None:
@@ -299,7 +318,55 @@ class CompressedCache:
             self.batch = None
 
 
-def _report(name, budget_cells, cand, before: SeqState, after: SeqState, t0, plan_s, plan, view) -> CompactionReport:
+def _shape_view(base, n_kv_heads: int, cand: np.ndarray, queries) -> KVView:
+    """A view with the cache's shapes but no K/V bytes (zero-stride placeholders): enough for `auto` to
+    pick its regime."""
+    shape = (base.n_layers, n_kv_heads, base.n_cells, base.layers[0].n_embd_k // n_kv_heads)
+    empty = np.broadcast_to(np.float32(0), shape)
+    return KVView(keys=empty, values=empty, candidates=cand, queries=queries)
+
+
+def method_view(meth: Method, base, n_kv_heads: int, cand: np.ndarray, spans: tuple[Span, ...], queries,
+                scale: float, seed: int, rope: tuple[float, bool] | None = None
+                ) -> tuple[KVView, np.ndarray | None]:
+    """The view `meth` plans on, converting to float32 only what it reads (Method.view_cells,
+    reads_keys, reads_values), and the cells it covers (None: all, in order)."""
+    cells = np.flatnonzero(cand) if meth.view_cells == "candidates" else None
+    K, V = layer_floats(base, n_kv_heads, cells, keys=meth.reads_keys, values=meth.reads_values)
+    T = base.n_cells if cells is None else len(cells)
+    shape = (base.n_layers, n_kv_heads, T, base.layers[0].n_embd_k // n_kv_heads)
+    empty = np.broadcast_to(np.float32(0), shape)
+    K = empty if K is None else K
+    V = empty if V is None else V
+    positions = base.pos.astype(np.int64)
+    extra = {} if rope is None else dict(rope_base=rope[0], rope_neox=rope[1])  # `expected` un-rotates queries
+    if cells is None:
+        return KVView(keys=K, values=V, candidates=cand, spans=spans, queries=queries, scale=scale,
+                      positions=positions, seed=seed, **extra), None
+    # Spans restricted to the candidates, renumbered; the query window is not part of this view.
+    rank = np.cumsum(cand) - 1
+    sub = tuple(Span(int(rank[s.start] + (not cand[s.start])), int(rank[s.stop - 1]) + 1, s.kind, s.media_index)
+                for s in spans if cand[s.start:s.stop].any())
+    return KVView(keys=K, values=V, candidates=np.ones(T, bool), spans=sub, queries=None, scale=scale,
+                  positions=positions[cells], seed=seed, **extra), cells
+
+
+def _plan_to_cells(plan, cells: np.ndarray, n_cells: int):
+    """A plan made on a view of `cells` only, with its token indices mapped to cell indices."""
+    from edgekv.plan import Plan
+
+    merge_to = merge_weight = None
+    if plan.merge_to is not None:
+        L, H, _ = plan.merge_to.shape
+        merge_to = np.full((L, H, n_cells), -1, np.int64)
+        merge_weight = np.zeros((L, H, n_cells), np.float32)
+        merge_to[..., cells] = plan.merge_to
+        merge_weight[..., cells] = plan.merge_weight
+    return Plan(keep=cells[plan.keep], nominal=plan.nominal, merge_to=merge_to, merge_weight=merge_weight,
+                info=plan.info)
+
+
+def _report(name, budget_cells, cand, before: SeqState, after: SeqState, t0, plan_s, plan, window: int) -> CompactionReport:
     return CompactionReport(
         method=name, budget_cells=budget_cells, n_candidates=int(cand.sum()),
         cells_before=before.blocks[0].n_cells, cells_after=after.blocks[0].n_cells,
@@ -308,5 +375,5 @@ def _report(name, budget_cells, cand, before: SeqState, after: SeqState, t0, pla
         nominal_mean=float(plan.nominal.mean()) if plan is not None else float(budget_cells),
         nominal_max=int(plan.nominal.max()) if plan is not None else budget_cells,
         merged=plan is not None and plan.merge_to is not None,
-        window=0 if view.queries is None else view.window,
+        window=window,
         info=dict(plan.info) if plan is not None else {})

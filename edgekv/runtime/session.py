@@ -65,7 +65,7 @@ class _Txn:
     in_cache_text: str
     n_reports: int
     counts: tuple[int, float, int, float]
-    stash: bytes | None = None
+    stash: bytes | ctypes.Array | None = None  # the blob compaction read (its ctypes buffer, no copy)
     swa: bytes | None = None   # iSWA models: the sliding-window block at the start (see _swa_checkpoint)
 
 
@@ -367,7 +367,7 @@ class Session:
         self.reports.append(r)
         return r
 
-    def _stash(self, blob: bytes) -> None:
+    def _stash(self, blob: bytes | ctypes.Array) -> None:
         t = self._txn or self._answer_txn
         if t is not None and t.stash is None:
             t.stash = blob  # the turn's rollback point once the cache is rewritten (_Txn)

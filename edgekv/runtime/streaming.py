@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from edgekv.errors import ContextOverflowError, MediaError
+from edgekv.kv.codec import MAGIC
 from edgekv.methods import get_method, parse_budget, resolve_budget
 from edgekv.runtime.lib import llama_cpp, mtmd_cpp
 from edgekv.runtime.video import (DEFAULT_FPS, DEFAULT_MAX_FRAMES, DEFAULT_MAX_SIDE, Frame, VideoReader,
@@ -31,12 +32,22 @@ VIDEO_MARKER = "<__edgekv_video__>"  # stands for a clip inside a chat message (
 
 def state_cells(session) -> int:
     """Cells the sequence holds in the compressible cache block, read from llama.cpp's state blob header
-    (magic u32, seq_id i32, n_stream u32, cell_count u32: llama-state-format.md)."""
+    (magic u32, seq_id i32, n_stream u32, cell_count u32: llama-state-format.md). Only those 16 bytes are
+    read: llama.cpp writes the header first and stops at the end of a 16-byte buffer (it returns 0 and
+    logs "unexpectedly reached end of buffer"), so counting cells never copies the cache (a whole-blob
+    read here was the largest allocation of a full-cache video run). Anything else: the whole blob."""
     ctx = session.model.ctx
     n = llama_cpp.llama_state_seq_get_size(ctx, 0)
+    if n < 16:
+        return 0
+    head = (ctypes.c_uint8 * 16)()
+    llama_cpp.llama_state_seq_get_data(ctx, head, 16, 0)
+    magic, _, n_stream, cells = struct.unpack_from("<IiII", head)
+    if magic == MAGIC and n_stream == 1:
+        return cells
     buf = (ctypes.c_uint8 * n)()
     llama_cpp.llama_state_seq_get_data(ctx, buf, n, 0)
-    return struct.unpack_from("<I", buf, 12)[0] if n >= 16 else 0
+    return struct.unpack_from("<I", buf, 12)[0]
 
 
 # --- the per-chunk hook -------------------------------------------------------------------------------

@@ -1,0 +1,73 @@
+"""What a method says it reads (Method.view_cells / reads_keys / reads_values) is all it reads: for every
+registered method, the plan the runtime makes on the reduced view (only the candidates, or a zero-byte
+placeholder for K or V) is identical, bit for bit, to the plan on the whole cache, and so is the packed
+block. A method that reads more than it declares fails here."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgekv.kv.codec import KVBlock, LayerKV, SeqState, parse_state, serialize_state
+from edgekv.kv.packer import layer_floats, pack_block
+from edgekv.methods import METHODS, KVView, Span, get_method
+from edgekv.runtime.cache import _plan_to_cells, method_view
+
+# (L, H_kv, H, d, W, spans, packed cells); a packed cell is protected, as earlier frames' slots are
+CASES = {
+    "frame-after-packed": (3, 2, 6, 16, 6, (Span(0, 3, "text"), Span(3, 40, "media", 0), Span(40, 42, "text"),
+                                            Span(42, 80, "media", 1), Span(80, 86, "text")), range(3, 40)),
+    "two-images": (2, 3, 3, 8, 4, (Span(0, 2, "text"), Span(2, 30, "media", 0), Span(30, 33, "text"),
+                                   Span(33, 61, "media", 1), Span(61, 66, "text")), ()),
+}
+
+
+def make_block(L, Hk, d, T, seed, v_trans):
+    rng = np.random.default_rng(seed)
+    layers = [LayerKV(1, rng.standard_normal((T, Hk * d)).astype(np.float16).view(np.uint8),
+                      1, rng.standard_normal((T, Hk * d)).astype(np.float16).view(np.uint8)) for _ in range(L)]
+    return KVBlock(pos=np.arange(T, dtype=np.int32) * 2, seq_id=np.zeros(T, np.int32), ext=None,
+                   v_trans=v_trans, layers=layers)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_reduced_view_plans_like_the_whole_cache(name, case):
+    L, Hk, H, d, W, spans, packed = CASES[case]
+    T = spans[-1].stop
+    cand = np.zeros(T, bool)
+    for s in spans:
+        cand[s.start:s.stop] = s.kind == "media"
+    cand[list(packed)] = False
+    rng = np.random.default_rng(1)
+    queries = rng.standard_normal((L, H, W, d)).astype(np.float32)
+    block = parse_state(serialize_state(SeqState(0, [make_block(L, Hk, d, T, 2, True)], False)), copy=False).blocks[0]
+    K, V = layer_floats(block, Hk)
+    whole = KVView(K, V, cand, spans=spans, queries=queries, positions=block.pos.astype(np.int64), seed=3)
+    meth = get_method(name)
+    if getattr(meth, "resolve", None):
+        meth = meth.resolve(whole)
+    budget = max(1, int(cand.sum()) // 4)
+    want = meth.plan(whole, budget)
+    view, cells = method_view(meth, block, Hk, cand, spans, queries, whole.scale, 3)
+    got = meth.plan(view, budget)
+    if cells is not None:
+        got = _plan_to_cells(got, cells, T)
+    np.testing.assert_array_equal(got.keep, want.keep)
+    np.testing.assert_array_equal(got.nominal, want.nominal)
+    for a, b in ((got.merge_to, want.merge_to), (got.merge_weight, want.merge_weight)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            np.testing.assert_array_equal(a, b)
+    assert got.info == want.info
+    out, src = pack_block(block, got, cand, Hk)
+    ref, ref_src = pack_block(block, want, cand, Hk)
+    np.testing.assert_array_equal(src, ref_src)
+    assert serialize_state(SeqState(0, [out], False)) == serialize_state(SeqState(0, [ref], False))
+
+
+def test_parse_without_copy_is_views_and_read_only():
+    block = make_block(2, 2, 8, 10, 0, False)
+    blob = serialize_state(SeqState(0, [block], False))
+    parsed = parse_state(blob, copy=False).blocks[0]
+    assert not parsed.layers[0].k.flags.owndata and not parsed.layers[0].k.flags.writeable
+    np.testing.assert_array_equal(parsed.layers[1].v, block.layers[1].v)
