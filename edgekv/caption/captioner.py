@@ -14,7 +14,7 @@ compacted right after its prefill, as `edgekv chat --video` does. The prompt com
 cache but is known before the clip is read, so it is the probe window of those compactions (and of the
 early compaction of a many-tile image): `runtime/probe.py` decodes the caption prompt (the text as given,
 as `edgekv chat -p` does) after the media, scores with its queries and removes it exactly. The context is
-sized per clip for budget + one chunk + text (`cli.video.context_for`, rounded up to 256 cells so clips
+sized per clip for budget + one chunk + text (`runtime.sizing.context_for`, rounded up to 256 cells so clips
 of similar length share a size), and back to `n_ctx` for images; `Model.resize_context`
 needs no live Session, so the Session is closed, the context resized, the head prefilled and snapshotted
 again. A clip's context depends only on the clip and the options, never on the order of the batch, so a
@@ -222,7 +222,7 @@ class Captioner:
 
     def _prefill_video(self, path: Path) -> dict:
         """Stream one clip after the shared head (see the module doc); returns the record's video fields."""
-        from edgekv.cli.video import check_fits, context_for
+        from edgekv.runtime.sizing import check_fits, context_for
         from edgekv.runtime.probe import question_probe
         from edgekv.runtime.streaming import Video, append_video, state_cells
 

@@ -67,7 +67,7 @@ def chat(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash_at
         m.close()
         raise EdgeKVError("--video needs a multimodal projector: pass --mmproj (or a -hf repo that has one)")
     if clips and max_kv_cells is None:
-        from edgekv.cli.video import context_for
+        from edgekv.runtime.sizing import context_for
 
         try:
             m.resize_context(max(floor, context_for(m, clips, list(images), budget, prompt or "", max_tokens)))
@@ -165,7 +165,7 @@ def stream_turn(session, prompt: str, images: list[Path], gen: dict, report: boo
     n_reports = len(session.reports)
     extra = {}
     if videos:
-        from edgekv.cli.video import check_fits
+        from edgekv.runtime.sizing import check_fits
 
         # before the turn touches the cache; under --max-kv-cells the clips' budgets are lowered to fit
         check_fits(session, list(videos), prompt, gen.get("max_tokens", 256), fit_videos)
