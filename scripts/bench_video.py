@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -120,26 +119,16 @@ def child(args: dict) -> dict:
 
 
 def run_child(args: dict, poll_s: float = 0.02, tree: Path | None = None) -> dict:
-    import psutil
+    from edgekv.eval.memory import run_polled
 
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
+    env = dict(os.environ)
     script = __file__ if tree is None else str(tree / "scripts" / "bench_video.py")
     if tree is not None:
         env["PYTHONPATH"] = str(tree)
-    proc = subprocess.Popen([sys.executable, script, "--child", json.dumps(args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-    ps = psutil.Process(proc.pid)
-    polled = 0.0
-    while proc.poll() is None:
-        try:
-            polled = max(polled, ps.memory_info().rss / 2**20)
-        except psutil.Error:
-            break
-        time.sleep(poll_s)
-    out, err = proc.communicate()
-    if proc.returncode != 0:
-        raise SystemExit(f"child failed ({proc.returncode}):\n{err[-3000:]}")
-    r = json.loads(out.strip().splitlines()[-1])
+    try:
+        r, polled = run_polled([sys.executable, script, "--child", json.dumps(args)], env=env, poll_s=poll_s)
+    except RuntimeError as e:
+        raise SystemExit(f"child {e}") from None
     r["polled_peak_rss_mb"] = polled
     return r
 

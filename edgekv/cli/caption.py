@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from edgekv.cli.options import method_options, model_options, video_options
+from edgekv.cli.options import method_options, model_options, sampling_options, video_options
 from edgekv.errors import EdgeKVError
 
 
@@ -40,15 +40,7 @@ def _ray_address(ctx, param, value):
 @click.option("--prompt-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Read the prompt from a file.")
 @click.option("--prefix", default="", help="Trigger word put in front of every caption ('sks' -> 'sks, ...').")
-@click.option("-n", "--max-tokens", type=click.IntRange(1), default=256, show_default=True)
-@click.option("--temp", "temperature", type=click.FloatRange(0), default=0.0, show_default=True,
-              help="Sampling temperature (0 = greedy).")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
-@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="Sample from the k best (0 = off).")
-@click.option("--min-p", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
-              help="Drop tokens below min_p x the best token's probability (0 = off).")
-@click.option("--stop", "stops", multiple=True, help="End the caption at this string (repeatable; not written).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (the same for every image).")
+@sampling_options
 @click.option("--no-progress", is_flag=True, help="No progress bar (it is off anyway when stderr is not a TTY).")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               callback=_ray_address,
@@ -128,26 +120,17 @@ def caption(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash
         sys.exit(1)
 
 
-def _resolve_model(model, mmproj, hf_repo, offline) -> tuple[Path, Path | None]:
+def _resolve_model(model, mmproj, hf_repo, offline) -> tuple[Path, Path]:
+    from edgekv.cli.options import resolve_model_paths
     from edgekv.errors import ModelLoadError
-
-    if hf_repo:
-        if model:
-            raise ModelLoadError("use either -m/--model or -hf, not both")
-        from edgekv.runtime.hub import resolve
-
-        model, hf_mmproj = resolve(hf_repo, offline=offline or None, notify=lambda m: click.echo(m, err=True))
-        mmproj = mmproj or hf_mmproj
-    if not model:
-        raise ModelLoadError("no model: pass -m MODEL.gguf and --mmproj MMPROJ.gguf, or -hf owner/repo")
     from edgekv.runtime.model import check_gguf
 
+    model, mmproj = resolve_model_paths(model, mmproj, hf_repo, offline)
     check_gguf(model, "model")   # here, not first in every Ray actor
-    if mmproj:
-        check_gguf(mmproj, "mmproj")
     if not mmproj:
         raise ModelLoadError("captioning needs a multimodal projector: pass --mmproj (or a -hf repo that has one)")
-    return Path(model), Path(mmproj)
+    check_gguf(mmproj, "mmproj")
+    return model, mmproj
 
 
 def _run_single(cfg, todo, sink, summary, show_progress: bool) -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import click
 
-from edgekv.cli.options import ImagePath, load_model_from_options, method_options, model_options, video_options
+from edgekv.cli.options import (ImagePath, load_model_from_options, method_options, model_options, sampling_options,
+                                video_options)
 from edgekv.cli.report import echo_report
 from edgekv.errors import Cancelled, EdgeKVError, MediaError
 
@@ -28,15 +29,7 @@ HELP = ("commands: /image PATH, /video PATH (attach to the next message), /save 
               help="Video to attach (repeatable): frames streamed into a context sized for the budget.")
 @video_options
 @click.option("-p", "--prompt", help="One-shot prompt; without it, an interactive chat.")
-@click.option("-n", "--max-tokens", type=click.IntRange(1), default=256, show_default=True)
-@click.option("--temp", "temperature", type=click.FloatRange(0), default=0.0, show_default=True,
-              help="Sampling temperature (0 = greedy).")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
-@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="Sample from the k best (0 = off).")
-@click.option("--min-p", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
-              help="Drop tokens below min-p x the best token's probability.")
-@click.option("--stop", "stops", multiple=True, help="Stop the answer at this string (repeatable; never printed).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@sampling_options
 @click.option("--no-report", is_flag=True, help="Do not print the memory/speed report.")
 def chat(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash_attn, cache_type_k, cache_type_v,
          threads, image_max_tokens, method, budget, compress, images, videos, video_fps, video_max_frames,

@@ -88,10 +88,26 @@ def method_options(f):
     return functools.reduce(lambda acc, o: o(acc), reversed(opts), f)
 
 
-def load_model_from_options(model, mmproj, hf_repo, offline, **kw):
-    """Resolve -hf, then Model.load with the context options."""
-    from edgekv.runtime import Model
+def sampling_options(f):
+    """-n and llama.cpp's sampling knobs (greedy by default), shared by chat and caption."""
+    opts = [
+        click.option("-n", "--max-tokens", type=click.IntRange(1), default=256, show_default=True),
+        click.option("--temp", "temperature", type=click.FloatRange(0), default=0.0, show_default=True,
+                     help="Sampling temperature (0 = greedy)."),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True),
+        click.option("--top-k", type=click.IntRange(0), default=0, show_default=True,
+                     help="Sample from the k best (0 = off)."),
+        click.option("--min-p", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+                     help="Drop tokens below min-p x the best token's probability (0 = off)."),
+        click.option("--stop", "stops", multiple=True,
+                     help="End the answer at this string (repeatable; never printed or written)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed."),
+    ]
+    return functools.reduce(lambda acc, o: o(acc), reversed(opts), f)
 
+
+def resolve_model_paths(model, mmproj, hf_repo, offline) -> tuple[Path, Path | None]:
+    """-m/--mmproj, or the files of a -hf repo (downloaded once, then cached)."""
     if hf_repo:
         if model:
             raise ModelLoadError("use either -m/--model or -hf, not both")
@@ -101,7 +117,14 @@ def load_model_from_options(model, mmproj, hf_repo, offline, **kw):
         mmproj = mmproj or hf_mmproj
     if not model:
         raise ModelLoadError("no model: pass -m MODEL.gguf (and --mmproj for images) or -hf owner/repo")
-    return Model.load(model, mmproj, **kw)
+    return Path(model), (Path(mmproj) if mmproj else None)
+
+
+def load_model_from_options(model, mmproj, hf_repo, offline, **kw):
+    """Resolve -hf, then Model.load with the context options."""
+    from edgekv.runtime import Model
+
+    return Model.load(*resolve_model_paths(model, mmproj, hf_repo, offline), **kw)
 
 
 def video_options(f):

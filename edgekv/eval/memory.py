@@ -102,17 +102,13 @@ def _child(args: dict) -> dict:
     return out
 
 
-def measure(mode: str, model: str, tokens: int, *, budget: float = 0.1, method: str = "snapkv", chunk: int = 1024,
-            window: int = 32, threads: int = 2, n_batch: int = 512, max_new_tokens: int = 8,
-            poll_s: float = 0.02) -> MemoryRun:
-    """Run one mode in a fresh subprocess and return its figures."""
+def run_polled(cmd: list[str], env: dict | None = None, poll_s: float = 0.02) -> tuple[dict, float]:
+    """Run a measuring child (it prints one JSON line last) while polling its RSS: (its JSON, the largest
+    RSS seen in MiB). A child that fails raises RuntimeError with the end of its stderr."""
     import psutil
 
-    args = dict(mode=mode, model=str(model), tokens=tokens, budget=budget, method=method, chunk=chunk,
-                window=window, threads=threads, n_batch=n_batch, max_new_tokens=max_new_tokens)
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "edgekv.eval.memory", json.dumps(args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    env = dict(os.environ if env is None else env, OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     ps = psutil.Process(proc.pid)
     polled = 0.0
     while proc.poll() is None:
@@ -123,10 +119,22 @@ def measure(mode: str, model: str, tokens: int, *, budget: float = 0.1, method: 
         time.sleep(poll_s)
     out, err = proc.communicate()
     if proc.returncode != 0:
+        raise RuntimeError(f"failed (exit {proc.returncode}):\n{err[-2000:]}")
+    return json.loads(out.strip().splitlines()[-1]), polled
+
+
+def measure(mode: str, model: str, tokens: int, *, budget: float = 0.1, method: str = "snapkv", chunk: int = 1024,
+            window: int = 32, threads: int = 2, n_batch: int = 512, max_new_tokens: int = 8,
+            poll_s: float = 0.02) -> MemoryRun:
+    """Run one mode in a fresh subprocess and return its figures."""
+    args = dict(mode=mode, model=str(model), tokens=tokens, budget=budget, method=method, chunk=chunk,
+                window=window, threads=threads, n_batch=n_batch, max_new_tokens=max_new_tokens)
+    try:
+        res, polled = run_polled([sys.executable, "-m", "edgekv.eval.memory", json.dumps(args)], poll_s=poll_s)
+    except RuntimeError as e:
         from edgekv.errors import EdgeKVError
 
-        raise EdgeKVError(f"memory run '{mode}' failed (exit {proc.returncode}):\n{err[-2000:]}")
-    res = json.loads(out.strip().splitlines()[-1])
+        raise EdgeKVError(f"memory run '{mode}' {e}") from None
     res.pop("n_prompt", None)
     return MemoryRun(polled_peak_rss_mb=polled, **res)
 
