@@ -14,3 +14,4 @@ __all__ = ["KVView", "Method", "Plan", "ScoreMethod", "Span", "METHODS", "get_me
            "parse_budget", "resolve_budget", "uses_queries"]
 
 from edgekv.methods import auto  # noqa: E402,F401  (after the others: it names them)
+from edgekv.methods import runs  # noqa: E402,F401  (`hybridkv-runs`: wraps a registered method)
