@@ -4,9 +4,9 @@ chunk at a time and are compacted right after, so the cells in use never exceed 
 which `plan_video` computes and `Model.resize_context` applies.
 
 - `Video`: a clip (path or iterator of frames) with its sampling options.
-- `ChunkCompactor`: the `Session.after_media_chunk` hook. Between chunks the question is not known yet,
-  so the compaction is query-agnostic: `method_for` picks it (today `auto`'s query-agnostic pick when the
-  session's method needs queries). Hook for probe windows (fidelity branch): override `method_for`.
+- `ChunkCompactor`: the `Session.after_media_chunk` hook. Between chunks the question is not known yet:
+  `auto` and query-aware methods compact on a probe window (the known question, else a generic probe;
+  runtime/probe.py), query-agnostic methods without one. `method_for` is the place to change that.
 - `append_prompt_with_videos`: a chat turn's text with video markers; each clip is fed as
   timestamp text + frame(s), frame by frame, through `Session.append_prompt`.
 - The cell counts reported are re-read from llama.cpp's state (`state_cells`), not computed.
@@ -67,7 +67,8 @@ class ChunkCompactor:
     media_budget: int = 0                              # cells the budgets asked to keep, summed
 
     def method_for(self, session):
-        """The method used between chunks. Hook: a probe-window method (fidelity branch) goes here."""
+        """The method used between chunks: the session's, or `auto` for a query-aware one (with a probe
+        window `auto` resolves to its probe pick; with probes off, to its query-agnostic pick)."""
         m = session.method
         return get_method("auto") if m.needs_queries else m
 
