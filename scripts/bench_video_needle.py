@@ -95,13 +95,14 @@ def summarize(records: list[dict]) -> list[dict]:
     full = {r["sample"]: r["score"] for r in records if r["run"] == "full"}
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        groups.setdefault((r["run"], r["ratio"]), []).append(r)
+        for task in ("all", r["task"]):
+            groups.setdefault((task, r["run"], r["ratio"]), []).append(r)
     rows = []
-    for (run, ratio), rs in groups.items():
+    for (task, run, ratio), rs in groups.items():
         n, k = len(rs), sum(r["score"] for r in rs)
         ref = sum(full.get(r["sample"], 0.0) for r in rs)
         kept = sum(r["score"] for r in rs if full.get(r["sample"]))
-        rows.append({"run": run, "ratio": ratio, "n": n, "hits": k, "accuracy": k / n, "ci": wilson(k, n),
+        rows.append({"task": task, "run": run, "ratio": ratio, "n": n, "hits": k, "accuracy": k / n, "ci": wilson(k, n),
                      "full_hits": ref, "relative": (k / ref) if ref else None,
                      "kept_of_full_hits": kept,
                      "peak_cells": max(r["peak_cells"] for r in rs),
@@ -112,7 +113,7 @@ def summarize(records: list[dict]) -> list[dict]:
                      "seconds_mean": sum(r["seconds"] for r in rs) / n,
                      "compact_s_mean": sum(r["compact_s"] for r in rs) / n,
                      "methods": sorted({m for r in rs for m in r["methods"]})})
-    rows.sort(key=lambda r: (r["run"] != "full", -(r["ratio"] or 1.0), r["run"]))
+    rows.sort(key=lambda r: (r["task"] != "all", r["task"], r["run"] != "full", -(r["ratio"] or 1.0), r["run"]))
     return rows
 
 
@@ -126,19 +127,19 @@ def markdown(rows: list[dict], records: list[dict], config: dict) -> str:
              "256 tokens a frame, one frame every "
              f"{config['frame_gap']} s; {config['total_s']:.0f} s in all. "
              f"{'PARTIAL: ' + config['partial'] if config.get('partial') else ''}", "",
-             "| run | ratio | accuracy [95 % Wilson] | relative to full | n | peak KV cells (max; mean) | "
+             "| task | run | ratio | accuracy [95 % Wilson] | relative to full | n | peak KV cells (max; mean) | "
              "end cells B (mean) + chunk C | peak <= B + C | s per sample (compaction) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ci = f"[{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]" if r["ci"] else ""
         rel = f"{r['relative']:.2f}" if r["relative"] is not None else "–"
-        lines.append(f"| {label[r['run']]} | {r['ratio'] if r['ratio'] else '–'} | {r['accuracy']:.2f} {ci} | {rel} "
+        lines.append(f"| {r['task']} | {label[r['run']]} | {r['ratio'] if r['ratio'] else '–'} | {r['accuracy']:.2f} {ci} | {rel} "
                      f"({r['kept_of_full_hits']:g} of {r['full_hits']:g} full hits kept) | {r['n']} | "
                      f"{r['peak_cells']} ; {r['peak_mean']:.0f} | {r['final_mean']:.0f} + {r['chunk']} | "
                      f"{'yes' if r['peak_within_b_plus_c'] else 'NO'} | {r['seconds_mean']:.1f} "
                      f"({r['compact_s_mean']:.1f}) |")
     lines += ["", "Methods between frames: " + "; ".join(
-        f"{r['run']}@{r['ratio']}: {', '.join(r['methods'])}" for r in rows if r["methods"]), "",
+        f"{r['run']}@{r['ratio']}: {', '.join(r['methods'])}" for r in rows if r["methods"] and r["task"] == "all"), "",
         "## Records", "", "| sample | run | ratio | answer | generated | hit | peak | end |", "|---|---|---|---|---|---|---|---|"]
     for r in records:
         gen = r["generated"].replace("|", "/").replace("\n", " ").strip()
@@ -161,7 +162,15 @@ def main(argv=None) -> int:
     ap.add_argument("--max-seconds", type=float, default=0, help="Stop starting samples after this (0: none).")
     ap.add_argument("--stop-at", type=float, default=0, help="Unix time after which no sample starts (0: none).")
     ap.add_argument("--out", type=Path, default=Path("results/video-needle"))
+    ap.add_argument("--render", action="store_true", help="Only rewrite the report from --out's saved records.")
     args = ap.parse_args(argv)
+    if args.render:   # e.g. after a change to the tables: same records, nothing re-run
+        path = args.out / "video-needle.json"
+        data = json.loads(path.read_text())
+        data["summary"] = summarize(data["records"])
+        path.write_text(json.dumps(data, indent=1))
+        (args.out / "video-needle.md").write_text(markdown(data["summary"], data["records"], data["config"]))
+        return 0
 
     tasks = [t for t in args.tasks.split(",") if t]
     lengths = [int(x) for x in args.lengths.split(",")]
