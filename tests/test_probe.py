@@ -77,7 +77,8 @@ def check_exact_removal(model, doc, prefix, probe, question):
     b.append_tokens(question, capture=False)
     want = (b.state_blob(), b.logits.copy(), b.kind.copy())
     b.close()
-    assert got[0] == want[0]
+    same_blob = got[0] == want[0]  # a bool: pytest's diff of two multi-MB blobs would take minutes
+    assert same_blob, "the cache after probe + removal differs from compaction alone"
     np.testing.assert_array_equal(got[1], want[1])
     np.testing.assert_array_equal(got[2], want[2])
 
