@@ -194,21 +194,28 @@ def _bos(tok: Tokenizer) -> list[int]:
     return [] if tok.bos_id is None else [tok.bos_id]
 
 
+def _one_needle(tok: Tokenizer, hay: Haystack, task: str, length: int, depth: float, index: int,
+                rng: random.Random, header: str, needle_text: str, question_text: str, answer: str) -> Sample:
+    """header + filler with one needle at `depth` + question: the passkey and word tasks' shared layout."""
+    prefix = _bos(tok) + tok.encode(header)
+    question = tok.encode(question_text)
+    needle = tok.encode(needle_text) + hay.sep
+    n_fill = length - len(prefix) - len(question) - len(needle)
+    if n_fill < 16:
+        raise EdgeKVError(f"length {length} is too short for the {task} task")
+    pieces = hay.take(n_fill, rng.randrange(len(hay.paragraphs)))
+    context, starts = _insert(pieces, [(depth, needle)])
+    return Sample(task, length, index, depth, tuple(prefix), tuple(context), tuple(question),
+                  answer=answer, source=filler_for(index),
+                  meta={"needle_at": starts[0], "needle_len": len(needle)})
+
+
 def passkey_sample(tok: Tokenizer, hay: Haystack, spec: TaskSpec, length: int, depth: float,
                    index: int) -> Sample:
     rng = _rng(spec, "passkey", length, depth, index)
     key = str(rng.randint(10000, 99999))
-    prefix = _bos(tok) + tok.encode(PASSKEY_HEADER)
-    question = tok.encode(PASSKEY_QUESTION)
-    needle = tok.encode(PASSKEY_NEEDLE.format(key=key)) + hay.sep
-    n_fill = length - len(prefix) - len(question) - len(needle)
-    if n_fill < 16:
-        raise EdgeKVError(f"length {length} is too short for the passkey task")
-    pieces = hay.take(n_fill, rng.randrange(len(hay.paragraphs)))
-    context, starts = _insert(pieces, [(depth, needle)])
-    return Sample("passkey", length, index, depth, tuple(prefix), tuple(context), tuple(question),
-                  answer=key, source=filler_for(index),
-                  meta={"needle_at": starts[0], "needle_len": len(needle)})
+    return _one_needle(tok, hay, "passkey", length, depth, index, rng, PASSKEY_HEADER,
+                       PASSKEY_NEEDLE.format(key=key), PASSKEY_QUESTION, key)
 
 
 def _kv_key(rng: random.Random) -> str:
@@ -286,16 +293,9 @@ def word_sample(tok: Tokenizer, hay: Haystack, spec: TaskSpec, length: int, dept
     """A secret word (letters, not digits) inside the filler."""
     rng = _rng(spec, "word", length, depth, index)
     word = rng.choice(WORDS)
-    prefix = _bos(tok) + tok.encode(PASSKEY_HEADER.replace("pass key", "secret word"))
-    question = tok.encode(WORD_QUESTION)
-    needle = tok.encode(WORD_NEEDLE.format(word=word)) + hay.sep
-    n_fill = length - len(prefix) - len(question) - len(needle)
-    if n_fill < 16:
-        raise EdgeKVError(f"length {length} is too short for the word task")
-    pieces = hay.take(n_fill, rng.randrange(len(hay.paragraphs)))
-    context, starts = _insert(pieces, [(depth, needle)])
-    return Sample("word", length, index, depth, tuple(prefix), tuple(context), tuple(question),
-                  answer=word, source=filler_for(index), meta={"needle_at": starts[0], "needle_len": len(needle)})
+    return _one_needle(tok, hay, "word", length, depth, index, rng,
+                       PASSKEY_HEADER.replace("pass key", "secret word"), WORD_NEEDLE.format(word=word),
+                       WORD_QUESTION, word)
 
 
 def pair_sample(tok: Tokenizer, hay: Haystack, spec: TaskSpec, length: int, depth: float,
