@@ -23,7 +23,7 @@ from typing import Sequence, Union
 import numpy as np
 
 from edgekv.errors import CompactionError
-from edgekv.kv.codec import SeqState, serialize_state
+from edgekv.kv.codec import SeqState, state_buffer
 from edgekv.runtime import lib
 from edgekv.runtime.lib import llama_cpp
 
@@ -77,9 +77,9 @@ def compact_with_probe(session, method, budget, early: bool, probe: Probe):
     p0, n0 = c.n_past, c.n_cells
     saved = (c.logits, c.window_q, c.window_rows, c.logits_after_media)
     last_kind = int(c.kind[-1])
-    blob = c.state_blob()
+    blob = c.state_buffer()   # no bytes copy; parsed as views into it (as CompressedCache.compact does)
     s._stash(blob)   # a turn rolled back after this compaction returns to before the probe
-    before = c.parse(blob)
+    before = c.parse(blob, copy=False)
     swa = before.blocks[1] if s.model.layout.iswa else None
     t_read = time.perf_counter() - t0
 
@@ -129,12 +129,12 @@ def remove_probe(session, p0: int, n: int, swa_before) -> None:
         if not llama_cpp.llama_memory_seq_rm(mem, 0, p0, -1):
             raise CompactionError(f"llama.cpp refused to remove the probe's cells:\n{lib.recent_log()}")
     else:
-        blob = c.state_blob()
-        st = c.parse(blob)
+        blob = c.state_buffer()
+        st = c.parse(blob, copy=False)
         base = st.blocks[0]
         keep = np.flatnonzero(base.pos < p0)
         new = SeqState(st.seq_id, [base.take(keep), swa_before], st.has_ext)
-        if not c.set_state(serialize_state(new)):
+        if not c.set_state(state_buffer(new)):
             restored = c.set_state(blob)
             raise CompactionError("llama.cpp refused the cache without the probe"
                                   + ("" if restored else " AND the original could not be restored: call clear()")
