@@ -90,8 +90,11 @@ def child(args: dict) -> dict:
     text_cells = 64 + 8  # chat text + the answer
     # Sizing needs the projector: a 256-cell probe context first, then the real one (the old one is freed
     # first, so it does not add to the peak).
+    # Query capture as `edgekv chat` sets it: on for auto and query-aware methods (probe windows between
+    # frames), off for query-agnostic ones and the full cache.
+    from edgekv.methods.registry import uses_queries
     m = Model.load(args["model"], args["mmproj"], n_ctx=256, n_batch=args["n_batch"], threads=args["threads"],
-                   flash_attn="off", capture_queries=False)
+                   flash_attn=args["flash_attn"], capture_queries=ratio < 1 and uses_queries(args["method"]))
     plan = plan_video(m, video, ratio if ratio < 1 else 1.0)
     n_ctx = (plan.media_tokens + plan.text_tokens if ratio >= 1 else plan.n_ctx) + text_cells
     m.resize_context(n_ctx)
@@ -104,6 +107,7 @@ def child(args: dict) -> dict:
     s.append_text("\nWhat happens in the video?<|im_end|>\n<|im_start|>assistant\n")
     answer = "".join(r.text for r in s.generate(max_tokens=4))
     final = state_cells(s)
+    picked = s.reports[-1].method if s.reports else ""  # e.g. "auto -> hybridkv (early...) (probe: generic)"
     per_cell = m.layout.bytes_per_cell(m.cache_type_k, m.cache_type_v)
     out = {"ratio": ratio, "method": args["method"] if ratio < 1 else "full", "n_ctx": m.n_ctx,
            "frames": stats.frames, "seconds_of_video": stats.seconds, "media_tokens": plan.media_tokens,
@@ -112,7 +116,7 @@ def child(args: dict) -> dict:
            "kv_alloc_bytes": m.n_ctx * per_cell, "kv_peak_bytes": max(stats.peak_cells, final) * per_cell,
            "prefill_s": prefill_s, "frames_per_s": stats.frames / prefill_s, "compact_s": stats.compact_seconds,
            "baseline_rss_mb": base_rss, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "answer": answer}
+           "picked": picked, "answer": answer}
     s.close()
     m.close()
     return out
@@ -140,8 +144,10 @@ def main(argv=None) -> int:
     ap.add_argument("--frames", type=int, default=64, help="Frames sampled (256 media tokens each).")
     ap.add_argument("--fps", type=float, default=2.0)
     ap.add_argument("--ratios", default="0.2,0.1")
-    ap.add_argument("--method", default="auto", help="Method between frames (auto: its query-agnostic pick).")
+    ap.add_argument("--method", default="auto", help="Method between frames (auto: as `edgekv chat`, with probe windows).")
     ap.add_argument("--n-batch", type=int, default=512)
+    ap.add_argument("--flash-attn", default="auto", choices=["auto", "on", "off"],
+                    help="As `edgekv chat -fa` (auto: on where llama.cpp supports it, as on CPU).")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("results/video"))
     ap.add_argument("--baseline-tree", type=Path, help="Also run the streamed configs with this checkout's code.")
@@ -154,7 +160,7 @@ def main(argv=None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     clip = make_clip(a.out / "clip.mp4", a.frames, fps=int(a.fps))
     base = dict(model=str(model), mmproj=str(mmproj), clip=str(clip), fps=a.fps, frames=a.frames,
-                method=a.method, n_batch=a.n_batch, threads=a.threads)
+                method=a.method, n_batch=a.n_batch, threads=a.threads, flash_attn=a.flash_attn)
     t0 = time.perf_counter()
     load0 = os.getloadavg()
     runs = []
@@ -170,6 +176,7 @@ def main(argv=None) -> int:
               f"{max(r['peak_rss_mb'], r['polled_peak_rss_mb']):.0f} MB, {r['frames_per_s']:.2f} frames/s", flush=True)
     cmd = "python scripts/bench_video.py " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"command": cmd, "model": str(model), "shape": a.shape, "weight_type": a.weight_type, "threads": a.threads,
+            "flash_attn": a.flash_attn,
             "seconds": time.perf_counter() - t0, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "loadavg_before": load0, "loadavg_after": os.getloadavg(),
             "baseline": str(a.baseline_tree) if a.baseline_tree else None}
@@ -194,7 +201,8 @@ def report(meta: dict, runs: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         peak = max(r["peak_rss_mb"], r["polled_peak_rss_mb"])
-        name = "full cache" if r["ratio"] >= 1 else f"streamed, {r['method']} @ {r['ratio']:g}"
+        pick = r.get("picked", "").split(" (early")[0].replace("auto -> ", "auto: ")
+        name = "full cache" if r["ratio"] >= 1 else f"streamed, {pick or r['method']} @ {r['ratio']:g}"
         if r.get("tree"):
             name += f" (baseline: {meta.get('baseline', r['tree'])})"
         saving = (full["kv_alloc_bytes"] - r["kv_alloc_bytes"]) / 2**20

@@ -52,10 +52,13 @@ def samples(model, tasks, lengths, depths, n: int, seed: int = 0):
     return build_samples(ModelTokenizer(model), spec)
 
 
-def run_one(model, codec, pad: int, sample, ratio: float | None, probe, frame_gap: float = 0.5) -> dict:
+def run_one(model, codec, pad: int, sample, ratio: float | None, probe, frame_gap: float = 0.5,
+            as_chunk: bool = False) -> dict:
     """One sample as a clip: header (text), the document as frames with timestamps, the question (text),
     greedy answer. ratio None: the full cache; else streamed compaction at that per-frame ratio with
-    `probe` (True: generic, a token list: the question)."""
+    `probe` (True: generic, a token list: the question). as_chunk: plan each frame on its own cells with
+    the probe window outside the view, as CompressedCache.compact_chunk does on non-iSWA models (Gemma 3 is
+    iSWA, so its streamed compaction reads the whole cache; this measures chunk-only planning on it)."""
     from edgekv.eval.scoring import retrieval_hit
     from edgekv.runtime import Session
     from edgekv.runtime.streaming import Video, append_video, state_cells
@@ -65,6 +68,7 @@ def run_one(model, codec, pad: int, sample, ratio: float | None, probe, frame_ga
                  name=sample.key)
     s = Session(model, method="auto", budget=ratio or 1.0, auto_compact=False,
                 probe=probe if probe is not None else True)
+    s.cache.plan_as_chunk = as_chunk
     try:
         t0 = time.perf_counter()
         s.append_tokens(list(sample.prefix), compressible=False)
@@ -79,7 +83,7 @@ def run_one(model, codec, pad: int, sample, ratio: float | None, probe, frame_ga
     return {"sample": sample.key, "task": sample.task, "length": sample.length, "depth": sample.depth,
             "source": sample.source, "answer": sample.answer, "generated": answer,
             "score": float(retrieval_hit(answer, sample.answer)),
-            "run": "full" if ratio is None else ("generic" if probe is True else "question"),
+            "run": "full" if ratio is None else ("generic" if probe is True else "question") + ("-chunk" if as_chunk else ""),
             "ratio": ratio, "frames": stats.frames, "seconds_of_video": stats.seconds,
             "media_tokens": stats.media_tokens, "chunk_cells": stats.chunk_cells or codec.tokens_per_image,
             "peak_cells": max(stats.peak_cells, final), "final_cells": final,
@@ -119,7 +123,9 @@ def summarize(records: list[dict]) -> list[dict]:
 
 def markdown(rows: list[dict], records: list[dict], config: dict) -> str:
     label = {"full": "full cache", "generic": "streamed, generic probe (question not known)",
-             "question": "streamed, the question as probe (known in advance)"}
+             "question": "streamed, the question as probe (known in advance)",
+             "generic-chunk": "streamed, generic probe, each frame planned on its own cells",
+             "question-chunk": "streamed, question probe, each frame planned on its own cells"}
     lines = ["# Needle frame in a \"video\" of document frames (text-in-pixels Gemma 3 270M)", "",
              "```", config["command"], "```", "",
              f"{len(config['samples'])} samples: tasks {', '.join(config['tasks'])}, lengths "
@@ -155,7 +161,9 @@ def main(argv=None) -> int:
     ap.add_argument("--depths", default="0.1,0.5,0.9")
     ap.add_argument("--samples", type=int, default=1, help="Per (task, length, depth); filler alternates.")
     ap.add_argument("--ratios", default="0.2,0.1")
-    ap.add_argument("--runs", default="generic,question", help="Streamed runs: generic and/or question probe.")
+    ap.add_argument("--runs", default="generic,question",
+                    help="Streamed runs: generic and/or question probe; generic-chunk / question-chunk: the same, "
+                         "each frame planned on its own cells (as compact_chunk).")
     ap.add_argument("--frame-gap", type=float, default=0.5, help="Seconds between frames (timestamps).")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default=None, help="Text GGUF (default: Gemma 3 270M from the eval package).")
@@ -207,8 +215,9 @@ def main(argv=None) -> int:
             records.append(run_one(model, codec, pad, smp, None, None, args.frame_gap))
             for ratio in ratios:
                 for run in runs:
-                    probe = True if run == "generic" else list(smp.question)
-                    records.append(run_one(model, codec, pad, smp, ratio, probe, args.frame_gap))
+                    probe = True if run.startswith("generic") else list(smp.question)
+                    records.append(run_one(model, codec, pad, smp, ratio, probe, args.frame_gap,
+                                           as_chunk=run.endswith("-chunk")))
             done = [r for r in records if r["sample"] == smp.key]
             print(f"{smp.key}: " + " ".join(f"{r['run']}@{r['ratio'] or 1}={r['score']:g}" for r in done)
                   + f" ({time.perf_counter() - t_start:.0f} s)", flush=True)

@@ -231,7 +231,8 @@ def test_several_images_each_compacted_after_their_own_prefill(tiny_pairs):
         s = Session(m, budget=0.25)
         hook = streaming(s)
         list(s.chat("compare these", [image, image], max_tokens=3))
-        assert hook.chunks == 2 and [r.n_candidates for r in s.reports[:2]] == [255, 256]  # the last cell waits for the next
+        # each image alone (compact_chunk): its last (pos_max) cell is kept whole, the 255 others are candidates
+        assert hook.chunks == 2 and [r.n_candidates for r in s.reports[:2]] == [255, 255]
         assert max(hook.trace) <= 700
         first_turn = state_cells(s)
         list(s.chat("and this one?", [image], max_tokens=3))

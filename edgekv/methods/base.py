@@ -48,6 +48,9 @@ class KVView:
     positions:    [T] logical positions (labels) of the tokens.
     seed:         for methods that draw random numbers.
     rope_base, rope_neox: the RoPE of the compressed layers (methods that un-rotate queries: `expected`).
+    window_outside: the window's queries come after every token of the view (a view of one media chunk
+                  planned with a probe window after it): no causal mask inside the view, and each query's
+                  attention is normalised over the view's tokens alone (Method.plans_on_chunk).
     """
 
     keys: np.ndarray
@@ -60,6 +63,7 @@ class KVView:
     seed: int = 0
     rope_base: float | None = None
     rope_neox: bool = True
+    window_outside: bool = False
 
     def __post_init__(self) -> None:
         if self.keys.ndim != 4 or self.keys.shape != self.values.shape:
@@ -69,7 +73,8 @@ class KVView:
             raise ValueError(f"candidates must be [T={self.n_tokens}], got {self.candidates.shape}")
         if self.queries is not None:
             L, H, W, d = self.queries.shape
-            if L != self.n_layers or d != self.head_dim or H % self.n_kv_heads or W > self.n_tokens:
+            if L != self.n_layers or d != self.head_dim or H % self.n_kv_heads or (
+                    W > self.n_tokens and not self.window_outside):
                 raise ValueError(f"queries {self.queries.shape} do not fit keys {self.keys.shape}")
         if self.scale is None:
             self.scale = 1.0 / float(np.sqrt(self.head_dim))
@@ -185,7 +190,8 @@ def _window_softmax(view: KVView, layer: int, h: int, scratch: np.ndarray) -> tu
     q = view.queries[layer, h * g:(h + 1) * g].transpose(1, 0, 2).reshape(W * g, d)
     q = np.multiply(q, view.scale, dtype=np.float32)
     p = np.matmul(q, view.keys[layer, h].T, out=scratch)                              # logits
-    p.reshape(W, g, T)[:, :, T - W:][_future_mask(W, g)] = -np.inf
+    if not view.window_outside:
+        p.reshape(W, g, T)[:, :, T - W:][_future_mask(W, g)] = -np.inf
     p -= p.max(axis=1, keepdims=True)
     np.exp(p, out=p)
     return p, (1.0 / (g * p.sum(axis=1))).astype(np.float32)
@@ -212,6 +218,11 @@ class Method(ABC):
     view_cells: ClassVar[Literal["all", "candidates"]] = "all"
     reads_keys: ClassVar[bool] = True
     reads_values: ClassVar[bool] = True
+    # plans_on_chunk: the method can plan one media chunk from a view of that chunk alone (with a window
+    # that lies outside it: KVView.window_outside), so streamed compaction never copies the whole cache
+    # to the host (CompressedCache.compact_chunk). Methods that read the window's own tokens or positions
+    # (snapkv, expected, flowmm) keep the whole-cache path.
+    plans_on_chunk: ClassVar[bool] = False
 
     @abstractmethod
     def plan(self, view: KVView, budget: int) -> Plan:

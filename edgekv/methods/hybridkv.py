@@ -57,6 +57,7 @@ class HybridKV(Method):
     kernel_size: int = 5      # avgpool for the static heads' media ranking
 
     name = "hybridkv"
+    plans_on_chunk = True
     paper = "https://arxiv.org/abs/2604.05887"
     needs_queries = True
     reads_values = False

@@ -60,6 +60,7 @@ def key_diversity(view: KVView) -> tuple[np.ndarray, np.ndarray]:
 @dataclass
 class KeyDiff(ScoreMethod):
     name = "keydiff"
+    plans_on_chunk = True
     paper = "https://arxiv.org/abs/2504.15364"
     reads_values = False  # all cells: the sums run over T (protected rows zeroed), so T fixes the bits
 

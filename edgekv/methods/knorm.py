@@ -19,6 +19,7 @@ from edgekv.methods.registry import register
 @dataclass
 class KNorm(ScoreMethod):
     name = "knorm"
+    plans_on_chunk = True
     paper = "https://arxiv.org/abs/2406.11430"
     view_cells = "candidates"  # a per-token norm: protected tokens do not change a candidate's score
     reads_values = False

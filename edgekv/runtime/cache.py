@@ -24,6 +24,7 @@ from edgekv.runtime.lib import llama_cpp
 from edgekv.runtime.model import Model
 
 PROTECTED, PENDING, PACKED = 0, 1, 2
+SCRATCH_SEQ = 1  # marks one media chunk for compact_chunk (the context has 2 sequences, one cell pool)
 CANCELLED_MESSAGE = "cancelled; the conversation is as it was before this turn"
 
 
@@ -68,6 +69,7 @@ class CompressedCache:
 
     def __init__(self, model: Model) -> None:
         self.model = model
+        self.plan_as_chunk = False   # see compact()
         self.batch = llama_cpp.llama_batch_init(model.n_batch, 0, 1)
         self.reset()
 
@@ -83,6 +85,7 @@ class CompressedCache:
         self.window_rows = 0
         self.logits: np.ndarray | None = None    # after the last decoded token
         self.logits_after_media = False          # True: the prompt ends with media (no logits there)
+        self.last_chunk: tuple[int, int, int, int] | None = None  # (pos lo, pos hi, cell lo, cell hi)
 
     @property
     def n_cells(self) -> int:
@@ -96,6 +99,7 @@ class CompressedCache:
         self.n_past, self.kind, self.media, self.n_media = m.n_past, m.kind.copy(), m.media.copy(), m.n_media
         self.window_q, self.window_rows, self.logits = m.window_q, m.window_rows, m.logits
         self.logits_after_media = m.after_media
+        self.last_chunk = None
 
     def add_cells(self, n: int, kind: int, media: int = -1) -> None:
         self.kind = np.concatenate([self.kind, np.full(n, kind, np.int8)])
@@ -105,6 +109,7 @@ class CompressedCache:
         """Remove every cell at position >= n_past: the last cells, when nothing was compacted since."""
         llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.model.ctx), 0, n_past, -1)
         self.n_past = n_past
+        self.last_chunk = None
         self.kind, self.media = self.kind[:n_cells], self.media[:n_cells]
 
     def swa_state(self) -> bytes:
@@ -133,12 +138,12 @@ class CompressedCache:
     def state_blob(self) -> bytes:
         return bytes(self.state_buffer())
 
-    def state_buffer(self) -> ctypes.Array:
+    def state_buffer(self, seq: int = 0) -> ctypes.Array:
         """The sequence's state blob in the ctypes buffer llama.cpp wrote it to (no bytes copy)."""
         ctx = self.model.ctx
-        n = llama_cpp.llama_state_seq_get_size(ctx, 0)
+        n = llama_cpp.llama_state_seq_get_size(ctx, seq)
         buf = (ctypes.c_uint8 * n)()
-        got = llama_cpp.llama_state_seq_get_data(ctx, buf, n, 0)
+        got = llama_cpp.llama_state_seq_get_data(ctx, buf, n, seq)
         if got != n:
             raise StateFormatError(f"llama.cpp returned {got} of {n} state bytes")
         return buf
@@ -253,7 +258,10 @@ class CompressedCache:
     def compact(self, meth: Method, cand: np.ndarray, budget_cells: int, *, use_queries: bool, seed: int,
                 label_suffix: str = "", on_blob: Callable[[ctypes.Array], None] | None = None) -> CompactionReport:
         """Plan with `meth` over the candidate cells and write the packed cache back. On any failure the
-        original cache is restored and CompactionError raised. on_blob sees the blob before the rewrite."""
+        original cache is restored and CompactionError raised. on_blob sees the blob before the rewrite.
+        With `plan_as_chunk` set (benchmarks), a method that can plans on the candidates alone with the
+        window outside the view, as compact_chunk does, so that planning is measured where compact_chunk
+        cannot run (iSWA models)."""
         t0 = time.perf_counter()
         # Host memory (scripts/mem_compaction.py): the blob llama.cpp writes is the only copy of the
         # cache read back (parsed as views into it); only the cells and arrays the method reads become
@@ -277,8 +285,9 @@ class CompressedCache:
                               "(flash attention capture off, or no text after the media): use "
                               "--method flashcache or --method auto")
         window = 0 if queries is None else int(queries.shape[2])  # captured rows (the report's)
+        as_chunk = self.plan_as_chunk and meth.plans_on_chunk
         view, cells = method_view(meth, base, lay.n_head_kv, cand, self.spans(), queries, lay.attn_scale, seed,
-                                  rope=(lay.rope_base, lay.rope_neox))
+                                  rope=(lay.rope_base, lay.rope_neox), window_outside=as_chunk)
         t1 = time.perf_counter()
         with planning_threads(self.model.threads):
             plan = (meth.plan(view, budget_cells) if budget_cells < view.n_candidates or meth.name == "full"
@@ -312,6 +321,119 @@ class CompressedCache:
         self.media = self.media[src]
         return _report(label, budget_cells, cand, state, new_state, t0, plan_s, plan, window)
 
+    def note_chunk(self, p0: int, p1: int, n: int) -> None:
+        """The media chunk just decoded at positions [p0, p1) is the last n cells."""
+        self.last_chunk = (p0, p1, self.n_cells - n, self.n_cells)
+
+    def chunk_range(self, cand: np.ndarray) -> tuple[int, int, int, int] | None:
+        """(pos lo, pos hi, cell lo, cell hi) of the last media chunk when the candidates are that chunk
+        and nothing else (its last cell, the pos_max cell, excluded), with only text (a probe) after it:
+        then compact_chunk can rewrite it alone. None: use compact()."""
+        if self.last_chunk is None or self.model.layout.iswa:  # iSWA: seq ops would touch the SWA block
+            return None
+        p0, p1, i0, i1 = self.last_chunk
+        idx = np.flatnonzero(cand)
+        if (i1 - i0 < 2 or i1 > self.n_cells or idx.size != i1 - i0 - 1 or idx[0] != i0 or idx[-1] != i1 - 2
+                or (self.kind[i1:] != PROTECTED).any()):
+            return None
+        return p0, p1, i0, i1
+
+    def compact_chunk(self, meth: Method, chunk: tuple[int, int, int, int], budget_cells: int, *,
+                      use_queries: bool, seed: int, label_suffix: str = "") -> CompactionReport | None:
+        """Compact the last media chunk alone, without reading the rest of the cache (design.md section
+        10): mark its cells with the scratch sequence (seq_cp, no copy), read that sequence's state (the
+        chunk's bytes only), plan on it, drop the chunk from seq 0 and write the packed cells back through
+        the scratch sequence. llama.cpp places restored cells from the freed chunk's first cell on, so the
+        cells stay in position order (blob order = bookkeeping order). Host memory is one chunk, not the
+        cache. Returns None (nothing changed) when the method cannot plan on a chunk view; on a failure
+        after the chunk left seq 0, the chunk's own bytes are written back and CompactionError raised."""
+        t0 = time.perf_counter()
+        lay = self.model.layout
+        queries = self.window_q if use_queries else None
+        label = meth.name
+        if getattr(meth, "resolve", None):
+            meth = meth.resolve(_QueriesOnly(queries))
+            label = f"auto -> {meth.name}"
+        if not meth.plans_on_chunk or (meth.needs_queries and queries is None):
+            return None
+        label += label_suffix
+        p0, p1, i0, i1 = chunk
+        mem = llama_cpp.llama_get_memory(self.model.ctx)
+        llama_cpp.llama_memory_seq_cp(mem, 0, SCRATCH_SEQ, p0, p1)
+        try:
+            blob = self.state_buffer(SCRATCH_SEQ)
+            state = self.parse(blob, copy=False)
+        except BaseException:
+            llama_cpp.llama_memory_seq_rm(mem, SCRATCH_SEQ, -1, -1)
+            raise
+        base = state.blocks[0]
+        n = i1 - i0
+        if base.n_cells != n or len(state.blocks) != 1:  # not the chunk we tracked: the whole-cache path
+            llama_cpp.llama_memory_seq_rm(mem, SCRATCH_SEQ, -1, -1)
+            return None
+        try:
+            cand = np.ones(n, bool)
+            cand[-1] = False            # the pos_max cell: copied whole
+            spans = (Span(0, n, "media", int(self.media[i0])),)
+            window = 0 if queries is None else int(queries.shape[2])
+            view, cells = method_view(meth, base, lay.n_head_kv, cand, spans, queries, lay.attn_scale, seed,
+                                      rope=(lay.rope_base, lay.rope_neox), window_outside=True)
+            t1 = time.perf_counter()
+            slots = max(1, budget_cells - 1)   # + the pos_max cell = the budget
+            with planning_threads(self.model.threads):
+                plan = meth.plan(view, slots) if slots < view.n_candidates else None
+            plan_s = time.perf_counter() - t1
+            if plan is None:
+                llama_cpp.llama_memory_seq_rm(mem, SCRATCH_SEQ, -1, -1)
+                self.kind[i0:i1] = PACKED
+                return _chunk_report(label, budget_cells, n, self.n_cells, self.n_cells, lay, self.model,
+                                     t0, plan_s, None, window)
+            if cells is not None:
+                plan = _plan_to_cells(plan, cells, n)
+            merged = None
+            if plan.merge_to is not None:
+                from edgekv.methods.merge import merged_kv
+
+                if cells is not None or not (meth.reads_keys and meth.reads_values):
+                    K, V = layer_floats(base, lay.n_head_kv)
+                else:
+                    K, V = view.keys, view.values
+                merged = merged_kv(K, V, plan)
+            del view
+            new_base, src = pack_block(base, plan, cand, lay.n_head_kv, merged)
+            new_blob = state_buffer(SeqState(SCRATCH_SEQ, [new_base], state.has_ext))
+        except BaseException:
+            llama_cpp.llama_memory_seq_rm(mem, SCRATCH_SEQ, -1, -1)
+            raise
+        # The chunk leaves seq 0 (its cells stay held by the scratch sequence); set_data frees them and
+        # places the packed cells from the first freed one on; then they move back to seq 0.
+        llama_cpp.llama_memory_seq_rm(mem, 0, p0, p1)
+        ok = self._set_seq(new_blob, SCRATCH_SEQ)
+        if not ok:
+            log = lib.recent_log()
+            restored = self._set_seq(blob, SCRATCH_SEQ)
+            if restored:
+                llama_cpp.llama_memory_seq_cp(mem, SCRATCH_SEQ, 0, -1, -1)
+            llama_cpp.llama_memory_seq_rm(mem, SCRATCH_SEQ, -1, -1)
+            raise CompactionError("llama.cpp refused the compacted chunk"
+                                  + ("; the original chunk was restored" if restored
+                                     else " AND the original chunk could not be restored: call clear()")
+                                  + f":\n{log}")
+        llama_cpp.llama_memory_seq_cp(mem, SCRATCH_SEQ, 0, -1, -1)
+        llama_cpp.llama_memory_seq_rm(mem, SCRATCH_SEQ, -1, -1)
+        before = self.n_cells
+        # Every cell of the chunk is settled, its last (pos_max) cell included: later chunks do not
+        # reconsider it, so the next chunk is again the only candidates (chunk_range).
+        self.kind = np.concatenate([self.kind[:i0], np.full(len(src), PACKED, np.int8), self.kind[i1:]])
+        self.media = np.concatenate([self.media[:i0], self.media[i0:i1][src], self.media[i1:]])
+        self.last_chunk = None
+        return _chunk_report(label, budget_cells, n - 1, before, self.n_cells, lay, self.model, t0, plan_s,
+                             plan, window, chunk_cells=n)
+
+    def _set_seq(self, blob: ctypes.Array, seq: int) -> bool:
+        ptr = ctypes.cast(blob, ctypes.POINTER(ctypes.c_uint8))
+        return llama_cpp.llama_state_seq_set_data(self.model.ctx, ptr, len(blob), seq) == len(blob)
+
     def free(self) -> None:
         if self.batch is not None:
             llama_cpp.llama_batch_free(self.batch)
@@ -327,11 +449,12 @@ def _shape_view(base, n_kv_heads: int, cand: np.ndarray, queries) -> KVView:
 
 
 def method_view(meth: Method, base, n_kv_heads: int, cand: np.ndarray, spans: tuple[Span, ...], queries,
-                scale: float, seed: int, rope: tuple[float, bool] | None = None
+                scale: float, seed: int, rope: tuple[float, bool] | None = None, window_outside: bool = False
                 ) -> tuple[KVView, np.ndarray | None]:
     """The view `meth` plans on, converting to float32 only what it reads (Method.view_cells,
-    reads_keys, reads_values), and the cells it covers (None: all, in order)."""
-    cells = np.flatnonzero(cand) if meth.view_cells == "candidates" else None
+    reads_keys, reads_values), and the cells it covers (None: all, in order). window_outside: a view of
+    the candidates alone, with the window's queries (as compact_chunk plans)."""
+    cells = np.flatnonzero(cand) if meth.view_cells == "candidates" or window_outside else None
     K, V = layer_floats(base, n_kv_heads, cells, keys=meth.reads_keys, values=meth.reads_values)
     T = base.n_cells if cells is None else len(cells)
     shape = (base.n_layers, n_kv_heads, T, base.layers[0].n_embd_k // n_kv_heads)
@@ -340,6 +463,8 @@ def method_view(meth: Method, base, n_kv_heads: int, cand: np.ndarray, spans: tu
     V = empty if V is None else V
     positions = base.pos.astype(np.int64)
     extra = {} if rope is None else dict(rope_base=rope[0], rope_neox=rope[1])  # `expected` un-rotates queries
+    if window_outside:  # a chunk view: the window lies after all of it and stays with any sub-view
+        extra["window_outside"] = True
     if cells is None:
         return KVView(keys=K, values=V, candidates=cand, spans=spans, queries=queries, scale=scale,
                       positions=positions, seed=seed, **extra), None
@@ -347,7 +472,8 @@ def method_view(meth: Method, base, n_kv_heads: int, cand: np.ndarray, spans: tu
     rank = np.cumsum(cand) - 1
     sub = tuple(Span(int(rank[s.start] + (not cand[s.start])), int(rank[s.stop - 1]) + 1, s.kind, s.media_index)
                 for s in spans if cand[s.start:s.stop].any())
-    return KVView(keys=K, values=V, candidates=np.ones(T, bool), spans=sub, queries=None, scale=scale,
+    return KVView(keys=K, values=V, candidates=np.ones(T, bool), spans=sub,
+                  queries=queries if window_outside else None, scale=scale,
                   positions=positions[cells], seed=seed, **extra), cells
 
 
@@ -364,6 +490,28 @@ def _plan_to_cells(plan, cells: np.ndarray, n_cells: int):
         merge_weight[..., cells] = plan.merge_weight
     return Plan(keep=cells[plan.keep], nominal=plan.nominal, merge_to=merge_to, merge_weight=merge_weight,
                 info=plan.info)
+
+
+class _QueriesOnly:
+    """What `auto` looks at to pick its regime: whether a window was captured."""
+
+    def __init__(self, queries) -> None:
+        self.queries = queries
+
+
+def _chunk_report(name, budget_cells, n_candidates, cells_before, cells_after, lay, model, t0, plan_s, plan,
+                  window, chunk_cells: int = 0) -> CompactionReport:
+    per_cell = lay.bytes_per_cell(model.cache_type_k, model.cache_type_v)
+    r = CompactionReport(
+        method=name, budget_cells=budget_cells, n_candidates=n_candidates, cells_before=cells_before,
+        cells_after=cells_after, bytes_before=cells_before * per_cell, bytes_after=cells_after * per_cell,
+        seconds=time.perf_counter() - t0, plan_seconds=plan_s,
+        nominal_mean=float(plan.nominal.mean()) if plan is not None else float(budget_cells),
+        nominal_max=int(plan.nominal.max()) if plan is not None else budget_cells,
+        merged=plan is not None and plan.merge_to is not None, window=window,
+        info=dict(plan.info) if plan is not None else {})
+    r.info["chunk_only"] = True   # planned on the chunk's cells alone (compact_chunk)
+    return r
 
 
 def _report(name, budget_cells, cand, before: SeqState, after: SeqState, t0, plan_s, plan, window: int) -> CompactionReport:

@@ -163,8 +163,9 @@ class Prefiller:
             raise Cancelled(CANCELLED_MESSAGE)
         if rc != 0:
             raise MediaError(f"evaluating an image chunk failed (code {rc}):\n{lib.recent_log()}")
-        c.n_past = int(new_past.value)
+        p0, c.n_past = c.n_past, int(new_past.value)
         c.add_cells(n_tok, PENDING, c.n_media)
+        c.note_chunk(p0, c.n_past, n_tok)
         c.n_media += 1
         c.window_q, c.window_rows = None, 0
         # mtmd's image batches request no logits (its logits_last is for text chunks only): the logits

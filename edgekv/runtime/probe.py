@@ -77,10 +77,20 @@ def compact_with_probe(session, method, budget, early: bool, probe: Probe):
     p0, n0 = c.n_past, c.n_cells
     saved = (c.logits, c.window_q, c.window_rows, c.logits_after_media)
     last_kind = int(c.kind[-1])
-    blob = c.state_buffer()   # no bytes copy; parsed as views into it (as CompressedCache.compact does)
-    s._stash(blob)   # a turn rolled back after this compaction returns to before the probe
-    before = c.parse(blob, copy=False)
-    swa = before.blocks[1] if s.model.layout.iswa else None
+    # The last media chunk alone (CompressedCache.compact_chunk): no whole-cache read, and no rollback
+    # blob, since every cell it rewrites lies after the turn's start (dropping the turn's tail undoes it).
+    chunk = c.chunk_range(c.candidates(s.compress)) if method.plans_on_chunk else None
+    if chunk is not None and not s._tail_undoes(chunk[0]):
+        chunk = None
+    if chunk is None:
+        blob = c.state_buffer()   # no bytes copy; parsed as views into it (as CompressedCache.compact does)
+        s._stash(blob)   # a turn rolled back after this compaction returns to before the probe
+        before = c.parse(blob, copy=False)
+        swa = before.blocks[1] if s.model.layout.iswa else None
+        bytes_before = before.nbytes
+        del blob, before
+    else:
+        swa, bytes_before = None, n0 * s.model.layout.bytes_per_cell(s.model.cache_type_k, s.model.cache_type_v)
     t_read = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -99,11 +109,17 @@ def compact_with_probe(session, method, budget, early: bool, probe: Probe):
                 cells = resolve_budget(s.budget if budget is None else budget, int(cand.sum()))
                 suffix = (" (early, before the question)" if early else "") + \
                     " (probe: " + ("question" if known else "generic") + ")"
-                report = c.compact(method, cand, cells, use_queries=True, seed=s.seed, label_suffix=suffix)
+                if chunk is not None:
+                    report = c.compact_chunk(method, chunk, cells, use_queries=True, seed=s.seed,
+                                             label_suffix=suffix)
+                if report is None:
+                    report = c.compact(method, cand, cells, use_queries=True, seed=s.seed, label_suffix=suffix,
+                                       on_blob=s._stash if chunk is not None else None)
     finally:
         t2 = time.perf_counter()
         remove_probe(s, p0, n, swa)
-        c.kind[-1] = last_kind                 # the pos_max cell: a candidate again next time
+        if report is None or not report.info.get("chunk_only"):
+            c.kind[-1] = last_kind             # the pos_max cell: a candidate again next time
         c.logits, c.window_q, c.window_rows, c.logits_after_media = saved
         remove_s = time.perf_counter() - t2
     if q is None:
@@ -113,7 +129,9 @@ def compact_with_probe(session, method, budget, early: bool, probe: Probe):
             report.method = "auto -> " + report.method
         # the report describes the cache without the probe
         report.cells_before, report.cells_after = n0, c.n_cells
-        report.bytes_before, report.bytes_after = before.nbytes, c.nbytes()
+        report.bytes_before = bytes_before
+        report.bytes_after = (c.n_cells * s.model.layout.bytes_per_cell(s.model.cache_type_k, s.model.cache_type_v)
+                              if report.info.get("chunk_only") else c.nbytes())
         report.info.update(probe_tokens=n, probe_known=known, probe_s=round(probe_s, 4),
                            probe_remove_s=round(remove_s + t_read, 4))
         report.seconds += probe_s + remove_s + t_read
