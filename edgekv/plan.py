@@ -37,6 +37,15 @@ class Plan:
     def n_slots(self) -> int:
         return self.keep.shape[-1]
 
+    def capped(self, slots: int) -> "Plan":
+        """At most `slots` cells: each row keeps its first (best) `slots` tokens. For a context sized for the
+        budget (streamed media): per-head budgets above the mean (hybridkv, adakv, ...) would otherwise make
+        the cells kept, the largest head budget, outgrow it. Plans that merge are returned as they are."""
+        if self.n_slots <= slots or self.merge_to is not None:
+            return self
+        return Plan(keep=self.keep[..., :slots], nominal=np.minimum(self.nominal, slots),
+                    info={**self.info, "capped_from": self.n_slots})
+
     def validate(self, view: KVView) -> "Plan":
         L, Hk, T = view.n_layers, view.n_kv_heads, view.n_tokens
         if self.keep.ndim != 3 or self.keep.shape[:2] != (L, Hk):

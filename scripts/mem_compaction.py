@@ -11,7 +11,7 @@ Each step compacts the frame with `auto` (-> `knorm`, query-agnostic) at 0.2 and
 peak of Python/numpy allocations above the level before the call, the process RSS high-water mark above
 RSS before the call (VmHWM after resetting it through /proc/self/clear_refs), both in units of the KV
 bytes the sequence held (X), and the compaction's seconds. Also a hash of the packed blob, so two trees
-can be compared for identical output.
+can be compared for identical output. --chunk-only: the same frame compacted alone (compact_chunk).
 """
 from __future__ import annotations
 
@@ -59,6 +59,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--ratio", type=float, default=0.2)
     ap.add_argument("--method", default="auto")
+    ap.add_argument("--chunk-only", action="store_true",
+                    help="Mark the last --chunk cells as the media chunk just decoded, so the compaction takes "
+                         "CompressedCache.compact_chunk (reads and rewrites that chunk alone).")
     a = ap.parse_args()
 
     text, mm = build_models("smolvlm-256m", "q4_0")
@@ -88,11 +91,16 @@ def main() -> int:
             raise SystemExit("llama.cpp refused the synthetic state")
         c.n_past = n
         kind = np.full(n, PACKED, np.int8)
-        kind[n - a.chunk - 1:n - 1] = PENDING
-        kind[-1] = PROTECTED
+        if a.chunk_only:   # the chunk's last cell is the pos_max cell (kept whole by compact_chunk)
+            kind[n - a.chunk:] = PENDING
+        else:
+            kind[n - a.chunk - 1:n - 1] = PENDING
+            kind[-1] = PROTECTED
         media = np.full(n, -1, np.int32)
         media[:n - 1] = 0
         c.kind, c.media, c.n_media = kind, media, 1
+        if a.chunk_only:
+            c.note_chunk(n - a.chunk, n, a.chunk)
         tracemalloc.start()
         base_py = tracemalloc.get_traced_memory()[0]
         rss0 = status_kb("VmRSS")

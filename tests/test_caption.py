@@ -201,6 +201,7 @@ def test_cli_sidecars_resume_and_corrupt_image(pair, folder):
     errs = read_jsonl(folder / ERRORS_NAME)
     assert [Path(e["file_name"]).name for e in errs] == ["broken.jpg"] and "cannot read image" in errs[0]["error"]
     assert "captioned 5, skipped 0 (already done), failed 1 of 6" in r.output
+    assert re.search(r"\([0-9.]+ images/s\)", r.output), r.output
     assert not list(folder.glob(".*edgekv-tmp"))
 
     (folder / "broken.jpg").unlink()
@@ -342,6 +343,7 @@ def test_videos_among_images_jsonl_and_resume(pair, folder, tmp_path):
     recs = {Path(x["file_name"]).name: x for x in read_jsonl(out)}
     assert sorted(recs) == sorted([f"img{i}.png" for i in range(5)] + ["clip.mp4", "corrupt.mp4", "cut.mkv"])
     assert "captioned 7, skipped 0 (already done), failed 1 of 8" in r.output
+    assert re.search(r"\([0-9.]+ files/s\)", r.output), r.output   # videos in the batch: not "images/s"
     assert "not a video" in recs["corrupt.mp4"]["error"] and "text" not in recs["corrupt.mp4"]
     v = recs["clip.mp4"]
     assert v["text"] and "warning" not in v

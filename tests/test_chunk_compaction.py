@@ -37,6 +37,7 @@ class Checking:
         i0 = before.n_cells - n
         assert after.n_cells == s.n_cells == i0 + r.cells_after - (r.cells_before - n)
         assert after.n_cells < before.n_cells
+        assert after.n_cells - i0 <= r.budget_cells   # never more than the budget (Plan.capped), pos_max included
         # the history before the chunk: the same cells, byte for byte
         assert np.array_equal(after.pos[:i0], before.pos[:i0])
         for la, lb in zip(after.layers, before.layers):
@@ -132,3 +133,14 @@ def test_a_refused_chunk_write_puts_the_chunk_back(tiny_pairs, monkeypatch):
         r = s.compact(early=True)
         assert r.info.get("chunk_only") and s.n_cells < len(kind)
         s.close()
+
+
+def test_capped_plans_keep_each_rows_best_tokens():
+    from edgekv.plan import Plan
+
+    keep = np.array([[[4, 0, 2, 1], [3, 1, 0, 2]]])          # best first; head 0's own budget is 4, head 1's 2
+    plan = Plan(keep=keep, nominal=np.array([[4, 2]]), info={"method": "x"})
+    c = plan.capped(3)
+    assert c.n_slots == 3 and np.array_equal(c.keep, keep[..., :3])
+    assert c.nominal.tolist() == [[3, 2]] and c.info["capped_from"] == 4
+    assert plan.capped(4) is plan and plan.capped(9) is plan

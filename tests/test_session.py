@@ -476,3 +476,23 @@ def test_gemma_failed_turn_restores_the_sliding_window_block(gemma_path, monkeyp
         s.progress = None
         assert s.state_blob() == blob and s.messages == msgs and s.n_cells == cells
         s.close()
+
+
+def test_append_history_prefills_whole_messages_like_the_turns_that_made_them(tiny_pairs):
+    """A conversation the cache does not hold (a server request's history) goes in as whole messages: the
+    cache then holds the text the turns left, and the next turn starts as it did after them."""
+    model_path, mmproj, image = tiny_pairs["llava"]
+    with load(tiny_pairs) as m:
+        s = Session(m, budget=1.0, seed=0)   # nothing evicted: the same text gives the same cells
+        assert "".join(r.text for r in s.chat("what is this?", [image], max_tokens=3))
+        history, text, cells = [dict(x) for x in s.messages], s._in_cache_text, s.n_cells
+        first = next(iter(s.chat("and then?", max_tokens=1))).token
+        s.clear()
+        assert s.append_history(history, [image])
+        # the same text (here with the answer's end-of-turn marker, which the next turn adds otherwise)
+        assert s.messages == history and s._in_cache_text.startswith(text) and s.n_cells >= cells
+        # the answer's tokens were decoded one by one the first time and as one batch here: the same first
+        # token (greedy), not necessarily bit-identical logits
+        assert next(iter(s.chat("and then?", max_tokens=1))).token == first
+        assert len(s.messages) == len(history) + 2
+        s.close()

@@ -27,6 +27,7 @@ class Summary:
     seconds: float = 0.0
     peak_rss_mb: dict[str, float] = field(default_factory=dict)  # worker -> MiB
     failures: list[tuple[str, str]] = field(default_factory=list)
+    unit: str = "images"   # "files" when the batch has videos
     warnings: list[tuple[str, str]] = field(default_factory=list)  # done, but e.g. from part of a broken video
 
     def add(self, name: str, record: dict) -> None:
@@ -46,7 +47,7 @@ class Summary:
         save = f"{100 * sum(self.savings) / len(self.savings):.1f} %" if self.savings else "n/a"
         rss = ", ".join(f"{k} {v:.0f} MiB" for k, v in self.peak_rss_mb.items()) or "n/a"
         out = [f"captioned {self.done}, skipped {self.skipped} (already done), failed {self.failed} "
-               f"of {self.total} in {self.seconds:.1f} s ({rate:.2f} images/s)",
+               f"of {self.total} in {self.seconds:.1f} s ({rate:.2f} {self.unit}/s)",
                f"mean KV saving {save} of the cells; peak RSS {rss}"]
         for name, warn in self.warnings[:10]:
             out.append(f"warning: {name}: {warn}")
@@ -69,10 +70,10 @@ def plan(images: list[Path], sink, overwrite: bool) -> tuple[list[Path], int]:
     return todo, len(images) - len(todo)
 
 
-def progress_bar(total: int, enabled: bool):
+def progress_bar(total: int, enabled: bool, unit: str = "img"):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="img", disable=not enabled or not sys.stderr.isatty(), file=sys.stderr,
+    return tqdm(total=total, unit=unit, disable=not enabled or not sys.stderr.isatty(), file=sys.stderr,
                 dynamic_ncols=True, smoothing=0.1)
 
 
@@ -82,7 +83,7 @@ def run_local(captioner, todo: Iterable[Path], sink, summary: Summary, show_prog
     todo = list(todo)
     delay = float(os.environ.get(DELAY_ENV) or 0)
     t0 = time.perf_counter()
-    with progress_bar(len(todo), show_progress) as bar:
+    with progress_bar(len(todo), show_progress, "img" if summary.unit == "images" else "file") as bar:
         for path in todo:
             rec = captioner.caption(path)
             if delay:

@@ -58,7 +58,7 @@ def caption(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash
     Exit code 0: all captioned; 1: some inputs failed (logged, the rest went on); 2: bad usage."""
     from edgekv.caption.batch import Summary, plan
     from edgekv.caption.captioner import DEFAULT_PROMPT, DEFAULT_VIDEO_PROMPT, CaptionConfig
-    from edgekv.caption.inputs import collect_inputs
+    from edgekv.caption.inputs import collect_inputs, kind_of
     from edgekv.caption.sinks import ERRORS_NAME, JsonlSink, SidecarSink
 
     if prompt is not None and prompt_file is not None:
@@ -89,7 +89,8 @@ def caption(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash
         for note in sink.notes:
             click.echo(note, err=True)
         todo, skipped = plan(images, sink, overwrite)
-        summary = Summary(total=len(images), skipped=skipped)
+        summary = Summary(total=len(images), skipped=skipped,
+                          unit="files" if any(kind_of(p) == "video" for p in images) else "images")
         if todo:
             model_path, mmproj_path = _resolve_model(model, mmproj, hf_repo, offline)
             if ray_address is not None and threads is None:
@@ -149,7 +150,7 @@ def _run_ray(cfg, todo, sink, summary, show_progress: bool, address: str, concur
 
     init_ray(address, num_cpus=None)
     t0 = time.perf_counter()
-    with progress_bar(len(todo), show_progress) as bar:
+    with progress_bar(len(todo), show_progress, "img" if summary.unit == "images" else "file") as bar:
         def on_record(path, rec, worker, rss):
             rec = sink.write(path, rec)
             summary.add(sink.key(path), rec)

@@ -3,7 +3,9 @@
 After a compaction the cell count is not the position count, so we track the logical position of the
 next token (`n_past`, from chunks' n_pos for M-RoPE) and, per cell in blob order, its kind (protected
 text, media waiting for compaction, packed slots) and media index. Compaction reads the sequence's state
-blob, lets a method plan, packs the plan (`edgekv.kv.packer`) and writes the blob back.
+blob, lets a method plan, packs the plan (`edgekv.kv.packer`) and writes the blob back. Streamed media
+compact the last chunk alone (`compact_chunk`): sequence 1 of the context (one cell pool with seq 0)
+marks the chunk's cells, so only they are read and rewritten.
 """
 from __future__ import annotations
 
@@ -256,9 +258,11 @@ class CompressedCache:
         return tuple(spans)
 
     def compact(self, meth: Method, cand: np.ndarray, budget_cells: int, *, use_queries: bool, seed: int,
-                label_suffix: str = "", on_blob: Callable[[ctypes.Array], None] | None = None) -> CompactionReport:
+                label_suffix: str = "", on_blob: Callable[[ctypes.Array], None] | None = None,
+                cap: bool = False) -> CompactionReport:
         """Plan with `meth` over the candidate cells and write the packed cache back. On any failure the
         original cache is restored and CompactionError raised. on_blob sees the blob before the rewrite.
+        cap: keep at most budget_cells slots (Plan.capped), for a context sized for the budget.
         With `plan_as_chunk` set (benchmarks), a method that can plans on the candidates alone with the
         window outside the view, as compact_chunk does, so that planning is measured where compact_chunk
         cannot run (iSWA models)."""
@@ -293,20 +297,12 @@ class CompressedCache:
             plan = (meth.plan(view, budget_cells) if budget_cells < view.n_candidates or meth.name == "full"
                     else None)
         plan_s = time.perf_counter() - t1
+        if plan is not None and cap:
+            plan = plan.capped(budget_cells)
         if plan is None:  # budget covers everything: keep the cells as they are
             self.kind[cand] = PACKED
             return _report(label, budget_cells, cand, state, state, t0, plan_s, None, window)
-        if cells is not None:  # a view of the candidates alone: its token indices -> cell indices
-            plan = _plan_to_cells(plan, cells, base.n_cells)
-        merged = None
-        if plan.merge_to is not None:
-            from edgekv.methods.merge import merged_kv
-
-            if cells is not None or not (meth.reads_keys and meth.reads_values):
-                K, V = layer_floats(base, lay.n_head_kv)
-            else:
-                K, V = view.keys, view.values
-            merged = merged_kv(K, V, plan)
+        plan, merged = _cells_and_merges(meth, view, cells, plan, base, lay.n_head_kv)
         del view
         new_base, src = pack_block(base, plan, cand, lay.n_head_kv, merged)
         new_state = SeqState(state.seq_id, [new_base] + state.blocks[1:], state.has_ext)
@@ -359,6 +355,7 @@ class CompressedCache:
         label += label_suffix
         p0, p1, i0, i1 = chunk
         mem = llama_cpp.llama_get_memory(self.model.ctx)
+        llama_cpp.llama_memory_seq_rm(mem, SCRATCH_SEQ, -1, -1)   # nothing left over from an interrupted one
         llama_cpp.llama_memory_seq_cp(mem, 0, SCRATCH_SEQ, p0, p1)
         try:
             blob = self.state_buffer(SCRATCH_SEQ)
@@ -382,23 +379,15 @@ class CompressedCache:
             slots = max(1, budget_cells - 1)   # + the pos_max cell = the budget
             with planning_threads(self.model.threads):
                 plan = meth.plan(view, slots) if slots < view.n_candidates else None
+            if plan is not None:   # the context is sized for the budget: never more cells than it
+                plan = plan.capped(slots)
             plan_s = time.perf_counter() - t1
             if plan is None:
                 llama_cpp.llama_memory_seq_rm(mem, SCRATCH_SEQ, -1, -1)
                 self.kind[i0:i1] = PACKED
                 return _chunk_report(label, budget_cells, n, self.n_cells, self.n_cells, lay, self.model,
                                      t0, plan_s, None, window)
-            if cells is not None:
-                plan = _plan_to_cells(plan, cells, n)
-            merged = None
-            if plan.merge_to is not None:
-                from edgekv.methods.merge import merged_kv
-
-                if cells is not None or not (meth.reads_keys and meth.reads_values):
-                    K, V = layer_floats(base, lay.n_head_kv)
-                else:
-                    K, V = view.keys, view.values
-                merged = merged_kv(K, V, plan)
+            plan, merged = _cells_and_merges(meth, view, cells, plan, base, lay.n_head_kv)
             del view
             new_base, src = pack_block(base, plan, cand, lay.n_head_kv, merged)
             new_blob = state_buffer(SeqState(SCRATCH_SEQ, [new_base], state.has_ext))
@@ -475,6 +464,22 @@ def method_view(meth: Method, base, n_kv_heads: int, cand: np.ndarray, spans: tu
     return KVView(keys=K, values=V, candidates=np.ones(T, bool), spans=sub,
                   queries=queries if window_outside else None, scale=scale,
                   positions=positions[cells], seed=seed, **extra), cells
+
+
+def _cells_and_merges(meth: Method, view: KVView, cells: np.ndarray | None, plan, base, n_kv_heads: int):
+    """The plan in cell indices (it was made on a view of `cells`, or of all cells) and the merged slots'
+    float32 K and V when it merges (None otherwise)."""
+    if cells is not None:  # a view of the candidates alone: its token indices -> cell indices
+        plan = _plan_to_cells(plan, cells, base.n_cells)
+    if plan.merge_to is None:
+        return plan, None
+    from edgekv.methods.merge import merged_kv
+
+    if cells is not None or not (meth.reads_keys and meth.reads_values):
+        K, V = layer_floats(base, n_kv_heads)
+    else:
+        K, V = view.keys, view.values
+    return plan, merged_kv(K, V, plan)
 
 
 def _plan_to_cells(plan, cells: np.ndarray, n_cells: int):

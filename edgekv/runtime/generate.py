@@ -32,7 +32,7 @@ class GenerationResponse:
     finish_reason, one of FINISH_REASONS."""
 
     text: str
-    token: int
+    token: int   # the token this record adds, or -1 when it adds none (a last record after a cancel)
     prompt_tokens: int
     prompt_tps: float
     generation_tokens: int

@@ -114,7 +114,7 @@ def compact_with_probe(session, method, budget, early: bool, probe: Probe):
                                              label_suffix=suffix)
                 if report is None:
                     report = c.compact(method, cand, cells, use_queries=True, seed=s.seed, label_suffix=suffix,
-                                       on_blob=s._stash if chunk is not None else None)
+                                       on_blob=s._stash if chunk is not None else None, cap=early)
     finally:
         t2 = time.perf_counter()
         remove_probe(s, p0, n, swa)

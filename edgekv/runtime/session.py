@@ -370,7 +370,7 @@ class Session:
                 return r
         r = self.cache.compact(meth, cand, budget_cells, use_queries=not early, seed=self.seed,
                                label_suffix=" (early, before the question)" if early else "",
-                               on_blob=self._stash)
+                               on_blob=self._stash, cap=early)
         self.reports.append(r)
         return r
 
@@ -451,6 +451,20 @@ class Session:
         finally:
             self._answer_txn = None
         self._commit_answer("".join(answer))
+
+    def append_history(self, messages: list[dict], images: list[ImageInput] = ()) -> bool:
+        """Prefill whole earlier messages of a conversation (e.g. a server request whose history the cache
+        does not hold) without answering. `images` are the messages' images in order. False, and nothing
+        changed, when the chat template renders the text already in the cache differently (start over
+        with clear()). A transaction."""
+        self._check_usable()
+        msgs = self.messages + [dict(m) for m in messages]
+        full = self.format_chat(msgs, add_assistant=False)
+        if not full.startswith(self._in_cache_text):
+            return False
+        self.append_prompt(full[len(self._in_cache_text):], list(images))
+        self.messages, self._in_cache_text = msgs, full
+        return True
 
     def _commit_answer(self, text: str) -> None:
         self.messages.append({"role": "assistant", "content": text})

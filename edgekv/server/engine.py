@@ -206,15 +206,9 @@ class Engine:
     def _prefill_history(self, msgs: list[ConvMessage]) -> bool:
         """Prefill whole messages before the last user message (a conversation the cache did not keep).
         False when the template renders the kept part differently (then the caller starts over)."""
-        s = self.session
-        done = s._in_cache_text   # the formatted text the cache holds (Session's own bookkeeping)
-        s.messages.extend({"role": m.role, "content": m.content} for m in msgs)
-        full = s.format_chat(s.messages, add_assistant=False)
-        if not full.startswith(done):
-            return False
         images = self._decode_images(msgs)
-        s.append_prompt(full[len(done):], images)
-        s._in_cache_text = full
+        if not self.session.append_history([{"role": m.role, "content": m.content} for m in msgs], images):
+            return False
         self.images_encoded += len(images)
         return True
 
