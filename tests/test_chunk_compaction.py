@@ -102,7 +102,8 @@ def test_a_turn_rolled_back_after_a_chunk_compaction_is_as_before(tiny_pairs):
             list(s.chat("two more", [image, image], max_tokens=2))
         # the turn's first image was compacted on its own (no rollback blob kept), then the turn failed
         assert s.n_cells == n_cells and len(s.reports) == n_reports
-        assert s.state_blob() == blob
+        same = s.state_blob() == blob   # a bool: pytest would diff two blobs byte by byte on failure
+        assert same
         s.progress = None
         assert [r.token for r in s.chat("again", max_tokens=2)]  # the session goes on
         s.close()
@@ -128,7 +129,8 @@ def test_a_refused_chunk_write_puts_the_chunk_back(tiny_pairs, monkeypatch):
         with pytest.raises(CompactionError, match="original chunk was restored"):
             s.compact(early=True)
         assert len(calls) == 2 and calls[1] > calls[0]     # the packed chunk, then the original one
-        assert s.state_blob() == blob and np.array_equal(s.cache.kind, kind)
+        same = s.state_blob() == blob
+        assert same and np.array_equal(s.cache.kind, kind)
         monkeypatch.undo()
         r = s.compact(early=True)
         assert r.info.get("chunk_only") and s.n_cells < len(kind)
