@@ -108,7 +108,7 @@ def child(args: dict) -> dict:
     answer = "".join(r.text for r in s.generate(max_tokens=4))
     final = state_cells(s)
     picked = s.reports[-1].method if s.reports else ""  # e.g. "auto -> hybridkv (early...) (probe: generic)"
-    per_cell = m.layout.bytes_per_cell(m.cache_type_k, m.cache_type_v)
+    per_cell = m.cell_bytes
     out = {"ratio": ratio, "method": args["method"] if ratio < 1 else "full", "n_ctx": m.n_ctx,
            "frames": stats.frames, "seconds_of_video": stats.seconds, "media_tokens": plan.media_tokens,
            "chunk": plan.chunk_tokens, "budget_cells": plan.budget_cells if ratio < 1 else plan.media_tokens,

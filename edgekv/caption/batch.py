@@ -70,10 +70,11 @@ def plan(images: list[Path], sink, overwrite: bool) -> tuple[list[Path], int]:
     return todo, len(images) - len(todo)
 
 
-def progress_bar(total: int, enabled: bool, unit: str = "img"):
+def progress_bar(total: int, enabled: bool, unit: str = "images"):
+    """unit: Summary.unit ("images", or "files" when the batch has videos)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, unit=unit, disable=not enabled or not sys.stderr.isatty(), file=sys.stderr,
+    return tqdm(total=total, unit="img" if unit == "images" else "file", disable=not enabled or not sys.stderr.isatty(), file=sys.stderr,
                 dynamic_ncols=True, smoothing=0.1)
 
 
@@ -83,7 +84,7 @@ def run_local(captioner, todo: Iterable[Path], sink, summary: Summary, show_prog
     todo = list(todo)
     delay = float(os.environ.get(DELAY_ENV) or 0)
     t0 = time.perf_counter()
-    with progress_bar(len(todo), show_progress, "img" if summary.unit == "images" else "file") as bar:
+    with progress_bar(len(todo), show_progress, summary.unit) as bar:
         for path in todo:
             rec = captioner.caption(path)
             if delay:

@@ -150,7 +150,7 @@ def _run_ray(cfg, todo, sink, summary, show_progress: bool, address: str, concur
 
     init_ray(address, num_cpus=None)
     t0 = time.perf_counter()
-    with progress_bar(len(todo), show_progress, "img" if summary.unit == "images" else "file") as bar:
+    with progress_bar(len(todo), show_progress, summary.unit) as bar:
         def on_record(path, rec, worker, rss):
             rec = sink.write(path, rec)
             summary.add(sink.key(path), rec)

@@ -188,7 +188,7 @@ class RuntimeEngine(Engine):
                                 "n_candidates": r.n_candidates, "window_rows": r.window,
                                 "merged": r.merged, "resolved": r.method,
                                 **{k: v for k, v in r.info.items() if k.startswith("probe")}})
-        bpc = self.model.layout.bytes_per_cell(self.model.cache_type_k, self.model.cache_type_v)
+        bpc = self.model.cell_bytes
         info.extra.update(block_bytes_before=info.cells_before * bpc, block_bytes_after=info.cells_after * bpc,
                           media_prefill_s=round(self.media_prefill_s, 4), regime=regime,
                           n_context=self.n_context)

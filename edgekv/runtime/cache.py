@@ -506,7 +506,7 @@ class _QueriesOnly:
 
 def _chunk_report(name, budget_cells, n_candidates, cells_before, cells_after, lay, model, t0, plan_s, plan,
                   window, chunk_cells: int = 0) -> CompactionReport:
-    per_cell = lay.bytes_per_cell(model.cache_type_k, model.cache_type_v)
+    per_cell = model.cell_bytes
     r = CompactionReport(
         method=name, budget_cells=budget_cells, n_candidates=n_candidates, cells_before=cells_before,
         cells_after=cells_after, bytes_before=cells_before * per_cell, bytes_after=cells_after * per_cell,

@@ -215,6 +215,11 @@ class Model:
     def n_vocab(self) -> int:
         return self.layout.n_vocab
 
+    @property
+    def cell_bytes(self) -> int:
+        """K+V bytes one cell costs in the compressible block with this context's cache types."""
+        return self.layout.bytes_per_cell(self.cache_type_k, self.cache_type_v)
+
     def tokenize(self, text: str, add_bos: bool = False, special: bool = True) -> list[int]:
         data = text.encode("utf-8")
         n_max = len(data) + 16

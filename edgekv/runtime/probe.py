@@ -79,9 +79,7 @@ def compact_with_probe(session, method, budget, early: bool, probe: Probe):
     last_kind = int(c.kind[-1])
     # The last media chunk alone (CompressedCache.compact_chunk): no whole-cache read, and no rollback
     # blob, since every cell it rewrites lies after the turn's start (dropping the turn's tail undoes it).
-    chunk = c.chunk_range(c.candidates(s.compress)) if method.plans_on_chunk else None
-    if chunk is not None and not s._tail_undoes(chunk[0]):
-        chunk = None
+    chunk = s._lone_chunk(c.candidates(s.compress)) if method.plans_on_chunk else None
     if chunk is None:
         blob = c.state_buffer()   # no bytes copy; parsed as views into it (as CompressedCache.compact does)
         s._stash(blob)   # a turn rolled back after this compaction returns to before the probe
@@ -90,7 +88,7 @@ def compact_with_probe(session, method, budget, early: bool, probe: Probe):
         bytes_before = before.nbytes
         del blob, before
     else:
-        swa, bytes_before = None, n0 * s.model.layout.bytes_per_cell(s.model.cache_type_k, s.model.cache_type_v)
+        swa, bytes_before = None, n0 * s.model.cell_bytes
     t_read = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -130,8 +128,7 @@ def compact_with_probe(session, method, budget, early: bool, probe: Probe):
         # the report describes the cache without the probe
         report.cells_before, report.cells_after = n0, c.n_cells
         report.bytes_before = bytes_before
-        report.bytes_after = (c.n_cells * s.model.layout.bytes_per_cell(s.model.cache_type_k, s.model.cache_type_v)
-                              if report.info.get("chunk_only") else c.nbytes())
+        report.bytes_after = c.n_cells * s.model.cell_bytes if report.info.get("chunk_only") else c.nbytes()
         report.info.update(probe_tokens=n, probe_known=known, probe_s=round(probe_s, 4),
                            probe_remove_s=round(remove_s + t_read, 4))
         report.seconds += probe_s + remove_s + t_read

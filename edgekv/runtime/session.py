@@ -361,8 +361,8 @@ class Session:
         if early and meth.needs_queries:
             meth = get_method("auto")  # resolves to its query-agnostic pick (no queries)
         budget_cells = resolve_budget(self.budget if budget is None else budget, int(cand.sum()))
-        chunk = self.cache.chunk_range(cand) if early else None
-        if chunk is not None and self._tail_undoes(chunk[0]):   # the last media chunk alone (no host copy)
+        chunk = self._lone_chunk(cand) if early else None
+        if chunk is not None:   # the last media chunk alone (no host copy)
             r = self.cache.compact_chunk(meth, chunk, budget_cells, use_queries=False, seed=self.seed,
                                          label_suffix=" (early, before the question)")
             if r is not None:
@@ -374,11 +374,13 @@ class Session:
         self.reports.append(r)
         return r
 
-    def _tail_undoes(self, pos: int) -> bool:
-        """Whether rolling the current turn back (dropping its tail) undoes a rewrite of the cells at
-        positions >= pos: they were all added in this turn, on a cache without a sliding-window block."""
+    def _lone_chunk(self, cand: np.ndarray) -> tuple[int, int, int, int] | None:
+        """The last media chunk, when the candidates are that chunk alone (CompressedCache.chunk_range) and
+        rolling the current turn back (dropping its tail) undoes a rewrite of it: it was added in this
+        turn. Then compact_chunk needs no rollback blob. None: the whole-cache path."""
+        chunk = self.cache.chunk_range(cand)
         t = self._txn or self._answer_txn
-        return not self.model.layout.iswa and (t is None or t.marks.n_past <= pos)
+        return chunk if chunk is not None and (t is None or t.marks.n_past <= chunk[0]) else None
 
     def _stash(self, blob: bytes | ctypes.Array) -> None:
         t = self._txn or self._answer_txn
