@@ -7,7 +7,7 @@ A synthetic SmolVLM-256M-shaped model (the one `bench_video.py` builds: 30 layer
 flash attention off, so V is stored transposed) gets a cache of `--cells` cells written straight into
 llama.cpp with `llama_state_seq_set_data` (random f16 K/V, no prefill): the last `--chunk` cells are a
 new frame (pending media), the others earlier frames' packed slots, as between two frames of a video.
-Each step compacts the frame with `auto` (-> `knorm`, query-agnostic) at 0.2 and reports: tracemalloc's
+Each step compacts the frame with `auto` (its query-agnostic pick, `keydiff` now; no probe: query capture is off) at 0.2 and reports: tracemalloc's
 peak of Python/numpy allocations above the level before the call, the process RSS high-water mark above
 RSS before the call (VmHWM after resetting it through /proc/self/clear_refs), both in units of the KV
 bytes the sequence held (X), and the compaction's seconds. Also a hash of the packed blob, so two trees

@@ -336,8 +336,8 @@ class CompressedCache:
 
     def compact_chunk(self, meth: Method, chunk: tuple[int, int, int, int], budget_cells: int, *,
                       use_queries: bool, seed: int, label_suffix: str = "") -> CompactionReport | None:
-        """Compact the last media chunk alone, without reading the rest of the cache (design.md section
-        10): mark its cells with the scratch sequence (seq_cp, no copy), read that sequence's state (the
+        """Compact the last media chunk alone, without reading the rest of the cache (README,
+        Video): mark its cells with the scratch sequence (seq_cp, no copy), read that sequence's state (the
         chunk's bytes only), plan on it, drop the chunk from seq 0 and write the packed cells back through
         the scratch sequence. llama.cpp places restored cells from the freed chunk's first cell on, so the
         cells stay in position order (blob order = bookkeeping order). Host memory is one chunk, not the
