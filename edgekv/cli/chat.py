@@ -16,6 +16,7 @@ from edgekv.cli.options import (ImagePath, load_model_from_options, method_optio
                                 video_options)
 from edgekv.cli.report import echo_report
 from edgekv.errors import Cancelled, EdgeKVError, MediaError
+from edgekv.runtime.probe import question_probe
 
 HELP = ("commands: /image PATH, /video PATH (attach to the next message), /save PATH, /load PATH, /clear, /stats, /exit; "
         "Ctrl-C stops an answer, Ctrl-C at the prompt or Ctrl-D exits")
@@ -69,7 +70,7 @@ def chat(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash_at
             raise
     # one-shot: the question is known before the images are read, so early compaction probes with it
     session = Session(m, method=method, budget=budget, compress=compress, seed=seed,
-                      probe=prompt if prompt is not None else True)
+                      probe=question_probe(prompt))
     if clips or max_kv_cells is not None:
         streaming(session)  # every image / frame chunk compacted right after its prefill
     fit = max_kv_cells is not None

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from edgekv.errors import ModelLoadError, SessionError
+from edgekv.errors import EdgeKVError, ModelLoadError, SessionError
 from edgekv.kv.codec import GGML_TYPES, TYPE_IDS
 from edgekv.runtime import lib
 from edgekv.runtime.lib import llama_cpp, mtmd_cpp
@@ -131,6 +131,8 @@ class Model:
     cache_type_v: str
     capture: object | None = None
     abort_flag: object | None = field(default=None, repr=False)  # 2-byte buffer, see abort_callback()
+    template_name: str | None = None   # --chat-template: a llama.cpp built-in name instead of the model's
+    _template_warned: bool = field(default=False, repr=False)
     _closed: bool = field(default=False, repr=False)
     _session: object | None = field(default=None, repr=False)    # the one live Session
 
@@ -138,8 +140,12 @@ class Model:
     def load(cls, model_path: str | os.PathLike, mmproj_path: str | os.PathLike | None = None, *,
              n_ctx: int = 4096, n_batch: int = 512, n_gpu_layers: int = 0, threads: int | None = None,
              flash_attn: FlashAttn = "auto", cache_type_k: str = "f16", cache_type_v: str = "f16",
-             capture_queries: bool = True, image_max_tokens: int | None = None) -> "Model":
-        """Load model (+ mmproj). Raises ModelLoadError with a clear message on any problem."""
+             capture_queries: bool = True, image_max_tokens: int | None = None,
+             chat_template: str | None = None) -> "Model":
+        """Load model (+ mmproj). Raises ModelLoadError with a clear message on any problem.
+        chat_template: one of llama.cpp's built-in template names (runtime/template.py) to use instead of
+        the model's own."""
+        from edgekv.runtime import template
         from edgekv.runtime.capture import QueryCapture
 
         path = check_gguf(model_path, "model")
@@ -157,6 +163,11 @@ class Model:
         threads = threads or max(1, min(os.cpu_count() or 1, 8))
 
         lib.init()
+        if chat_template is not None:
+            try:
+                template.check_template_name(chat_template)
+            except EdgeKVError as e:
+                raise ModelLoadError(str(e)) from None
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
@@ -182,7 +193,7 @@ class Model:
         self = cls(model=model, ctx=ctx, mtmd=None, layout=layout, path=path, mmproj_path=mm,
                    n_ctx=llama_cpp.llama_n_ctx(ctx), n_batch=n_batch, threads=threads, flash_attn=flash_attn,
                    cache_type_k=cache_type_k, cache_type_v=cache_type_v, capture=capture,
-                   abort_flag=abort_flag)
+                   abort_flag=abort_flag, template_name=chat_template)
         if mm is not None:
             try:
                 self.mtmd = _init_mtmd(mm, model, threads, n_gpu_layers > 0, image_max_tokens)
@@ -253,8 +264,17 @@ class Model:
         return bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
 
     def chat_template(self) -> str | None:
+        """The template the chat uses: --chat-template's name, else the model's own (None: it has none)."""
+        if self.template_name is not None:
+            return self.template_name
         t = llama_cpp.llama_model_chat_template(self.model, None)
         return t.decode("utf-8", "replace") if t else None
+
+    def template_fallback(self) -> str | None:
+        """Why prompts are formatted as ChatML instead of the model's template (None: they are not)."""
+        from edgekv.runtime.template import fallback_reason
+
+        return fallback_reason(self.chat_template())
 
     @property
     def closed(self) -> bool:

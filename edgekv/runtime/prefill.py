@@ -18,6 +18,7 @@ from edgekv.runtime import lib
 from edgekv.runtime.cache import CANCELLED_MESSAGE, PENDING, PROTECTED, CompressedCache
 from edgekv.runtime.lib import llama_cpp, mtmd_cpp
 from edgekv.runtime.media import ImageInput, load_image
+from edgekv.runtime.turn import TurnGuard
 
 Progress = Callable[[str, int, int], None]
 
@@ -30,7 +31,7 @@ class Prefiller:
     cache: CompressedCache
     window: int
     make_room: Callable[[int], None]
-    cancel: threading.Event
+    cancel: "threading.Event | TurnGuard"   # is_set(): the running turn was cancelled
     progress: Progress | None = None
     on_media_chunk: Callable[[int], None] | None = None  # after every media chunk (streaming compaction)
     tokens: int = 0          # prefilled since the last answer (this turn's prompt; see take_counts)
@@ -73,7 +74,9 @@ class Prefiller:
         self._check_cancel()
         t0 = time.perf_counter()
         step = c.model.n_batch
-        w = min(self.window, step, len(tokens)) if (capture and c.model.capture is not None) else 0
+        # Compressible tokens (a document) are never the question: no window, so a later compaction
+        # probes for one (runtime/probe.py) instead of protecting the document's own last tokens.
+        w = min(self.window, step, len(tokens)) if (capture and not compressible and c.model.capture is not None) else 0
         body, tail = tokens[: len(tokens) - w], tokens[len(tokens) - w:]
         outs = []
         c.window_q, c.window_rows = None, 0

@@ -25,7 +25,7 @@ import numpy as np
 from edgekv.errors import BudgetError, Cancelled, CompactionError, EdgeKVError, MediaError, SessionError
 from edgekv.kv.codec import SeqState
 from edgekv.methods import Method, Span, get_method, parse_budget, resolve_budget
-from edgekv.runtime import lib
+from edgekv.runtime import lib, template
 from edgekv.runtime.cache import (CANCELLED_MESSAGE, PACKED, PENDING, PROTECTED, CacheMarks, CompactionReport,
                                   CompressedCache)
 from edgekv.runtime.generate import (FINISH_REASONS, Answer, GenerationResponse, check_gen, peak_rss_mb, sample,
@@ -34,10 +34,10 @@ from edgekv.runtime.lib import llama_cpp, mtmd_cpp
 from edgekv.runtime.media import ImageInput
 from edgekv.runtime.model import Model
 from edgekv.runtime.prefill import Prefiller, Progress
+from edgekv.runtime.turn import CancelToken, TurnGuard
 
-__all__ = ["Session", "SessionSnapshot", "CompactionReport", "GenerationResponse", "FINISH_REASONS",
+__all__ = ["Session", "SessionSnapshot", "CancelToken", "CompactionReport", "GenerationResponse", "FINISH_REASONS",
            "PROTECTED", "PENDING", "PACKED", "peak_rss_mb"]
-CHATML = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,20 @@ class SessionSnapshot:
     in_cache_text: str
 
 
+@dataclass(frozen=True)
+class _TextMark:
+    """A point of the cached conversation text where a prefill started, after the last media: the
+    rendered text's offset there, the position, and on iSWA models the sliding-window block then (what
+    a cut back to here must put back, see `_sync_text`)."""
+
+    char: int
+    n_past: int
+    swa: bytes | None = None
+
+
+_SWA_MARKS = 2   # marks that keep a sliding-window block (each is the window's cells: MBs on big models)
+
+
 @dataclass
 class _Txn:
     """Where the current turn started (see the module docstring)."""
@@ -65,6 +79,7 @@ class _Txn:
     in_cache_text: str
     n_reports: int
     counts: tuple[int, float, int, float]
+    text_marks: tuple = ()
     stash: bytes | ctypes.Array | None = None  # the blob compaction read (its ctypes buffer, no copy)
     swa: bytes | None = None   # iSWA models: the sliding-window block at the start (see _swa_checkpoint)
 
@@ -113,12 +128,12 @@ class Session:
         self.seed = seed
         self.auto_compact = auto_compact
         self.early_compact = early_compact
-        self.probe = probe
+        self.probe = _check_probe(probe)
         model.attach(self)
         self._closed = False
-        self._cancel = threading.Event()
+        self._turns = TurnGuard(model.set_abort)   # the running turn's cancel token (runtime/turn.py)
+        self._turn_thread = 0
         self._txn: _Txn | None = None
-        self._txn_thread = 0
         self._answer = Answer()
         try:
             self.cache = CompressedCache(model)
@@ -126,7 +141,7 @@ class Session:
             self.close()
             raise
         self._answer_txn: _Txn | None = None   # the turn whose answer is being generated (see chat)
-        self._prefill = Prefiller(self.cache, self.window, self._make_room, self._cancel, progress,
+        self._prefill = Prefiller(self.cache, self.window, self._make_room, self._turns, progress,
                                   on_media_chunk=self._after_media_chunk)
         # Streaming prefill (edgekv.runtime.streaming): called as hook(session, n_tokens) after every media
         # chunk, e.g. to compact each frame/image as soon as it is in the cache. None: compact at the end.
@@ -181,6 +196,7 @@ class Session:
         self.cache.reset()
         self.messages: list[dict] = []
         self._in_cache_text = ""
+        self._text_marks: list[_TextMark] = []
         self.reports.clear()
         self._prefill.set_counts((0, 0.0, 0, 0.0))
         self.generation_tokens = 0      # answer tokens kept in the cache, whole conversation
@@ -216,23 +232,43 @@ class Session:
         self.cache.set_marks(CacheMarks(snap.n_past, snap.kind, snap.media, snap.n_media, snap.window_q,
                                         snap.window_rows, snap.logits))
         self.messages, self._in_cache_text = [dict(m) for m in snap.messages], snap.in_cache_text
+        self._text_marks = []   # a snapshot keeps no sliding-window blocks: re-rendered history starts over
 
     # --- transactions and cancel ----------------------------------------------------------------
     def cancel(self) -> None:
-        """Stop the running prefill (it raises `Cancelled`; the conversation is as before the turn) or
-        generation (the last record says finish_reason "cancelled"; the answer so far is kept). Safe from
-        any thread. An image's encode cannot be interrupted, its decode batches can (design.md 7)."""
-        self._cancel.set()
-        self.model.set_abort(True)
+        """Stop the turn running now: its prefill (it raises `Cancelled`; the conversation is as before
+        the turn) or its generation (the last record says finish_reason "cancelled"; the answer so far is
+        kept). Safe from any thread; with no turn running it does nothing. To stop a turn that may not
+        have started yet (a server request still queued), give the turn a `CancelToken` (`chat(...,
+        cancel=token)`) and call `token.cancel()`. An image's encode cannot be interrupted, its decode
+        batches can (design.md 7)."""
+        self._turns.cancel_current()
 
-    def _begin(self) -> None:
-        """A new turn (or a bare prefill / generation) starts: forget a cancel aimed at an earlier one."""
+    @contextlib.contextmanager
+    def _turn(self, token: CancelToken | None = None) -> Iterator[CancelToken]:
+        """The scope of one turn (or a bare prefill, generation or compaction): `token` (a new one when
+        None) is what `cancel()` stops, and llama.cpp's abort flag is clear before and after. Nested
+        calls on the same thread join the outer turn."""
         self._check_usable()
-        self._cancel.clear()
-        self.model.set_abort(False)
+        current = self._turns.current
+        if current is not None:
+            if self._turn_thread != threading.get_ident():
+                raise SessionError("another thread is in the middle of a turn on this session: one turn at a "
+                                   "time (cancel() is the call that is safe from any thread)")
+            if token is not None and token is not current:
+                raise SessionError("a turn is already running with another cancel token")
+            yield current
+            return
+        token = self._turns.start(token)
+        self._turn_thread = threading.get_ident()
+        try:
+            yield token
+        finally:
+            self._turn_thread = 0
+            self._turns.end(token)
 
     def _check_cancel(self) -> None:
-        if self._cancel.is_set():
+        if self._turns.is_set():
             raise Cancelled(CANCELLED_MESSAGE)
 
     def _swa_checkpoint(self, expect: int | None) -> bytes | None:
@@ -249,23 +285,20 @@ class Session:
     def _transaction(self, expect: int | None = None) -> Iterator[_Txn]:
         """Roll the cache and bookkeeping back to here if the body raises (nested calls join the outer).
         expect: how many cells the body adds, when known."""
-        if self._txn is not None:
-            if self._txn_thread != threading.get_ident():
-                raise SessionError("another thread is in the middle of a turn on this session: one turn at a "
-                                   "time (cancel() is the call that is safe from any thread)")
-            yield self._txn
-            return
-        self._begin()
-        self._txn_thread = threading.get_ident()
-        self._txn = txn = _Txn(self.cache.marks(), [dict(m) for m in self.messages], self._in_cache_text,
-                               len(self.reports), self._prefill.counts(), swa=self._swa_checkpoint(expect))
-        try:
-            yield txn
-        except BaseException:
-            self._rollback(txn)
-            raise
-        finally:
-            self._txn = None
+        with self._turn():   # raises if another thread runs a turn
+            if self._txn is not None:
+                yield self._txn
+                return
+            self._txn = txn = _Txn(self.cache.marks(), [dict(m) for m in self.messages], self._in_cache_text,
+                                   len(self.reports), self._prefill.counts(), tuple(self._text_marks),
+                                   swa=self._swa_checkpoint(expect))
+            try:
+                yield txn
+            except BaseException:
+                self._rollback(txn)
+                raise
+            finally:
+                self._txn = None
 
     def _rollback(self, t: _Txn) -> None:
         if self._closed or self.model.closed:
@@ -282,6 +315,7 @@ class Session:
                                   f"cleared:\n{lib.recent_log()}")
         c.set_marks(t.marks)
         self.messages, self._in_cache_text = t.messages, t.in_cache_text
+        self._text_marks = list(t.text_marks)
         del self.reports[t.n_reports:]
         self._prefill.set_counts(t.counts)
 
@@ -326,6 +360,7 @@ class Session:
             self._prefill.media_prompt(text, images, check_all_fits=not self.early_compact, mergeable=mergeable)
 
     def _after_media_chunk(self, n_tokens: int) -> None:
+        self._text_marks = []   # the text before media cannot be prefilled again without its images
         if self.after_media_chunk is not None:
             self.after_media_chunk(self, n_tokens)
 
@@ -345,13 +380,18 @@ class Session:
         early: the question has not arrived (media still coming in), so the compaction is query-agnostic:
         whatever text was captured last (e.g. the newline between two images) is no question.
         With no question window (or early), `auto` and query-aware methods use a probe window
-        (runtime/probe.py; `probe`: the question if known, True generic, False none; default self.probe)."""
-        self._check_usable()
+        (runtime/probe.py; `probe`: the question if known, True generic, False none; default self.probe).
+        A blank probe text is an error. Runs as a turn of its own when called outside one (`cancel()`
+        stops its probe decode)."""
+        with self._turn():
+            return self._compact(method, budget, early, _check_probe(self.probe if probe is None else probe))
+
+    def _compact(self, method: str | Method | None, budget: float | int | str | None, early: bool,
+                 probe: str | bool) -> CompactionReport | None:
         cand = self.candidates()
         if not cand.any():
             return None
         meth = self.method if method is None else (get_method(method) if isinstance(method, str) else method)
-        probe = self.probe if probe is None else probe
         if (early or not self.cache.window_rows) and probe is not False:
             from edgekv.runtime import probe as probes
 
@@ -389,23 +429,18 @@ class Session:
 
     # --- chat & generation ----------------------------------------------------------------------
     def format_chat(self, messages: list[dict], add_assistant: bool = True) -> str:
-        tmpl = self.model.chat_template()
-        if tmpl is not None:
-            arr = (llama_cpp.llama_chat_message * len(messages))(
-                *[llama_cpp.llama_chat_message(m["role"].encode(), m["content"].encode()) for m in messages])
-            size = 4096 + 2 * sum(len(m["content"]) for m in messages)
-            buf = ctypes.create_string_buffer(size)
-            n = llama_cpp.llama_chat_apply_template(tmpl.encode(), arr, len(messages), add_assistant, buf, size)
-            if n > size:
-                buf = ctypes.create_string_buffer(n + 1)
-                n = llama_cpp.llama_chat_apply_template(tmpl.encode(), arr, len(messages), add_assistant, buf, n + 1)
-            if n >= 0:
-                return buf.raw[:n].decode("utf-8", "replace")
-        # ChatML fallback (llama.cpp could not read the model's template, or it has none)
-        out = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-        return out + ("<|im_start|>assistant\n" if add_assistant else "")
+        """The conversation through the chat template (runtime/template.py); ChatML, said once on stderr,
+        when the model has no template llama.cpp can use."""
+        out = template.apply(self.model.chat_template(), messages, add_assistant)
+        if out is not None:
+            return out
+        if not self.model._template_warned:
+            self.model._template_warned = True
+            template.warn_fallback(self.model.template_fallback() or "no usable chat template")
+        return template.chatml(messages, add_assistant)
 
-    def chat(self, prompt: str, images: list[ImageInput] = (), videos: list = (), **gen) -> Iterator[GenerationResponse]:
+    def chat(self, prompt: str, images: list[ImageInput] = (), videos: list = (), *,
+             cancel: CancelToken | None = None, **gen) -> Iterator[GenerationResponse]:
         """One user turn: images + prompt through the chat template, compaction, streamed answer.
         Later turns reuse the (compacted) cache: only the new part of the conversation is prefilled.
         videos: paths, frame iterators or streaming.Video, streamed frame by frame and compacted after
@@ -413,7 +448,8 @@ class Session:
 
         A transaction: an exception (or a cancelled prefill: `Cancelled`) leaves the cache and messages
         as before the turn; breaking out of the loop or `cancel()` during the answer keeps what was
-        answered so far as the assistant's message (as chat UIs do)."""
+        answered so far as the assistant's message (as chat UIs do). cancel: this turn's token
+        (runtime/turn.py); `token.cancel()` stops this turn only, even before it starts."""
         images, videos = list(images), list(videos)
         check_gen(gen)
         marker = mtmd_cpp.mtmd_default_marker().decode()
@@ -422,37 +458,84 @@ class Session:
             from edgekv.runtime.streaming import VIDEO_MARKER
 
             content = "".join(f"{VIDEO_MARKER}\n" for _ in videos) + content
-        with self._transaction() as txn:
-            self.messages.append({"role": "user", "content": content})
-            full = self.format_chat(self.messages, add_assistant=True)
-            common = _common_prefix(full, self._in_cache_text)
-            if videos:
-                from edgekv.runtime.streaming import append_prompt_with_videos
+        with self._turn(cancel):
+            with self._transaction() as txn:
+                self.messages.append({"role": "user", "content": content})
+                full = self.format_chat(self.messages, add_assistant=True)
+                start = self._sync_text(full)
+                if videos:
+                    from edgekv.runtime.streaming import append_prompt_with_videos
 
-                append_prompt_with_videos(self, full[common:], images, videos)
-            else:
-                self.append_prompt(full[common:], images)
-            self._in_cache_text = full
-            if self.auto_compact:
-                self.compact()
-            self._check_cancel()  # a cancel during the compaction still stops the prefill
-        # The answer: kept (whole or partial) unless generation itself fails, which undoes the turn.
-        answer = []
-        self._answer_txn = txn
-        try:
-            with contextlib.closing(self._stream(gen)) as records:
-                for r in records:
-                    answer.append(r.text)
-                    yield r
-        except GeneratorExit:
+                    append_prompt_with_videos(self, full[start:], images, videos)
+                else:
+                    self.append_prompt(full[start:], images)
+                self._in_cache_text = full
+                if self.auto_compact:
+                    self.compact()
+                self._check_cancel()  # a cancel during the compaction still stops the prefill
+                self._mark_text()     # the answer starts here: the next render may trim it
+            # The answer: kept (whole or partial) unless generation itself fails, which undoes the turn.
+            answer = []
+            self._answer_txn = txn
+            try:
+                with contextlib.closing(self._stream(gen)) as records:
+                    for r in records:
+                        answer.append(r.text)
+                        yield r
+            except GeneratorExit:
+                self._commit_answer("".join(answer))
+                raise
+            except BaseException:
+                self._rollback(txn)
+                raise
+            finally:
+                self._answer_txn = None
             self._commit_answer("".join(answer))
-            raise
-        except BaseException:
-            self._rollback(txn)
-            raise
-        finally:
-            self._answer_txn = None
-        self._commit_answer("".join(answer))
+
+    def _mark_text(self) -> None:
+        """Remember that a prefill starts at the end of the cached text (see `_sync_text`)."""
+        swa = self.cache.swa_state() if self.model.layout.iswa and self.cache.n_cells else None
+        marks = [m if m.swa is None or i > len(self._text_marks) - _SWA_MARKS else _TextMark(m.char, m.n_past)
+                 for i, m in enumerate(self._text_marks)]
+        self._text_marks = marks + [_TextMark(len(self._in_cache_text), self.cache.n_past, swa)]
+
+    def _sync_text(self, full: str) -> int:
+        """Make the cache hold a prefix of `full` (the whole conversation rendered again) and return where
+        the rest of `full` starts. Templates that normalise history (gemma and llama3 trim messages; others
+        drop earlier reasoning) can render the cached text differently; then, as llama.cpp's server does,
+        the cells after the last point where a prefill started at or before the divergence are removed
+        (exactly: `seq_rm`, and on iSWA models the sliding-window block of that point put back), and the
+        caller prefills the rest again. A text-only conversation with no such point starts over; one whose
+        difference reaches back into images or compacted cells raises SessionError (start a new one)."""
+        cached = self._in_cache_text
+        common = _common_prefix(full, cached)
+        if common == len(cached):
+            self._mark_text()
+            return common
+        c = self.cache
+        iswa = self.model.layout.iswa
+        mark = next((m for m in reversed(self._text_marks) if m.char <= common and (m.swa is not None or not iswa)),
+                    None)
+        n_drop = c.n_past - mark.n_past if mark is not None else -1
+        tail = slice(c.n_cells - n_drop, None)
+        if mark is None or not 0 <= n_drop <= c.n_cells or (c.kind[tail] != PROTECTED).any() or (c.media[tail] >= 0).any():
+            if c.n_media or (c.kind != PROTECTED).any():
+                raise SessionError("the chat template renders the earlier turns differently from the text the "
+                                   "cache holds, back into images or compacted cells that cannot be prefilled "
+                                   "again: start a new conversation (/clear)")
+            self._stash(c.state_buffer())   # the turn's rollback point (text only: a plain copy)
+            c.reset()
+            self._text_marks, self._in_cache_text = [], ""
+            self._mark_text()
+            return 0
+        self._stash(c.state_buffer())   # a rolled-back turn gets the cut cells back
+        c.drop_tail(mark.n_past, c.n_cells - n_drop)
+        if mark.swa is not None and not c.set_swa_state(mark.swa):
+            raise CompactionError(f"llama.cpp refused the sliding-window cache of an earlier turn:\n{lib.recent_log()}")
+        c.logits, c.window_q, c.window_rows = None, None, 0
+        self._text_marks = [m for m in self._text_marks if m.char <= mark.char]
+        self._in_cache_text = cached[:mark.char]
+        return mark.char
 
     def append_history(self, messages: list[dict], images: list[ImageInput] = ()) -> bool:
         """Prefill whole earlier messages of a conversation (e.g. a server request whose history the cache
@@ -462,10 +545,13 @@ class Session:
         self._check_usable()
         msgs = self.messages + [dict(m) for m in messages]
         full = self.format_chat(msgs, add_assistant=False)
-        if not full.startswith(self._in_cache_text):
-            return False
-        self.append_prompt(full[len(self._in_cache_text):], list(images))
-        self.messages, self._in_cache_text = msgs, full
+        with self._transaction():
+            try:
+                start = self._sync_text(full)
+            except SessionError:
+                return False
+            self.append_prompt(full[start:], list(images))
+            self.messages, self._in_cache_text = msgs, full
         return True
 
     def _commit_answer(self, text: str) -> None:
@@ -473,30 +559,30 @@ class Session:
         self._in_cache_text += self._answer.text   # what the cache holds (a prefix of `text`)
 
     def generate(self, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 min_p: float = 0.0, seed: int | None = None, stop: tuple[str, ...] | str = ()
-                 ) -> Iterator[GenerationResponse]:
+                 min_p: float = 0.0, seed: int | None = None, stop: tuple[str, ...] | str = (),
+                 cancel: CancelToken | None = None) -> Iterator[GenerationResponse]:
         """Stream tokens after the current prompt. The last response carries finish_reason ('stop',
         'length', 'context' or 'cancelled'). A stop string ends the answer and never appears in the text
-        (nor in the cache: the tokens that spelled it are removed)."""
+        (nor in the cache: the tokens that spelled it are removed). cancel: as in chat()."""
         gen = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                    seed=seed, stop=stop)
         check_gen(gen)
-        self._begin()
-        return self._stream(gen)
-
-    def _stream(self, gen: dict) -> Iterator[GenerationResponse]:
         self._check_usable()
-        gen = dict(gen)
-        if gen.get("seed") is None:
-            gen["seed"] = self.seed
-        self._answer = answer = Answer()
-        records = stream(self.cache, answer, self._cancel, prompt=self._prefill.take_counts(), **gen)
-        try:
-            yield from records
-        finally:
-            records.close()
-            self.generation_tokens += len(answer.tokens)
-            self.generation_seconds += answer.seconds
+        return self._stream(gen, cancel)
+
+    def _stream(self, gen: dict, cancel: CancelToken | None = None) -> Iterator[GenerationResponse]:
+        with self._turn(cancel):
+            gen = dict(gen)
+            if gen.get("seed") is None:
+                gen["seed"] = self.seed
+            self._answer = answer = Answer()
+            records = stream(self.cache, answer, self._turns, prompt=self._prefill.take_counts(), **gen)
+            try:
+                yield from records
+            finally:
+                records.close()
+                self.generation_tokens += len(answer.tokens)
+                self.generation_seconds += answer.seconds
 
     def sample(self, logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator,
                top_k: int = 0, min_p: float = 0.0) -> int:
@@ -572,6 +658,16 @@ class Session:
             self.close()
         except Exception:
             pass
+
+
+def _check_probe(probe: str | bool) -> str | bool:
+    """A probe is the question's text, True (the generic probe) or False (none); blank text is neither."""
+    if isinstance(probe, str) and not probe.strip():
+        raise EdgeKVError("the probe text is blank: pass the question's text, True for the generic probe or "
+                          "False for none")
+    if not isinstance(probe, (str, bool)):
+        raise EdgeKVError(f"probe must be the question's text, True or False, got {type(probe).__name__}")
+    return probe
 
 
 def _common_prefix(a: str, b: str) -> int:
