@@ -13,7 +13,7 @@ from edgekv.errors import EdgeKVError  # noqa: E402
 __all__ = ["EdgeKVError", "__version__"]
 
 # The app-facing API (edgekv/app.py), imported on first use so `import edgekv` stays light.
-_APP = ("load_model", "Chat", "TurnSummary")
+_APP = ("load_model", "Chat", "TurnSummary", "CancelToken")
 __all__ += list(_APP)
 
 

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
-from edgekv.runtime import GenerationResponse, Model, Session
+from edgekv.runtime import CancelToken, GenerationResponse, Model, Session
 from edgekv.runtime.media import ImageInput
 
 Progress = Callable[[str, int, int], None]   # (stage: "prefill" | "image", done, total)
@@ -73,7 +73,8 @@ class Chat:
     def stream(self, prompt: str, images: Sequence[ImageInput] = (), **gen) -> Iterator[GenerationResponse]:
         """Yield the answer piece by piece (`r.text`); the last record has `finish_reason`
         ("stop", "length", "context" or "cancelled"). gen: max_tokens, temperature, top_p, top_k, min_p,
-        seed, stop. Images: paths, bytes, PIL images or uint8 arrays [H, W, 3]. A failed turn raises and
+        seed, stop, and cancel (a `CancelToken` for this turn: its `cancel()` stops this turn only, even
+        before it starts). Images: paths, bytes, PIL images or uint8 arrays [H, W, 3]. A failed turn raises and
         leaves the conversation as it was; a cancelled prefill raises `edgekv.errors.Cancelled`."""
         last = None
         for r in self.session.chat(prompt, list(images), **gen):
@@ -88,7 +89,8 @@ class Chat:
 
     def cancel(self) -> None:
         """Stop the running turn (a Stop button): generation ends with finish_reason "cancelled" and
-        keeps the partial answer; a prefill raises Cancelled and the conversation is as before it."""
+        keeps the partial answer; a prefill raises Cancelled and the conversation is as before it.
+        Between turns it does nothing: to stop a turn that may not have started, pass it a CancelToken."""
         self.session.cancel()
 
     def save(self, path: str | os.PathLike) -> None:

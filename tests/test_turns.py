@@ -154,6 +154,15 @@ def cache_rows(s: Session) -> tuple[np.ndarray, np.ndarray]:
     return base.pos[order].copy(), K[:, :, order]
 
 
+def assert_same_rows(keys: np.ndarray, ref: np.ndarray, min_cos: float) -> None:
+    """Each cached key row is the fresh prefill's row of the same position: cosine at least min_cos.
+    (Not bitwise: llama.cpp's quantized matmuls round differently for other batch splits; a row of
+    another token is far off: measured on Gemma, no row shifted by one position reaches 0.99.)"""
+    a, b = keys.reshape(-1, keys.shape[-1]), ref.reshape(-1, ref.shape[-1])
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
+    assert cos.min() >= min_cos, f"worst row cosine {cos.min():.4f}"
+
+
 def test_edited_text_history_starts_over_and_matches_a_fresh_prefill(tiny_pairs):
     """The first user message changed (an app edited the history): no cached prefill point lies before
     the difference, the conversation is text only, so it is prefilled again from the start."""
@@ -171,6 +180,23 @@ def test_edited_text_history_starts_over_and_matches_a_fresh_prefill(tiny_pairs)
         assert n_cells == n + n_answer          # the prompt as a fresh prefill has it, then the answer
         np.testing.assert_array_equal(pos[:n], ref_pos)
         np.testing.assert_allclose(keys[:, :, :n], ref_keys, atol=1e-3)
+
+
+def test_a_failed_turn_after_a_cut_puts_the_cut_cells_back(tiny_pairs):
+    """The cut is part of the turn: when the turn then fails, the cells it removed are back, byte for byte."""
+    with load(tiny_pairs) as m:
+        s = Session(m, method="full")
+        list(s.chat("My name is Ada.", max_tokens=3))
+        s.messages[0]["content"] = "My name is Bob."
+        blob, msgs = s.state_blob(), [dict(x) for x in s.messages]
+
+        def boom(stage, done, total):
+            raise RuntimeError("boom")
+
+        s.progress = boom
+        with pytest.raises(RuntimeError, match="boom"):
+            list(s.chat("What is my name?", max_tokens=1))
+        assert s.state_blob() == blob and s.messages == msgs
 
 
 def test_edited_history_behind_a_compacted_image_is_refused_and_nothing_changes(tiny_pairs):
@@ -197,8 +223,12 @@ def test_real_template_that_trims_history_gives_the_fresh_prefill_cache(gemma_pa
     with Model.load(gemma_path, n_ctx=1024, n_batch=256, threads=THREADS, flash_attn="off",
                     chat_template=name) as m:
         s = Session(m, method="full")
-        answer1 = "".join(r.text for r in s.chat("Write two short lines about the sea.", max_tokens=24))
-        assert answer1 != answer1.strip()   # the base model's answer runs on over new lines
+        answer1 = ""
+        for r in s.chat("List three colours, one per line.", max_tokens=40):
+            answer1 += r.text
+            if answer1.endswith("\n"):
+                break       # Stop pressed after a line: the kept answer ends with a new line
+        assert answer1 != answer1.strip()
         cached = s._in_cache_text
         n_answer = list(s.chat("Now one line about the wind.", max_tokens=1))[-1].generation_tokens
         rendered = s.format_chat(s.messages[:-1], add_assistant=True)
@@ -210,7 +240,7 @@ def test_real_template_that_trims_history_gives_the_fresh_prefill_cache(gemma_pa
         n = len(ref_pos)
         assert n_cells == n + n_answer          # the prompt as a fresh prefill has it, then the answer
         np.testing.assert_array_equal(pos[:n], ref_pos)
-        np.testing.assert_allclose(keys[:, :, :n], ref_keys, atol=2e-2)
+        assert_same_rows(keys[:, :, :n], ref_keys, 0.99)
 
 
 @pytest.mark.gemma

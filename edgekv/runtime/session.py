@@ -54,6 +54,12 @@ class SessionSnapshot:
     logits: np.ndarray | None
     messages: tuple
     in_cache_text: str
+    text_marks: tuple = ()   # where the text's prefills started (Session._sync_text); iSWA: with window blocks
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes this snapshot holds (the cache blob and the marks' sliding-window blocks)."""
+        return len(self.blob) + sum(len(m.swa) for m in self.text_marks if m.swa is not None)
 
 
 @dataclass(frozen=True)
@@ -223,7 +229,8 @@ class Session:
         c = self.cache
         return SessionSnapshot(self.state_blob(), c.kind.copy(), c.media.copy(), c.n_past, c.n_media,
                                c.window_q, c.window_rows, c.logits,
-                               tuple(dict(m) for m in self.messages), self._in_cache_text)
+                               tuple(dict(m) for m in self.messages), self._in_cache_text,
+                               tuple(self._text_marks))
 
     def restore(self, snap: SessionSnapshot) -> None:
         """Put the cache and bookkeeping back as `snapshot()` saw them."""
@@ -232,7 +239,7 @@ class Session:
         self.cache.set_marks(CacheMarks(snap.n_past, snap.kind, snap.media, snap.n_media, snap.window_q,
                                         snap.window_rows, snap.logits))
         self.messages, self._in_cache_text = [dict(m) for m in snap.messages], snap.in_cache_text
-        self._text_marks = []   # a snapshot keeps no sliding-window blocks: re-rendered history starts over
+        self._text_marks = list(snap.text_marks)
 
     # --- transactions and cancel ----------------------------------------------------------------
     def cancel(self) -> None:
