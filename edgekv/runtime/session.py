@@ -667,13 +667,14 @@ class Session:
             pass
 
 
-def _check_probe(probe: str | bool) -> str | bool:
-    """A probe is the question's text, True (the generic probe) or False (none); blank text is neither."""
-    if isinstance(probe, str) and not probe.strip():
+def _check_probe(probe):
+    """A probe is the question's text (or its tokens), True (the generic probe) or False (none); blank
+    text or no tokens is none of these."""
+    if isinstance(probe, bool):
+        return probe
+    if isinstance(probe, str) and not probe.strip() or not isinstance(probe, str) and not len(probe):
         raise EdgeKVError("the probe text is blank: pass the question's text, True for the generic probe or "
                           "False for none")
-    if not isinstance(probe, (str, bool)):
-        raise EdgeKVError(f"probe must be the question's text, True or False, got {type(probe).__name__}")
     return probe
 
 
