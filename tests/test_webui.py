@@ -252,7 +252,7 @@ def send(d, text: str) -> None:
     box.send_keys(Keys.ENTER)          # the keyboard sends
 
 
-def test_chat_page_in_a_browser(live, browser, shots):
+def test_chat_page_in_a_browser(browser, live, shots):
     """Page load, a wrong key, an image turn streamed, a follow-up hit, Stop mid-answer then a further
     turn, conversations kept across a reload, a narrow window: each state checked and photographed."""
     from selenium.webdriver.common.by import By
@@ -378,24 +378,53 @@ def test_chat_page_in_a_browser(live, browser, shots):
     d.set_window_size(400, 900)
     wait_for(lambda: d.execute_script("return window.innerWidth") <= 420, what="the resize")
     assert d.execute_script("return document.documentElement.scrollWidth <= window.innerWidth + 1")
-    assert d.find_element(By.ID, "send").is_displayed() and d.find_element(By.ID, "prompt").is_displayed()
+    d.execute_script("document.querySelector('#log li.msg.assistant figure.mem').scrollIntoView()")
+    assert d.execute_script("return window.scrollY") > 0       # the page scrolled to the figure...
+    assert d.execute_script(                                   # ...and the composer stayed on screen (sticky)
+        "const r = document.getElementById('send').getBoundingClientRect(); "
+        "return r.top >= 0 && r.bottom <= window.innerHeight + 1")
     d.save_screenshot(str(shots / "narrow.png"))
     assert not [m for m in d.get_log("browser") if m["level"] == "SEVERE" and "/v1/" not in m["message"]
                 and "favicon" not in m["message"]]
 
 
-def test_video_is_refused_in_the_page(live, browser, tmp_path):
-    """The chat API reads image_url parts only: a video file gets a clear note, nothing is attached."""
+DROP_AND_PASTE = """
+const [b64, kind] = arguments;
+const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+const dt = new DataTransfer();
+dt.items.add(new File([bytes], kind + ".png", { type: "image/png" }));
+const target = document.getElementById(kind === "dropped" ? "log" : "prompt");
+target.dispatchEvent(kind === "dropped"
+  ? new DragEvent("drop", { dataTransfer: dt, bubbles: true, cancelable: true })
+  : new ClipboardEvent("paste", { clipboardData: dt, bubbles: true, cancelable: true }));
+"""
+
+
+def test_attach_by_drop_and_paste_and_video_refused(browser, live, tmp_path):
+    """Images dropped on the page or pasted are attached byte for byte (the server's conversation cache
+    compares images by sha256); a video gets a clear note and is not attached: the chat API reads
+    image_url parts only."""
+    import base64
+
     from selenium.webdriver.common.by import By
+
+    d = browser
+    d.get(live.url + "/")
+    b64 = base64.b64encode(live.image.read_bytes()).decode()
+    for kind in ("dropped", "pasted"):
+        d.execute_script(DROP_AND_PASTE, b64, kind)
+    imgs = wait_for(lambda: (lambda x: len(x) == 2 and x)(d.find_elements(By.CSS_SELECTOR, "#attachments img")),
+                    what="two attachments")
+    assert [i.get_attribute("alt") for i in imgs] == ["attached: dropped.png", "attached: pasted.png"]
+    assert all(i.get_attribute("src") == "data:image/png;base64," + b64 for i in imgs)
 
     clip = tmp_path / "clip.mp4"
     clip.write_bytes(b"\x00\x00\x00\x18ftypmp42")   # the picker goes by the file's type, not its frames
-    browser.get(live.url + "/")
-    browser.find_element(By.ID, "files").send_keys(str(clip))
-    err = browser.find_element(By.ID, "error")
+    d.find_element(By.ID, "files").send_keys(str(clip))
+    err = d.find_element(By.ID, "error")
     wait_for(lambda: "video is not accepted" in err.text, what="the video note")
-    assert browser.find_elements(By.CSS_SELECTOR, "#attachments li") == []
-    assert "Video is not accepted" in browser.find_element(By.ID, "media-note").text
+    assert len(d.find_elements(By.CSS_SELECTOR, "#attachments li")) == 2          # nothing more attached
+    assert "Video is not accepted" in d.find_element(By.ID, "media-note").text
 
 
 def test_page_is_open_the_api_is_not(live):
