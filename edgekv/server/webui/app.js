@@ -31,35 +31,30 @@
   }
 
   function save() {
-    // Images are data URLs and localStorage holds a few MB: when it is full, the oldest conversations
-    // lose their images first (their text stays; a follow-up there re-sends no image).
-    for (;;) {
+    // Images are data URLs and localStorage holds a few MB: when it is full, the stored copy of the
+    // oldest conversations loses their images first (this tab keeps them, so its follow-ups still send
+    // them; after a reload those conversations have their text only).
+    const order = convs.filter((c) => c.id !== currentId).sort((a, b) => a.updated - b.updated)
+      .concat(convs.filter((c) => c.id === currentId));
+    const stripped = new Set();
+    for (let i = 0; i <= order.length; i += 1) {
       try {
-        localStorage.setItem(STORE, JSON.stringify(convs));
+        localStorage.setItem(STORE, `[${convs.map((c) => JSON.stringify(stripped.has(c.id) ? withoutImages(c) : c)).join(",")}]`);
         localStorage.setItem(CURRENT, currentId || "");
+        if (stripped.size) setStatus("The browser's storage is full: older conversations are kept without their images.");
         return;
       } catch (e) {
-        if (!dropOldestImages()) {
-          showError("The browser's storage is full: this conversation is not saved.");
-          return;
-        }
+        if (i < order.length) stripped.add(order[i].id);
       }
     }
+    showError("The browser's storage is full: this conversation is not saved.");
   }
 
-  function dropOldestImages() {
-    const byAge = convs.filter((c) => c.id !== currentId).sort((a, b) => a.updated - b.updated);
-    for (const c of byAge.concat(convs.filter((c) => c.id === currentId))) {
-      const withImages = c.messages.filter((m) => m.images && m.images.length);
-      if (withImages.length) {
-        for (const m of withImages) {
-          m.droppedImages = (m.droppedImages || 0) + m.images.length;
-          m.images = [];
-        }
-        return true;
-      }
-    }
-    return false;
+  function withoutImages(c) {
+    return {
+      ...c, messages: c.messages.map((m) => (m.images && m.images.length
+        ? { ...m, images: [], droppedImages: (m.droppedImages || 0) + m.images.length } : m)),
+    };
   }
 
   // ---------------------------------------------------------------- conversations
@@ -228,15 +223,15 @@
     const elapsed = performance.now() - t0;
     delete answer.streaming;
     active = null;
-    if (failure && !answer.text) {
-      // Nothing was answered (a wrong key, a bad budget, a full queue): take the message back into the
-      // composer so it can be sent again.
+    if ((failure || stopped) && !answer.text) {
+      // Nothing was answered (a wrong key, a bad budget, a full queue, Stop before the first token): take
+      // the message back into the composer so it can be sent again.
       conv.messages.splice(conv.messages.length - 2, 2);
       el.prompt.value = user.text;
       pending = user.images;
       if (!conv.messages.length) conv.title = "";
-      showError(failure);
-      setStatus("");
+      if (failure) showError(failure);
+      setStatus(failure ? "" : "Stopped before the answer started: your message is back in the box.");
     } else {
       answer.stats = {
         ttft_ms: tFirst === null ? null : tFirst - t0, total_ms: elapsed, usage,
