@@ -234,21 +234,27 @@ def bars(answer) -> dict:
     return {"attrs": attrs, "rows": rows}
 
 
-def check_bars(answer, x: dict, usage: dict) -> None:
-    """The bars show the response's numbers, drawn to scale against the full (uncompacted) cache."""
+def check_bars(answer, x: dict, usage: dict, cell_bytes: int) -> None:
+    """The bars show the response's numbers, drawn to scale against the full (uncompacted) cache: every
+    token of the conversation in its own cell (usage.total_tokens), at the model's bytes per cell."""
     b = bars(answer)
     a, rows = b["attrs"], b["rows"]
     full = max(usage["total_tokens"], x["cells_before"], x["kv_cells"])
+    full_bytes = max(full * cell_bytes, x["bytes_before"])
+    for name, track in (("before", full), ("after", full), ("now", full), ("bytes-before", full_bytes),
+                        ("bytes-after", full_bytes), ("kept", full_bytes)):
+        assert rows[name][1] == pytest.approx(track), (name, rows[name], track)
     assert int(a["cells-full"]) == full
     assert (int(a["cells-before"]), int(a["cells-after"]), int(a["kv-cells"])) == \
         (x["cells_before"], x["cells_after"], x["kv_cells"])
     assert (int(a["bytes-before"]), int(a["bytes-after"])) == (x["bytes_before"], x["bytes_after"])
     assert a["method"] == x["method"]
     for name, value in (("before", x["cells_before"]), ("after", x["cells_after"]), ("now", x["kv_cells"]),
-                        ("bytes-before", x["bytes_before"]), ("bytes-after", x["bytes_after"])):
+                                        ("bytes-before", x["bytes_before"]), ("bytes-after", x["bytes_after"]),
+                        ("kept", x["kept_bytes"])):
         got, track, drawn = rows[name]
         assert got == value, (name, got, value)
-        assert drawn == pytest.approx(value / track, abs=0.01), (name, drawn, value, track)
+        assert drawn == pytest.approx(min(1.0, value / track), abs=0.01), (name, drawn, value, track)
     assert rows["full"][0] == full and rows["full"][2] == pytest.approx(1.0, abs=0.01)
 
 
@@ -303,7 +309,7 @@ def test_chat_page_in_a_browser(browser, live, shots):
     assert x["cache"] == "miss" and x["images_encoded"] == 1 and x["method"] == "snapkv"
     assert x["cells_after"] < x["cells_before"]                 # the image was compacted
     assert answer.find_element(By.CSS_SELECTOR, ".badge").get_attribute("data-cache") == "miss"
-    check_bars(answer, x, usage)
+    check_bars(answer, x, usage, live.model.cell_bytes)
     req = d.execute_script("return window.__requests[window.__requests.length - 1]")
     assert req["stream"] is True and req["edgekv"] == {"method": "snapkv", "budget": "0.25"}
     assert req["messages"][0]["content"][1]["image_url"]["url"].startswith("data:image/png;base64,")
@@ -317,7 +323,7 @@ def test_chat_page_in_a_browser(browser, live, shots):
     assert x2["cache"] == "hit" and x2["reused_messages"] == 2 and x2["images_encoded"] == 0
     badge = answer.find_element(By.CSS_SELECTOR, ".badge")
     assert badge.get_attribute("data-cache") == "hit" and "cache hit" in badge.text
-    check_bars(answer, x2, usage2)
+    check_bars(answer, x2, usage2, live.model.cell_bytes)
     d.save_screenshot(str(shots / "follow-up-hit.png"))
 
     # A wrong key: the chat request gets 401, the page says so and gives the message back to the box.
@@ -364,7 +370,7 @@ def test_chat_page_in_a_browser(browser, live, shots):
     assert [m["role"] for m in req["messages"]] == ["user", "assistant"] * 3 + ["user"]
     assert req["messages"][5] == {"role": "assistant", "content": partial}
     assert x3["cache"] == "hit" and x3["reused_messages"] == 4
-    check_bars(last_answer(d), x3, usage3)
+    check_bars(last_answer(d), x3, usage3, live.model.cell_bytes)
 
     # Several conversations, kept in the browser: a new one, back to the first, and a reload.
     d.find_element(By.ID, "new-conv").click()
