@@ -37,7 +37,7 @@ RECORD_FETCH = """
   window.__requests = []; window.__responses = [];
   window.fetch = async function (input, init) {
     const url = typeof input === "string" ? input : input.url;
-    const chat = url.includes("/v1/chat/completions");
+    const chat = url.includes("v1/chat/completions");
     if (chat) window.__requests.push(JSON.parse(init.body));
     const resp = await orig.apply(this, arguments);
     if (chat) {
@@ -282,6 +282,7 @@ def test_chat_page_in_a_browser(browser, live, shots):
 
     key = d.find_element(By.ID, "api-key")
     key.send_keys(KEY, Keys.TAB)
+    assert d.switch_to.active_element == d.find_element(By.ID, "new-conv")     # focus order: key, then the list
     wait_for(lambda: not err.is_displayed(), what="the error to clear")
     assert "tiny-llava" in d.find_element(By.ID, "model-name").text
     options = [o.get_attribute("value") for o in d.find_elements(By.CSS_SELECTOR, "#method option")]
@@ -300,6 +301,7 @@ def test_chat_page_in_a_browser(browser, live, shots):
     streaming = wait_for(lambda: d.find_elements(By.CSS_SELECTOR, "#log li.msg.assistant.streaming"), what="streaming")
     wait_for(lambda: streaming[0].find_element(By.CSS_SELECTOR, ".text").text, what="streamed text")
     assert d.find_element(By.ID, "stop").is_enabled() and not d.find_element(By.ID, "send").is_enabled()
+    assert not d.find_element(By.CSS_SELECTOR, "#conv-list button.conv").is_enabled()   # no switching mid-answer
     d.save_screenshot(str(shots / "streaming.png"))
     live.release()
     idle(d)
@@ -537,6 +539,34 @@ def test_full_storage_drops_the_oldest_images_from_the_stored_copy(browser, live
     open_conv("newer")
     assert not d.find_elements(By.CSS_SELECTOR, "#log li.msg .images img")
     assert "1 image(s) dropped" in d.find_element(By.ID, "log").text
+
+
+def test_a_kept_turn_shows_its_numbers_and_recall_once_the_server_sends_it(browser, live):
+    """A turn read back from localStorage draws the same picture; recall numbers, which the server does not
+    send yet, are shown when the `edgekv` field carries them (here a stored field that has them)."""
+    from selenium.webdriver.common.by import By
+
+    x = {"cache": "miss", "reused_messages": 0, "cached_tokens": 0, "images_encoded": 1, "media_chunks_encoded": 1,
+         "method": "snapkv", "budget": 0.25, "cells_before": 300, "cells_after": 100, "bytes_before": 153600,
+         "bytes_after": 51200, "kv_cells": 120, "kept": True, "kept_bytes": 70000, "compaction_s": 0.01,
+         "timings": {"queue_s": 0.0, "restore_s": 0.0, "first_token_s": 0.1, "generate_s": 0.2, "keep_s": 0.0},
+         "recall": {"cells_recalled": 12, "store_bytes": 4096}}
+    usage = {"prompt_tokens": 310, "completion_tokens": 10, "total_tokens": 320,
+             "prompt_tokens_details": {"cached_tokens": 0}}
+    conv = {"id": "k", "title": "kept", "method": "snapkv", "budget": "0.25", "maxTokens": 8, "updated": 1,
+            "messages": [{"role": "user", "text": "hi", "images": []},
+                         {"role": "assistant", "text": "hello",
+                          "stats": {"ttft_ms": 50, "total_ms": 300, "usage": usage, "edgekv": x, "finish": "stop"}}]}
+    d = browser
+    d.get(live.url + "/")
+    d.execute_script("localStorage.setItem('edgekv.webui.conversations', JSON.stringify([arguments[0]]));"
+                     "localStorage.setItem('edgekv.webui.current', 'k');", conv)
+    d.refresh()
+    answer = wait_for(lambda: d.find_elements(By.CSS_SELECTOR, "#log li.msg.assistant"), what="the answer")[0]
+    check_bars(answer, x, usage, live.model.cell_bytes)
+    text = answer.text
+    assert "recall cells recalled\n12" in text and "recall store bytes\n4096" in text, text
+    assert "300 → 100 cells (−67 %)" in text and "10 tokens: 45.0 tok/s" in text   # 9 tokens after the first, 0.2 s
 
 
 def test_page_is_open_the_api_is_not(live):

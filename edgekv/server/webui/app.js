@@ -1,6 +1,7 @@
 // The chat page of `edgekv serve`. Plain JS, no build step, nothing loaded from elsewhere.
 // It uses the server's public API only: POST /v1/chat/completions (streamed, SSE) and GET /v1/edgekv/info,
 // with `Authorization: Bearer KEY` when a key is typed. Conversations live in this browser's localStorage.
+// URLs are relative to the page, so it also works behind a proxy that serves it under a path prefix.
 "use strict";
 (() => {
   const STORE = "edgekv.webui.conversations";
@@ -107,7 +108,7 @@
 
   async function loadInfo() {
     try {
-      const r = await fetch("/v1/edgekv/info", { headers: authHeaders(), cache: "no-store" });
+      const r = await fetch("v1/edgekv/info", { headers: authHeaders(), cache: "no-store" });
       if (!r.ok) {   // what an earlier key read stays: the model and its methods do not change
         showError(await errorText(r));
         if (r.status === 401) el.key.focus();
@@ -191,7 +192,7 @@
     let failure = null;
     let stopped = false;
     try {
-      const resp = await fetch("/v1/chat/completions", {
+      const resp = await fetch("v1/chat/completions", {
         method: "POST", headers: { "Content-Type": "application/json", ...authHeaders() },
         body: JSON.stringify(body), signal: controller.signal, cache: "no-store",
       });
@@ -491,6 +492,7 @@
     el.stop.disabled = !busy;
     el.send.disabled = busy;
     el.newConv.disabled = busy;
+    for (const b of el.list.querySelectorAll("button")) b.disabled = busy;   // no switching mid-answer
     document.body.classList.toggle("busy", busy);
   }
 
