@@ -194,10 +194,8 @@ def sse_chunks(text: str) -> list[dict]:
 
 def last_response(d) -> tuple[str, dict, dict]:
     """(streamed text, edgekv field, usage) of the page's last chat request, read from the wire."""
-    rec = wait_for(lambda: d.execute_script("const r = window.__responses; return r[r.length - 1];"),
-                   what="a recorded response")
-    rec = wait_for(lambda: d.execute_script("const r = window.__responses; return r[r.length - 1].text && r[r.length - 1];"),
-                   what="the response body")
+    last = "const r = window.__responses[window.__responses.length - 1]; return r && r.text !== null && r;"
+    rec = wait_for(lambda: d.execute_script(last), what="the recorded response body")
     assert rec["status"] == 200, rec
     chunks = sse_chunks(rec["text"])
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
@@ -430,10 +428,11 @@ def test_stop_before_the_first_token(browser, live):
     assert "Stopped before the answer started" in d.find_element(By.ID, "status").text
 
 
-@pytest.mark.xfail(strict=True, reason="server bug outside the page: app.py's check_key is an @app.middleware('http') "
-                   "(Starlette BaseHTTPMiddleware), which hides the client's disconnect from request.is_disconnected(), "
-                   "so a request dropped before its first token is served to the end; the pure-ASGI key middleware "
-                   "of the server-hardening branch should fix it (then remove this mark)")
+@pytest.mark.xfail(strict=True, reason="server bug outside the page: app.py's check_key is an "
+                   "@app.middleware('http') (Starlette BaseHTTPMiddleware), which hides the client's disconnect "
+                   "from request.is_disconnected(), so a request dropped before its first token is served to the "
+                   "end; the pure-ASGI key middleware of the server-hardening branch should fix it (then remove "
+                   "this mark)")
 def test_a_request_dropped_before_its_first_token_is_cancelled(live):
     """What the page's Stop relies on before the answer starts: the client goes, the server cancels."""
     import base64

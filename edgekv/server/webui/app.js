@@ -40,9 +40,12 @@
     const stripped = new Set();
     for (let i = 0; i <= order.length; i += 1) {
       try {
-        localStorage.setItem(STORE, `[${convs.map((c) => JSON.stringify(stripped.has(c.id) ? withoutImages(c) : c)).join(",")}]`);
+        const kept = convs.map((c) => JSON.stringify(stripped.has(c.id) ? withoutImages(c) : c));
+        localStorage.setItem(STORE, `[${kept.join(",")}]`);
         localStorage.setItem(CURRENT, currentId || "");
-        if (stripped.size) setStatus("The browser's storage is full: older conversations are kept without their images.");
+        if (stripped.size) {
+          setStatus("The browser's storage is full: older conversations are kept without their images.");
+        }
         return;
       } catch (e) {
         if (i < order.length) stripped.add(order[i].id);
@@ -379,14 +382,16 @@
         h("img", { src: im.url, alt: `image ${k + 1}: ${im.name}` }))));
     }
     if (m.droppedImages) {
-      node.append(h("p", { class: "note", text: `${m.droppedImages} image(s) dropped from the browser's full storage` }));
+      node.append(h("p", { class: "note",
+                            text: `${m.droppedImages} image(s) dropped from the browser's full storage` }));
     }
     node.append(h("div", { class: "text", text: m.text }));
     if (m.streaming) node.classList.add("streaming");
     if (m.role === "assistant") {
       if (m.stopped) {
         node.dataset.stopped = "true";
-        node.append(h("p", { class: "note", text: "Stopped: the partial answer is kept and sent as history next turn." }));
+        node.append(h("p", { class: "note",
+                              text: "Stopped: the partial answer is kept and sent as history next turn." }));
       }
       if (m.error) node.append(h("p", { class: "note error-note", text: m.error }));
       if (m.stats) node.append(statsNode(m.stats));
@@ -445,7 +450,8 @@
         bar("after", x.cells_after, fullCells, "after", `${x.cells_after} cells after compaction`),
         bar("now", x.kv_cells, fullCells, "now", `${x.kv_cells} cells in the cache after this turn`),
         h("span", { class: "group", text: "KV bytes" }),
-        bar("full", Math.round(fullBytes), Math.round(fullBytes), "full-bytes", `≈ ${fmtBytes(fullBytes)} without compaction`),
+        bar("full", Math.round(fullBytes), Math.round(fullBytes), "full-bytes",
+            `≈ ${fmtBytes(fullBytes)} without compaction`),
         bar("before", x.bytes_before, fullBytes, "bytes-before", `${fmtBytes(x.bytes_before)} before compaction`),
         bar("after", x.bytes_after, fullBytes, "bytes-after", `${fmtBytes(x.bytes_after)} after compaction`),
         bar("kept", x.kept ? x.kept_bytes : 0, fullBytes, "kept",
