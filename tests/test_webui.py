@@ -286,6 +286,7 @@ def test_chat_page_in_a_browser(browser, live, shots):
     options = [o.get_attribute("value") for o in d.find_elements(By.CSS_SELECTOR, "#method option")]
     assert "snapkv" in options and "full" in options
     assert d.find_element(By.ID, "method").get_attribute("value") == "snapkv"
+    d.save_screenshot(str(shots / "page-load.png"))
     max_tokens = d.find_element(By.ID, "max-tokens")
     max_tokens.clear()
     max_tokens.send_keys("12")
