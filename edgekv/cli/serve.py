@@ -59,10 +59,11 @@ def _is_loopback(host: str) -> bool:
 @click.option("-n", "--max-tokens", type=click.IntRange(1), default=1024, show_default=True,
               help="Answer length when a request does not say.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-webui", is_flag=True, help="Do not serve the chat page at / (the API only).")
 def serve(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash_attn, cache_type_k, cache_type_v,
           threads, image_max_tokens, method, budget, compress, host, port, aliases, api_key, max_request_mb,
-          max_image_pixels, local_dirs, cache_mib, queue_size, max_tokens, seed):
-    """OpenAI-compatible server: /v1/chat/completions, /v1/models, /health."""
+          max_image_pixels, local_dirs, cache_mib, queue_size, max_tokens, seed, no_webui):
+    """OpenAI-compatible server: /v1/chat/completions, /v1/models, /health, and a chat page at /."""
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -89,10 +90,12 @@ def serve(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash_a
                     max_image_pixels=max_image_pixels, max_tokens=max_tokens)
     app = create_app(engine, api_key=api_key, max_request_bytes=int(max_request_mb * (1 << 20)),
                      images=ImageLoader(local_dirs, max_image_pixels, int(max_request_mb * (1 << 20))),
-                     aliases=tuple(aliases))
+                     aliases=tuple(aliases), webui=not no_webui)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     click.echo(f"edgekv serve: {model_id} on http://{host}:{port}/v1 (method {method}, budget {budget}, "
                f"conversation cache {cache_mib:g} MiB)", err=True)
+    if not no_webui:
+        click.echo(f"chat page: http://{host}:{port}/", err=True)
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
     finally:

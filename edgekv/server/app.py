@@ -21,6 +21,7 @@ from edgekv.errors import BudgetError, ContextOverflowError, EdgeKVError, MediaE
 from edgekv.server.engine import ConvMessage, Engine, Job, QueueFull
 from edgekv.server.images import ImageLoader, ImageRefused
 from edgekv.server.schemas import ChatRequest, ImagePart, TextPart, error_body
+from edgekv.server.webui import mount as mount_webui
 
 log = logging.getLogger("edgekv.serve")
 POLL_S = 0.25   # how often a waiting request checks that its client is still there
@@ -105,8 +106,9 @@ class BodyLimit:
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, max_request_bytes: int = 32 << 20,
-               images: ImageLoader | None = None, aliases: tuple[str, ...] = ()):
-    """The ASGI app serving `engine` (body limit outermost, then the API key check, then the routes)."""
+               images: ImageLoader | None = None, aliases: tuple[str, ...] = (), webui: bool = True):
+    """The ASGI app serving `engine` (body limit outermost, then the API key check, then the routes);
+    `webui` adds the chat page at / (edgekv/server/webui.py)."""
     images = images or ImageLoader()
     names = (engine.model_id, *aliases)
     app = FastAPI(title="edgekv", version="1", docs_url=None, redoc_url=None, openapi_url=None)
@@ -270,6 +272,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_request_bytes:
             if not finished:   # the client went away mid-answer (or the server is stopping)
                 engine.cancel(job)
 
+    if webui:
+        mount_webui(app, engine)
     return BodyLimit(app, max_request_bytes)
 
 
