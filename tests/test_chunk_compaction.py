@@ -69,7 +69,7 @@ def test_chunk_compaction_rewrites_the_chunk_alone(tiny_pairs, tmp_path, variant
         answer = [r.token for r in s.chat("describe", [image] * N_IMAGES, max_tokens=4)]
         assert check.checked == N_IMAGES
         if method == "auto":  # a probe window (generic) and hybridkv between chunks
-            assert all("hybridkv" in r.method and "probe" in r.method for r in s.reports[:N_IMAGES])
+            assert all(r.resolved == "hybridkv" and r.probe == "generic" for r in s.reports[:N_IMAGES])
         # the cells decode exactly as the same cells written back whole (a fresh session loading them)
         path = s.save(tmp_path / "conv.edgekv")
         nxt = [r.token for r in s.chat("and then?", max_tokens=4)]
@@ -111,7 +111,7 @@ def test_a_turn_rolled_back_after_a_chunk_compaction_is_as_before(tiny_pairs):
 
 def test_a_refused_chunk_write_puts_the_chunk_back(tiny_pairs, monkeypatch):
     from edgekv.runtime import Model, Session
-    from edgekv.runtime.cache import CompressedCache
+    from edgekv.runtime.compactor import LastChunk
 
     model_path, mmproj, image = tiny_pairs["llava"]
     with Model.load(model_path, mmproj, n_ctx=1024, n_batch=512, threads=THREADS, flash_attn="off") as m:
@@ -119,13 +119,13 @@ def test_a_refused_chunk_write_puts_the_chunk_back(tiny_pairs, monkeypatch):
         s.append_prompt("look: <__media__>", [image])
         blob, kind = s.state_blob(), s.cache.kind.copy()
         assert s.cache.chunk_range(s.candidates()) is not None
-        real, calls = CompressedCache._set_seq, []
+        real, calls = LastChunk._set, []
 
-        def refuse_first(self, buf, seq):   # llama.cpp refusing the packed chunk (e.g. no free cells)
+        def refuse_first(self, buf):   # llama.cpp refusing the packed chunk (e.g. no free cells)
             calls.append(len(buf))
-            return False if len(calls) == 1 else real(self, buf, seq)
+            return False if len(calls) == 1 else real(self, buf)
 
-        monkeypatch.setattr(CompressedCache, "_set_seq", refuse_first)
+        monkeypatch.setattr(LastChunk, "_set", refuse_first)
         with pytest.raises(CompactionError, match="original chunk was restored"):
             s.compact(early=True)
         assert len(calls) == 2 and calls[1] > calls[0]     # the packed chunk, then the original one

@@ -10,7 +10,7 @@ import pytest
 from edgekv.kv.codec import KVBlock, LayerKV, SeqState, parse_state, serialize_state
 from edgekv.kv.packer import layer_floats, pack_block
 from edgekv.methods import METHODS, KVView, Span, get_method
-from edgekv.runtime.cache import _plan_to_cells, method_view
+from edgekv.runtime.compactor import _plan_to_cells, method_view
 
 # (L, H_kv, H, d, W, spans, packed cells); a packed cell is protected, as earlier frames' slots are
 CASES = {

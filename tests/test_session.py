@@ -281,16 +281,16 @@ def test_early_compaction_between_two_images_is_query_agnostic(tiny_pairs):
         s = Session(m, method="auto", budget=0.25, probe=False)
         out = list(s.chat("compare", [image, image], max_tokens=2))
         assert out[-1].finish_reason in ("length", "stop")
-        early = [r for r in s.reports if "early" in r.method]
+        early = [r for r in s.reports if r.early]
         assert early and all(r.window == 0 for r in early)         # the "\n" between images is no question
-        assert all(f"auto -> {QUERY_AGNOSTIC}" in r.method for r in early)
+        assert all(r.auto and r.resolved == QUERY_AGNOSTIC for r in early)
         assert s.reports[-1].window > 0                            # the real question is used after
         s.close()
         # with the default probe (runtime/probe.py) the window is the probe's, never the "\n"
         s = Session(m, method="auto", budget=0.25)
         list(s.chat("compare", [image, image], max_tokens=2))
-        early = [r for r in s.reports if "early" in r.method]
-        assert early and all("probe: generic" in r.method and r.window == r.info["probe_tokens"] for r in early)
+        early = [r for r in s.reports if r.early]
+        assert early and all(r.probe == "generic" and r.window == r.info["probe_tokens"] for r in early)
         s.close()
 
 

@@ -89,7 +89,7 @@ class _Bench:
         """A session holding n_cells random compressible cells + a real `window`-token question."""
         from edgekv.kv.codec import KVBlock, LayerKV, SeqState, parse_state, serialize_state
         from edgekv.runtime import Session
-        from edgekv.runtime.session import PENDING
+        from edgekv.runtime.session import PENDING, SessionSnapshot
 
         s = Session(self.model, method=method, budget=1.0, window=self.window, auto_compact=False)
         s.append_tokens(self.tokens(8), compressible=True, capture=False)
@@ -108,23 +108,11 @@ class _Bench:
                         v_trans=tmpl.v_trans, layers=layers)
         blob = serialize_state(SeqState(0, [block], False))
         del layers, block
-        if not s._set_state(blob):
-            raise RuntimeError("llama.cpp refused the synthetic state")
-        s.kind = np.full(n, PENDING, np.int8)
-        s.media = np.full(n, -1, np.int32)
-        s.n_past = n
+        s.restore(SessionSnapshot(blob, kind=np.full(n, PENDING, np.int8), media=np.full(n, -1, np.int32), n_past=n,
+                                  n_media=0, window_q=None, window_rows=0, logits=None, messages=(), in_cache_text=""))
         s.append_tokens(self.tokens(self.window), compressible=False)   # the question: captured window
         return s
 
-    def snapshot(self, s) -> dict:
-        return {"blob": s.state_blob(), "kind": s.kind.copy(), "media": s.media.copy(), "n_past": s.n_past,
-                "q": s._window_q, "rows": s._window_rows, "logits": s._logits}
-
-    def restore(self, s, snap: dict) -> None:
-        if not s._set_state(snap["blob"]):
-            raise RuntimeError("llama.cpp refused the saved state")
-        s.kind, s.media, s.n_past = snap["kind"].copy(), snap["media"].copy(), snap["n_past"]
-        s._window_q, s._window_rows, s._logits = snap["q"], snap["rows"], snap["logits"]
 
     def decode(self, s, n_tokens: int, warmup: int = 2) -> list[float]:
         times = []
@@ -153,7 +141,7 @@ def bench_decode(path: Path, contexts=(8192, 16384), budgets=(0.5, 0.25, 0.1, 0.
         try:
             t0 = time.perf_counter()
             s = b.fill(ctx, method)
-            snap = b.snapshot(s)
+            snap = s.snapshot()
             log(f"[{name}] {ctx} cells written in {time.perf_counter() - t0:.1f} s")
             full_kv, cells = s.kv_bytes(), s.n_cells
             times = b.decode(s, n_tokens)
@@ -162,7 +150,7 @@ def bench_decode(path: Path, contexts=(8192, 16384), budgets=(0.5, 0.25, 0.1, 0.
             rows.append(full)
             log(f"[{name}] {ctx} full: {full.ms_per_token:.1f} ms/token")
             for bud in budgets:
-                b.restore(s, snap)
+                s.restore(snap)
                 r = s.compact(method=method, budget=bud)
                 kv, cells = s.kv_bytes(), s.n_cells
                 times = b.decode(s, n_tokens)

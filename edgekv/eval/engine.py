@@ -144,9 +144,8 @@ class RuntimeEngine(Engine):
 
             images = self.codec.encode(sample.context, pad=self.pad)
             s.append_prompt(mtmd_cpp.mtmd_default_marker().decode() * len(images), images)
-        else:  # the same batch split as ever (its captured tail is dropped below: no question)
+        else:  # compressible: no question window (the document's own tail is no question)
             s.append_tokens(list(sample.context), compressible=True)
-        s._window_q, s._window_rows = None, 0   # the document's own tail is not a question window
         self.media_prefill_s = time.perf_counter() - t1
         self.n_context = int((s.kind == 1).sum())   # the compressible cells (images: padding included)
         self._snap_before = s.snapshot()

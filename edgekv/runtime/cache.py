@@ -1,55 +1,33 @@
-"""The compressed cache: one llama.cpp sequence and the bookkeeping llama.cpp does not keep for us.
+"""The compressed cache: one llama.cpp sequence and the ledger llama.cpp does not keep for us.
 
 After a compaction the cell count is not the position count, so we track the logical position of the
-next token (`n_past`, from chunks' n_pos for M-RoPE) and, per cell in blob order, its kind (protected
-text, media waiting for compaction, packed slots) and media index. Compaction reads the sequence's state
-blob, lets a method plan, packs the plan (`edgekv.kv.packer`) and writes the blob back. Streamed media
-compact the last chunk alone (`compact_chunk`): sequence 1 of the context (one cell pool with seq 0)
-marks the chunk's cells, so only they are read and rewritten.
+next token (`n_past`, from chunks' n_pos for M-RoPE) and, per cell in blob order, a ledger: its kind
+(protected text, media waiting for compaction, packed slots), its media index and its position. Every
+parse of the state blob checks the blob's positions against the ledger (a cell out of place is a clear
+StateFormatError instead of a silent desync) and learns the positions it did not know yet (media cells:
+M-RoPE positions are the projector's). Compaction runs through one pipeline (runtime/compactor.py): the
+whole sequence, or the last media chunk alone through sequence 1 of the context (one cell pool with seq 0).
 """
 from __future__ import annotations
 
 import ctypes
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Literal
 
 import numpy as np
 
-from edgekv.errors import Cancelled, CompactionError, ContextOverflowError, EdgeKVError, StateFormatError
-from edgekv.kv.codec import SeqState, parse_state, state_buffer
-from edgekv.kv.packer import layer_floats, pack_block
-from edgekv.methods import KVView, Method, Span
-from edgekv.methods.parallel import planning_threads
-from edgekv.runtime import lib
+from edgekv.errors import Cancelled, ContextOverflowError, EdgeKVError, StateFormatError
+from edgekv.kv.codec import SeqState, parse_state
+from edgekv.methods import Method, Span
+from edgekv.runtime import compactor, lib
+from edgekv.runtime.compactor import (PACKED, PENDING, PROTECTED, SCRATCH_SEQ, CompactionReport, LastChunk,
+                                      WholeSequence)
 from edgekv.runtime.lib import llama_cpp
 from edgekv.runtime.model import Model
 
-PROTECTED, PENDING, PACKED = 0, 1, 2
-SCRATCH_SEQ = 1  # marks one media chunk for compact_chunk (the context has 2 sequences, one cell pool)
+__all__ = ["CompressedCache", "CacheMarks", "CompactionReport", "PROTECTED", "PENDING", "PACKED", "SCRATCH_SEQ",
+           "CANCELLED_MESSAGE"]
 CANCELLED_MESSAGE = "cancelled; the conversation is as it was before this turn"
-
-
-@dataclass
-class CompactionReport:
-    method: str
-    budget_cells: int          # cells per (layer, head) the user's budget asked for
-    n_candidates: int          # compressible cells before
-    cells_before: int
-    cells_after: int
-    bytes_before: int          # K+V bytes of the whole sequence (all cache blocks)
-    bytes_after: int
-    seconds: float             # read + plan + pack + write back
-    plan_seconds: float
-    nominal_mean: float
-    nominal_max: int
-    merged: bool
-    window: int                # captured query rows used (0 = query-agnostic)
-    info: dict = field(default_factory=dict)
-
-    @property
-    def ratio(self) -> float:
-        return self.bytes_after / self.bytes_before if self.bytes_before else 1.0
 
 
 @dataclass(frozen=True)
@@ -64,6 +42,7 @@ class CacheMarks:
     window_rows: int
     logits: np.ndarray | None
     after_media: bool = False
+    pos: np.ndarray | None = None   # per cell; None: not known (learnt at the next parse)
 
 
 class CompressedCache:
@@ -82,6 +61,7 @@ class CompressedCache:
         self.n_past = 0
         self.kind = np.zeros(0, np.int8)        # per cell, blob order: PROTECTED / PENDING / PACKED
         self.media = np.zeros(0, np.int32)      # per cell: media index or -1
+        self.pos = np.zeros(0, np.int64)        # per cell: its position, -1 until a parse has seen it
         self.n_media = 0
         self.window_q: np.ndarray | None = None  # captured queries of the last prompt tokens [L, H, W, d]
         self.window_rows = 0
@@ -95,24 +75,33 @@ class CompressedCache:
 
     def marks(self) -> CacheMarks:
         return CacheMarks(self.n_past, self.kind.copy(), self.media.copy(), self.n_media, self.window_q,
-                          self.window_rows, self.logits, self.logits_after_media)
+                          self.window_rows, self.logits, self.logits_after_media, self.pos.copy())
 
     def set_marks(self, m: CacheMarks) -> None:
         self.n_past, self.kind, self.media, self.n_media = m.n_past, m.kind.copy(), m.media.copy(), m.n_media
         self.window_q, self.window_rows, self.logits = m.window_q, m.window_rows, m.logits
         self.logits_after_media = m.after_media
+        self.pos = m.pos.copy() if m.pos is not None else np.full(len(m.kind), -1, np.int64)
         self.last_chunk = None
 
     def add_cells(self, n: int, kind: int, media: int = -1) -> None:
+        """Record the last n decoded cells: text at positions n_past-n.. (one each), media at positions
+        the next parse learns (M-RoPE chunks use n_pos positions for n tokens)."""
+        pos = np.arange(self.n_past - n, self.n_past, dtype=np.int64) if media < 0 else np.full(n, -1, np.int64)
         self.kind = np.concatenate([self.kind, np.full(n, kind, np.int8)])
         self.media = np.concatenate([self.media, np.full(n, media, np.int32)])
+        self.pos = np.concatenate([self.pos, pos])
+
+    def forget_last(self, n: int) -> None:
+        """Take the last n cells out of the ledger (the caller removed them from llama.cpp's cache)."""
+        self.kind, self.media, self.pos = self.kind[:-n], self.media[:-n], self.pos[:-n]
 
     def drop_tail(self, n_past: int, n_cells: int) -> None:
         """Remove every cell at position >= n_past: the last cells, when nothing was compacted since."""
         llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.model.ctx), 0, n_past, -1)
         self.n_past = n_past
         self.last_chunk = None
-        self.kind, self.media = self.kind[:n_cells], self.media[:n_cells]
+        self.kind, self.media, self.pos = self.kind[:n_cells], self.media[:n_cells], self.pos[:n_cells]
 
     def swa_state(self) -> bytes:
         """The sliding-window block alone (LLAMA_STATE_SEQ_FLAGS_SWA_ONLY: the cells the current last
@@ -160,10 +149,16 @@ class CompressedCache:
             ptr = ctypes.cast(ctypes.c_char_p(blob), ctypes.POINTER(ctypes.c_uint8))
         return llama_cpp.llama_state_seq_set_data(self.model.ctx, ptr, n, 0) == n
 
-    def parse(self, blob: bytes | ctypes.Array, copy: bool = True) -> SeqState:
+    def parse(self, blob: bytes | ctypes.Array, copy: bool = True, cells: slice | None = None,
+              ledger: bool = True) -> SeqState:
+        """A state blob of the sequence (or, with `cells`, of those ledger cells alone) as arrays, checked
+        against the ledger: the cells must stand where it has them (see the module docstring).
+        ledger=False: a blob from elsewhere (a saved conversation), not checked."""
         lay = self.model.layout
         state = parse_state(blob, has_ext=lay.mrope, n_blocks=2 if lay.iswa else 1, copy=copy)
         base = state.blocks[0]
+        if ledger:
+            self._check_ledger(base.pos, slice(None) if cells is None else cells)
         if base.n_cells:
             want = len(lay.global_layers)
             if base.n_layers != want:
@@ -174,6 +169,17 @@ class CompressedCache:
                     raise StateFormatError(f"per-layer KV widths differ from {lay.n_head_kv} heads x "
                                            f"{lay.head_dim}: unsupported model layout")
         return state
+
+    def _check_ledger(self, pos: np.ndarray, cells: slice) -> None:
+        want = self.pos[cells]
+        if len(want) != len(pos):
+            raise StateFormatError(f"the cache holds {len(pos)} cells where the ledger has {len(want)}")
+        known = want >= 0
+        if (pos[known] != want[known]).any():
+            i = int(np.flatnonzero(known & (pos != want))[0])
+            raise StateFormatError(f"the cache's cells are out of the ledger's order: cell {i} holds position "
+                                   f"{int(pos[i])} where the ledger has {int(want[i])}; call clear()")
+        self.pos[cells] = pos
 
     def nbytes(self) -> int:
         """K+V bytes the sequence holds in all cache blocks."""
@@ -257,66 +263,6 @@ class CompressedCache:
                 start = i
         return tuple(spans)
 
-    def compact(self, meth: Method, cand: np.ndarray, budget_cells: int, *, use_queries: bool, seed: int,
-                label_suffix: str = "", on_blob: Callable[[ctypes.Array], None] | None = None,
-                cap: bool = False) -> CompactionReport:
-        """Plan with `meth` over the candidate cells and write the packed cache back. On any failure the
-        original cache is restored and CompactionError raised. on_blob sees the blob before the rewrite.
-        cap: keep at most budget_cells slots (Plan.capped), for a context sized for the budget.
-        With `plan_as_chunk` set (benchmarks), a method that can plans on the candidates alone with the
-        window outside the view, as compact_chunk does, so that planning is measured where compact_chunk
-        cannot run (iSWA models)."""
-        t0 = time.perf_counter()
-        # Host memory (scripts/mem_compaction.py): the blob llama.cpp writes is the only copy of the
-        # cache read back (parsed as views into it); only the cells and arrays the method reads become
-        # float32; the packed blob is written straight into the buffer llama.cpp reads.
-        blob = self.state_buffer()
-        if on_blob is not None:
-            on_blob(blob)
-        state = self.parse(blob, copy=False)
-        base = state.blocks[0]
-        if base.n_cells != self.n_cells:
-            raise StateFormatError(f"the cache holds {base.n_cells} cells where the session tracked {self.n_cells}")
-        lay = self.model.layout
-        queries = self.window_q if use_queries else None
-        label = meth.name
-        if getattr(meth, "resolve", None):  # `auto`: picks by regime (query window or not)
-            meth = meth.resolve(_shape_view(base, lay.n_head_kv, cand, queries))
-            label = f"auto -> {meth.name}"
-        label += label_suffix
-        if meth.needs_queries and queries is None:
-            raise EdgeKVError(f"method {meth.name!r} needs the question's queries, but none were captured "
-                              "(flash attention capture off, or no text after the media): use "
-                              "--method flashcache or --method auto")
-        window = 0 if queries is None else int(queries.shape[2])  # captured rows (the report's)
-        as_chunk = self.plan_as_chunk and meth.plans_on_chunk
-        view, cells = method_view(meth, base, lay.n_head_kv, cand, self.spans(), queries, lay.attn_scale, seed,
-                                  rope=(lay.rope_base, lay.rope_neox), window_outside=as_chunk)
-        t1 = time.perf_counter()
-        with planning_threads(self.model.threads):
-            plan = (meth.plan(view, budget_cells) if budget_cells < view.n_candidates or meth.name == "full"
-                    else None)
-        plan_s = time.perf_counter() - t1
-        if plan is not None and cap:
-            plan = plan.capped(budget_cells)
-        if plan is None:  # budget covers everything: keep the cells as they are
-            self.kind[cand] = PACKED
-            return _report(label, budget_cells, cand, state, state, t0, plan_s, None, window)
-        plan, merged = _cells_and_merges(meth, view, cells, plan, base, lay.n_head_kv)
-        del view
-        new_base, src = pack_block(base, plan, cand, lay.n_head_kv, merged)
-        new_state = SeqState(state.seq_id, [new_base] + state.blocks[1:], state.has_ext)
-        if not self.set_state(state_buffer(new_state)):
-            restored = self.set_state(blob)
-            raise CompactionError("llama.cpp refused the compacted cache"
-                                  + ("; the original cache was restored" if restored
-                                     else " AND the original could not be restored: call clear()")
-                                  + f":\n{lib.recent_log()}")
-        # Bookkeeping follows the packer's cell order: protected cells in place, slots marked PACKED.
-        self.kind = np.where(cand[src], PACKED, self.kind[src]).astype(np.int8)
-        self.media = self.media[src]
-        return _report(label, budget_cells, cand, state, new_state, t0, plan_s, plan, window)
-
     def note_chunk(self, p0: int, p1: int, n: int) -> None:
         """The media chunk just decoded at positions [p0, p1) is the last n cells."""
         self.last_chunk = (p0, p1, self.n_cells - n, self.n_cells)
@@ -334,199 +280,22 @@ class CompressedCache:
             return None
         return p0, p1, i0, i1
 
-    def compact_chunk(self, meth: Method, chunk: tuple[int, int, int, int], budget_cells: int, *,
-                      use_queries: bool, seed: int, label_suffix: str = "") -> CompactionReport | None:
-        """Compact the last media chunk alone, without reading the rest of the cache (README,
-        Video): mark its cells with the scratch sequence (seq_cp, no copy), read that sequence's state (the
-        chunk's bytes only), plan on it, drop the chunk from seq 0 and write the packed cells back through
-        the scratch sequence. llama.cpp places restored cells from the freed chunk's first cell on, so the
-        cells stay in position order (blob order = bookkeeping order). Host memory is one chunk, not the
-        cache. Returns None (nothing changed) when the method cannot plan on a chunk view; on a failure
-        after the chunk left seq 0, the chunk's own bytes are written back and CompactionError raised."""
-        t0 = time.perf_counter()
-        lay = self.model.layout
-        queries = self.window_q if use_queries else None
-        label = meth.name
-        if getattr(meth, "resolve", None):
-            meth = meth.resolve(_QueriesOnly(queries))
-            label = f"auto -> {meth.name}"
-        if not meth.plans_on_chunk or (meth.needs_queries and queries is None):
-            return None
-        label += label_suffix
-        p0, p1, i0, i1 = chunk
-        mem = llama_cpp.llama_get_memory(self.model.ctx)
-        llama_cpp.llama_memory_seq_rm(mem, SCRATCH_SEQ, -1, -1)   # nothing left over from an interrupted one
-        llama_cpp.llama_memory_seq_cp(mem, 0, SCRATCH_SEQ, p0, p1)
-        try:
-            blob = self.state_buffer(SCRATCH_SEQ)
-            state = self.parse(blob, copy=False)
-        except BaseException:
-            llama_cpp.llama_memory_seq_rm(mem, SCRATCH_SEQ, -1, -1)
-            raise
-        base = state.blocks[0]
-        n = i1 - i0
-        if base.n_cells != n or len(state.blocks) != 1:  # not the chunk we tracked: the whole-cache path
-            llama_cpp.llama_memory_seq_rm(mem, SCRATCH_SEQ, -1, -1)
-            return None
-        try:
-            cand = np.ones(n, bool)
-            cand[-1] = False            # the pos_max cell: copied whole
-            spans = (Span(0, n, "media", int(self.media[i0])),)
-            window = 0 if queries is None else int(queries.shape[2])
-            view, cells = method_view(meth, base, lay.n_head_kv, cand, spans, queries, lay.attn_scale, seed,
-                                      rope=(lay.rope_base, lay.rope_neox), window_outside=True)
-            t1 = time.perf_counter()
-            slots = max(1, budget_cells - 1)   # + the pos_max cell = the budget
-            with planning_threads(self.model.threads):
-                plan = meth.plan(view, slots) if slots < view.n_candidates else None
-            if plan is not None:   # the context is sized for the budget: never more cells than it
-                plan = plan.capped(slots)
-            plan_s = time.perf_counter() - t1
-            if plan is None:
-                llama_cpp.llama_memory_seq_rm(mem, SCRATCH_SEQ, -1, -1)
-                self.kind[i0:i1] = PACKED
-                return _chunk_report(label, budget_cells, n, self.n_cells, self.n_cells, lay, self.model,
-                                     t0, plan_s, None, window)
-            plan, merged = _cells_and_merges(meth, view, cells, plan, base, lay.n_head_kv)
-            del view
-            new_base, src = pack_block(base, plan, cand, lay.n_head_kv, merged)
-            new_blob = state_buffer(SeqState(SCRATCH_SEQ, [new_base], state.has_ext))
-        except BaseException:
-            llama_cpp.llama_memory_seq_rm(mem, SCRATCH_SEQ, -1, -1)
-            raise
-        # The chunk leaves seq 0 (its cells stay held by the scratch sequence); set_data frees them and
-        # places the packed cells from the first freed one on; then they move back to seq 0.
-        llama_cpp.llama_memory_seq_rm(mem, 0, p0, p1)
-        ok = self._set_seq(new_blob, SCRATCH_SEQ)
-        if not ok:
-            log = lib.recent_log()
-            restored = self._set_seq(blob, SCRATCH_SEQ)
-            if restored:
-                llama_cpp.llama_memory_seq_cp(mem, SCRATCH_SEQ, 0, -1, -1)
-            llama_cpp.llama_memory_seq_rm(mem, SCRATCH_SEQ, -1, -1)
-            raise CompactionError("llama.cpp refused the compacted chunk"
-                                  + ("; the original chunk was restored" if restored
-                                     else " AND the original chunk could not be restored: call clear()")
-                                  + f":\n{log}")
-        llama_cpp.llama_memory_seq_cp(mem, SCRATCH_SEQ, 0, -1, -1)
-        llama_cpp.llama_memory_seq_rm(mem, SCRATCH_SEQ, -1, -1)
-        before = self.n_cells
-        # Every cell of the chunk is settled, its last (pos_max) cell included: later chunks do not
-        # reconsider it, so the next chunk is again the only candidates (chunk_range).
-        self.kind = np.concatenate([self.kind[:i0], np.full(len(src), PACKED, np.int8), self.kind[i1:]])
-        self.media = np.concatenate([self.media[:i0], self.media[i0:i1][src], self.media[i1:]])
-        self.last_chunk = None
-        return _chunk_report(label, budget_cells, n - 1, before, self.n_cells, lay, self.model, t0, plan_s,
-                             plan, window, chunk_cells=n)
-
-    def _set_seq(self, blob: ctypes.Array, seq: int) -> bool:
-        ptr = ctypes.cast(blob, ctypes.POINTER(ctypes.c_uint8))
-        return llama_cpp.llama_state_seq_set_data(self.model.ctx, ptr, len(blob), seq) == len(blob)
+    def compact(self, meth: Method, budget_cells: int, *, cand: np.ndarray | None = None,
+                chunk: tuple[int, int, int, int] | None = None, use_queries: bool, seed: int, early: bool = False,
+                on_blob: Callable[[ctypes.Array], None] | None = None, cap: bool = False
+                ) -> CompactionReport | None:
+        """Compact the candidate cells `cand` of the whole sequence, or with `chunk` (see chunk_range) the
+        last media chunk alone; one pipeline either way (runtime/compactor.py). None: the chunk path cannot
+        serve this method, nothing changed. cap: keep at most budget_cells slots (Plan.capped), for a
+        context sized for the budget. With `plan_as_chunk` set (benchmarks), a method that can plans on
+        the candidates alone with the window outside the view, as a chunk plans, so that planning is
+        measured where the chunk path cannot run (iSWA models)."""
+        region = (LastChunk(self, chunk) if chunk is not None
+                  else WholeSequence(self, cand, cap, self.plan_as_chunk))
+        return compactor.compact(self, meth, region, budget_cells, use_queries=use_queries, seed=seed,
+                                 early=early, on_blob=on_blob)
 
     def free(self) -> None:
         if self.batch is not None:
             llama_cpp.llama_batch_free(self.batch)
             self.batch = None
-
-
-def _shape_view(base, n_kv_heads: int, cand: np.ndarray, queries) -> KVView:
-    """A view with the cache's shapes but no K/V bytes (zero-stride placeholders): enough for `auto` to
-    pick its regime."""
-    shape = (base.n_layers, n_kv_heads, base.n_cells, base.layers[0].n_embd_k // n_kv_heads)
-    empty = np.broadcast_to(np.float32(0), shape)
-    return KVView(keys=empty, values=empty, candidates=cand, queries=queries)
-
-
-def method_view(meth: Method, base, n_kv_heads: int, cand: np.ndarray, spans: tuple[Span, ...], queries,
-                scale: float, seed: int, rope: tuple[float, bool] | None = None, window_outside: bool = False
-                ) -> tuple[KVView, np.ndarray | None]:
-    """The view `meth` plans on, converting to float32 only what it reads (Method.view_cells,
-    reads_keys, reads_values), and the cells it covers (None: all, in order). window_outside: a view of
-    the candidates alone, with the window's queries (as compact_chunk plans)."""
-    cells = np.flatnonzero(cand) if meth.view_cells == "candidates" or window_outside else None
-    K, V = layer_floats(base, n_kv_heads, cells, keys=meth.reads_keys, values=meth.reads_values)
-    T = base.n_cells if cells is None else len(cells)
-    shape = (base.n_layers, n_kv_heads, T, base.layers[0].n_embd_k // n_kv_heads)
-    empty = np.broadcast_to(np.float32(0), shape)
-    K = empty if K is None else K
-    V = empty if V is None else V
-    positions = base.pos.astype(np.int64)
-    extra = {} if rope is None else dict(rope_base=rope[0], rope_neox=rope[1])  # `expected` un-rotates queries
-    if window_outside:  # a chunk view: the window lies after all of it and stays with any sub-view
-        extra["window_outside"] = True
-    if cells is None:
-        return KVView(keys=K, values=V, candidates=cand, spans=spans, queries=queries, scale=scale,
-                      positions=positions, seed=seed, **extra), None
-    # Spans restricted to the candidates, renumbered; the query window is not part of this view.
-    rank = np.cumsum(cand) - 1
-    sub = tuple(Span(int(rank[s.start] + (not cand[s.start])), int(rank[s.stop - 1]) + 1, s.kind, s.media_index)
-                for s in spans if cand[s.start:s.stop].any())
-    return KVView(keys=K, values=V, candidates=np.ones(T, bool), spans=sub,
-                  queries=queries if window_outside else None, scale=scale,
-                  positions=positions[cells], seed=seed, **extra), cells
-
-
-def _cells_and_merges(meth: Method, view: KVView, cells: np.ndarray | None, plan, base, n_kv_heads: int):
-    """The plan in cell indices (it was made on a view of `cells`, or of all cells) and the merged slots'
-    float32 K and V when it merges (None otherwise)."""
-    if cells is not None:  # a view of the candidates alone: its token indices -> cell indices
-        plan = _plan_to_cells(plan, cells, base.n_cells)
-    if plan.merge_to is None:
-        return plan, None
-    from edgekv.methods.merge import merged_kv
-
-    if cells is not None or not (meth.reads_keys and meth.reads_values):
-        K, V = layer_floats(base, n_kv_heads)
-    else:
-        K, V = view.keys, view.values
-    return plan, merged_kv(K, V, plan)
-
-
-def _plan_to_cells(plan, cells: np.ndarray, n_cells: int):
-    """A plan made on a view of `cells` only, with its token indices mapped to cell indices."""
-    from edgekv.plan import Plan
-
-    merge_to = merge_weight = None
-    if plan.merge_to is not None:
-        L, H, _ = plan.merge_to.shape
-        merge_to = np.full((L, H, n_cells), -1, np.int64)
-        merge_weight = np.zeros((L, H, n_cells), np.float32)
-        merge_to[..., cells] = plan.merge_to
-        merge_weight[..., cells] = plan.merge_weight
-    return Plan(keep=cells[plan.keep], nominal=plan.nominal, merge_to=merge_to, merge_weight=merge_weight,
-                info=plan.info)
-
-
-class _QueriesOnly:
-    """What `auto` looks at to pick its regime: whether a window was captured."""
-
-    def __init__(self, queries) -> None:
-        self.queries = queries
-
-
-def _chunk_report(name, budget_cells, n_candidates, cells_before, cells_after, lay, model, t0, plan_s, plan,
-                  window, chunk_cells: int = 0) -> CompactionReport:
-    per_cell = model.cell_bytes
-    r = CompactionReport(
-        method=name, budget_cells=budget_cells, n_candidates=n_candidates, cells_before=cells_before,
-        cells_after=cells_after, bytes_before=cells_before * per_cell, bytes_after=cells_after * per_cell,
-        seconds=time.perf_counter() - t0, plan_seconds=plan_s,
-        nominal_mean=float(plan.nominal.mean()) if plan is not None else float(budget_cells),
-        nominal_max=int(plan.nominal.max()) if plan is not None else budget_cells,
-        merged=plan is not None and plan.merge_to is not None, window=window,
-        info=dict(plan.info) if plan is not None else {})
-    r.info["chunk_only"] = True   # planned on the chunk's cells alone (compact_chunk)
-    return r
-
-
-def _report(name, budget_cells, cand, before: SeqState, after: SeqState, t0, plan_s, plan, window: int) -> CompactionReport:
-    return CompactionReport(
-        method=name, budget_cells=budget_cells, n_candidates=int(cand.sum()),
-        cells_before=before.blocks[0].n_cells, cells_after=after.blocks[0].n_cells,
-        bytes_before=before.nbytes, bytes_after=after.nbytes, seconds=time.perf_counter() - t0,
-        plan_seconds=plan_s,
-        nominal_mean=float(plan.nominal.mean()) if plan is not None else float(budget_cells),
-        nominal_max=int(plan.nominal.max()) if plan is not None else budget_cells,
-        merged=plan is not None and plan.merge_to is not None,
-        window=window,
-        info=dict(plan.info) if plan is not None else {})

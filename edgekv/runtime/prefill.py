@@ -74,9 +74,10 @@ class Prefiller:
         self._check_cancel()
         t0 = time.perf_counter()
         step = c.model.n_batch
-        # Compressible tokens (a document) are never the question: no window, so a later compaction
-        # probes for one (runtime/probe.py) instead of protecting the document's own last tokens.
-        w = min(self.window, step, len(tokens)) if (capture and not compressible and c.model.capture is not None) else 0
+        w = min(self.window, step, len(tokens)) if (capture and c.model.capture is not None) else 0
+        # Compressible tokens (a document) are never the question: the same batches, but no window, so a
+        # later compaction probes for one (runtime/probe.py) instead of protecting the document's tail.
+        question = not compressible
         body, tail = tokens[: len(tokens) - w], tokens[len(tokens) - w:]
         outs = []
         c.window_q, c.window_rows = None, 0
@@ -90,9 +91,9 @@ class Prefiller:
             done += len(chunk)
             self._progress("prefill", done, total)
         if tail:
-            outs.append(c.decode(tail, "all" if logits_all else "last", capture_rows=w))
+            outs.append(c.decode(tail, "all" if logits_all else "last", capture_rows=w if question else 0))
             c.add_cells(len(tail), kind)
-            if w:
+            if w and question:
                 c.window_q = c.model.capture.window(c.model.layout.global_layers)
                 c.window_rows = w if c.window_q is not None else 0
             self._progress("prefill", total, total)

@@ -79,10 +79,10 @@ def compact_with_probe(session, method, budget, early: bool, probe: Probe):
     last_kind = int(c.kind[-1])
     # The last media chunk alone (CompressedCache.compact_chunk): no whole-cache read, and no rollback
     # blob, since every cell it rewrites lies after the turn's start (dropping the turn's tail undoes it).
-    chunk = s._lone_chunk(c.candidates(s.compress)) if method.plans_on_chunk else None
+    chunk = s.lone_chunk(c.candidates(s.compress)) if method.plans_on_chunk else None
     if chunk is None:
-        blob = c.state_buffer()   # no bytes copy; parsed as views into it (as CompressedCache.compact does)
-        s._stash(blob)   # a turn rolled back after this compaction returns to before the probe
+        blob = c.state_buffer()   # no bytes copy; parsed as views into it (as the compactor does)
+        s.stash(blob)   # a turn rolled back after this compaction returns to before the probe
         before = c.parse(blob, copy=False)
         swa = before.blocks[1] if s.model.layout.iswa else None
         bytes_before = before.nbytes
@@ -105,30 +105,26 @@ def compact_with_probe(session, method, budget, early: bool, probe: Probe):
             cand = c.candidates(s.compress)
             if cand.any():
                 cells = resolve_budget(s.budget if budget is None else budget, int(cand.sum()))
-                suffix = (" (early, before the question)" if early else "") + \
-                    " (probe: " + ("question" if known else "generic") + ")"
                 if chunk is not None:
-                    report = c.compact_chunk(method, chunk, cells, use_queries=True, seed=s.seed,
-                                             label_suffix=suffix)
+                    report = c.compact(method, cells, chunk=chunk, use_queries=True, seed=s.seed, early=early)
                 if report is None:
-                    report = c.compact(method, cand, cells, use_queries=True, seed=s.seed, label_suffix=suffix,
-                                       on_blob=s._stash if chunk is not None else None, cap=early)
+                    report = c.compact(method, cells, cand=cand, use_queries=True, seed=s.seed, early=early,
+                                       on_blob=s.stash if chunk is not None else None, cap=early)
     finally:
         t2 = time.perf_counter()
         remove_probe(s, p0, n, swa)
-        if report is None or not report.info.get("chunk_only"):
+        if report is None or not report.chunk_only:
             c.kind[-1] = last_kind             # the pos_max cell: a candidate again next time
         c.logits, c.window_q, c.window_rows, c.logits_after_media = saved
         remove_s = time.perf_counter() - t2
     if q is None:
         return SKIPPED
     if report is not None:
-        if auto:
-            report.method = "auto -> " + report.method
+        report.auto, report.probe = auto, "question" if known else "generic"
         # the report describes the cache without the probe
         report.cells_before, report.cells_after = n0, c.n_cells
         report.bytes_before = bytes_before
-        report.bytes_after = c.n_cells * s.model.cell_bytes if report.info.get("chunk_only") else c.nbytes()
+        report.bytes_after = c.n_cells * s.model.cell_bytes if report.chunk_only else c.nbytes()
         report.info.update(probe_tokens=n, probe_known=known, probe_s=round(probe_s, 4),
                            probe_remove_s=round(remove_s + t_read, 4))
         report.seconds += probe_s + remove_s + t_read
@@ -154,5 +150,5 @@ def remove_probe(session, p0: int, n: int, swa_before) -> None:
             raise CompactionError("llama.cpp refused the cache without the probe"
                                   + ("" if restored else " AND the original could not be restored: call clear()")
                                   + f":\n{lib.recent_log()}")
-    c.kind, c.media = c.kind[:-n], c.media[:-n]
+    c.forget_last(n)
     c.n_past = p0

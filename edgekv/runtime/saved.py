@@ -150,7 +150,7 @@ def restore_into(session, header: dict, blob: bytes, arrays: dict, path) -> None
 
     c = session.cache
     try:
-        state = c.parse(blob)  # our codec first: llama.cpp asserts on some malformed blobs
+        state = c.parse(blob, ledger=False)  # our codec first: llama.cpp asserts on some malformed blobs
     except StateFormatError as e:
         raise SaveFormatError(f"{path}: the saved cache does not fit this model ({e})") from None
     kind, media = arrays["kind"].astype(np.int8), arrays["media"].astype(np.int32)
@@ -163,14 +163,15 @@ def restore_into(session, header: dict, blob: bytes, arrays: dict, path) -> None
     if logits is not None and logits.shape != (session.model.n_vocab,):
         raise SaveFormatError(f"{path}: saved logits do not match this vocabulary")
     c.set_marks(CacheMarks(int(header["n_past"]), kind, media, int(header["n_media"]), arrays.get("window_q"),
-                           int(header["window_rows"]) if "window_q" in arrays else 0, logits))
+                           int(header["window_rows"]) if "window_q" in arrays else 0, logits,
+                           pos=state.blocks[0].pos.astype(np.int64)))
     session.messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in header["messages"]]
     session._in_cache_text = header["in_cache_text"]
     counters = header.get("counters", {})
     session._prefill.set_counts(tuple(counters.get("prompt", (0, 0.0, 0, 0.0))))
     session.generation_tokens = int(counters.get("generation_tokens", 0))
     session.generation_seconds = float(counters.get("generation_seconds", 0.0))
-    session.reports[:] = [CompactionReport(**r) for r in header.get("reports", [])]
+    session.reports[:] = [CompactionReport.from_dict(r) for r in header.get("reports", [])]
 
 
 def _show(v) -> str:

@@ -55,6 +55,7 @@ class SessionSnapshot:
     messages: tuple
     in_cache_text: str
     text_marks: tuple = ()   # where the text's prefills started (Session._sync_text); iSWA: with window blocks
+    pos: np.ndarray | None = None   # each cell's position (the ledger); None: learnt at the next parse
 
     @property
     def nbytes(self) -> int:
@@ -230,14 +231,14 @@ class Session:
         return SessionSnapshot(self.state_blob(), c.kind.copy(), c.media.copy(), c.n_past, c.n_media,
                                c.window_q, c.window_rows, c.logits,
                                tuple(dict(m) for m in self.messages), self._in_cache_text,
-                               tuple(self._text_marks))
+                               tuple(self._text_marks), c.pos.copy())
 
     def restore(self, snap: SessionSnapshot) -> None:
         """Put the cache and bookkeeping back as `snapshot()` saw them."""
         if not self._set_state(snap.blob):
             raise CompactionError(f"llama.cpp refused the saved state:\n{lib.recent_log()}")
         self.cache.set_marks(CacheMarks(snap.n_past, snap.kind, snap.media, snap.n_media, snap.window_q,
-                                        snap.window_rows, snap.logits))
+                                        snap.window_rows, snap.logits, pos=snap.pos))
         self.messages, self._in_cache_text = [dict(m) for m in snap.messages], snap.in_cache_text
         self._text_marks = list(snap.text_marks)
 
@@ -408,28 +409,28 @@ class Session:
         if early and meth.needs_queries:
             meth = get_method("auto")  # resolves to its query-agnostic pick (no queries)
         budget_cells = resolve_budget(self.budget if budget is None else budget, int(cand.sum()))
-        chunk = self._lone_chunk(cand) if early else None
+        chunk = self.lone_chunk(cand) if early else None
+        r = None
         if chunk is not None:   # the last media chunk alone (no host copy)
-            r = self.cache.compact_chunk(meth, chunk, budget_cells, use_queries=False, seed=self.seed,
-                                         label_suffix=" (early, before the question)")
-            if r is not None:
-                self.reports.append(r)
-                return r
-        r = self.cache.compact(meth, cand, budget_cells, use_queries=not early, seed=self.seed,
-                               label_suffix=" (early, before the question)" if early else "",
-                               on_blob=self._stash, cap=early)
+            r = self.cache.compact(meth, budget_cells, chunk=chunk, use_queries=False, seed=self.seed, early=True)
+        if r is None:
+            r = self.cache.compact(meth, budget_cells, cand=cand, use_queries=not early, seed=self.seed, early=early,
+                                   on_blob=self.stash, cap=early)
         self.reports.append(r)
         return r
 
-    def _lone_chunk(self, cand: np.ndarray) -> tuple[int, int, int, int] | None:
+    def lone_chunk(self, cand: np.ndarray) -> tuple[int, int, int, int] | None:
         """The last media chunk, when the candidates are that chunk alone (CompressedCache.chunk_range) and
         rolling the current turn back (dropping its tail) undoes a rewrite of it: it was added in this
-        turn. Then compact_chunk needs no rollback blob. None: the whole-cache path."""
+        turn. Then compacting it alone needs no rollback blob. None: the whole-cache path. (For the
+        compaction policy here and in runtime/probe.py.)"""
         chunk = self.cache.chunk_range(cand)
         t = self._txn or self._answer_txn
         return chunk if chunk is not None and (t is None or t.marks.n_past <= chunk[0]) else None
 
-    def _stash(self, blob: bytes | ctypes.Array) -> None:
+    def stash(self, blob: bytes | ctypes.Array) -> None:
+        """Keep `blob` (the whole cache just read) as the running turn's rollback point, unless it has one:
+        a compaction is about to rewrite the cache. Outside a turn, nothing."""
         t = self._txn or self._answer_txn
         if t is not None and t.stash is None:
             t.stash = blob  # the turn's rollback point once the cache is rewritten (_Txn)
@@ -530,12 +531,12 @@ class Session:
                 raise SessionError("the chat template renders the earlier turns differently from the text the "
                                    "cache holds, back into images or compacted cells that cannot be prefilled "
                                    "again: start a new conversation (/clear)")
-            self._stash(c.state_buffer())   # the turn's rollback point (text only: a plain copy)
+            self.stash(c.state_buffer())   # the turn's rollback point (text only: a plain copy)
             c.reset()
             self._text_marks, self._in_cache_text = [], ""
             self._mark_text()
             return 0
-        self._stash(c.state_buffer())   # a rolled-back turn gets the cut cells back
+        self.stash(c.state_buffer())   # a rolled-back turn gets the cut cells back
         c.drop_tail(mark.n_past, c.n_cells - n_drop)
         if mark.swa is not None and not c.set_swa_state(mark.swa):
             raise CompactionError(f"llama.cpp refused the sliding-window cache of an earlier turn:\n{lib.recent_log()}")
