@@ -291,7 +291,8 @@ class CompressedCache:
         window = 0 if queries is None else int(queries.shape[2])  # captured rows (the report's)
         as_chunk = self.plan_as_chunk and meth.plans_on_chunk
         view, cells = method_view(meth, base, lay.n_head_kv, cand, self.spans(), queries, lay.attn_scale, seed,
-                                  rope=(lay.rope_base, lay.rope_neox), window_outside=as_chunk)
+                                  rope=(lay.rope_base, lay.rope_neox), window_outside=as_chunk,
+                                  key_rotation=self.model.rotation.key_matrix(lay.head_dim))
         t1 = time.perf_counter()
         with planning_threads(self.model.threads):
             plan = (meth.plan(view, budget_cells) if budget_cells < view.n_candidates or meth.name == "full"
@@ -374,7 +375,8 @@ class CompressedCache:
             spans = (Span(0, n, "media", int(self.media[i0])),)
             window = 0 if queries is None else int(queries.shape[2])
             view, cells = method_view(meth, base, lay.n_head_kv, cand, spans, queries, lay.attn_scale, seed,
-                                      rope=(lay.rope_base, lay.rope_neox), window_outside=True)
+                                      rope=(lay.rope_base, lay.rope_neox), window_outside=True,
+                                      key_rotation=self.model.rotation.key_matrix(lay.head_dim))
             t1 = time.perf_counter()
             slots = max(1, budget_cells - 1)   # + the pos_max cell = the budget
             with planning_threads(self.model.threads):
@@ -438,11 +440,12 @@ def _shape_view(base, n_kv_heads: int, cand: np.ndarray, queries) -> KVView:
 
 
 def method_view(meth: Method, base, n_kv_heads: int, cand: np.ndarray, spans: tuple[Span, ...], queries,
-                scale: float, seed: int, rope: tuple[float, bool] | None = None, window_outside: bool = False
-                ) -> tuple[KVView, np.ndarray | None]:
+                scale: float, seed: int, rope: tuple[float, bool] | None = None, window_outside: bool = False,
+                key_rotation: np.ndarray | None = None) -> tuple[KVView, np.ndarray | None]:
     """The view `meth` plans on, converting to float32 only what it reads (Method.view_cells,
     reads_keys, reads_values), and the cells it covers (None: all, in order). window_outside: a view of
-    the candidates alone, with the window's queries (as compact_chunk plans)."""
+    the candidates alone, with the window's queries (as compact_chunk plans). key_rotation: llama.cpp's
+    rotation of a quantized K cache (KVView.key_rotation)."""
     cells = np.flatnonzero(cand) if meth.view_cells == "candidates" or window_outside else None
     K, V = layer_floats(base, n_kv_heads, cells, keys=meth.reads_keys, values=meth.reads_values)
     T = base.n_cells if cells is None else len(cells)
@@ -452,6 +455,7 @@ def method_view(meth: Method, base, n_kv_heads: int, cand: np.ndarray, spans: tu
     V = empty if V is None else V
     positions = base.pos.astype(np.int64)
     extra = {} if rope is None else dict(rope_base=rope[0], rope_neox=rope[1])  # `expected` un-rotates queries
+    extra["key_rotation"] = key_rotation
     if window_outside:  # a chunk view: the window lies after all of it and stays with any sub-view
         extra["window_outside"] = True
     if cells is None:
