@@ -37,17 +37,22 @@ class Span:
 class KVView:
     """What a method may look at. Arrays are read-only float32.
 
-    keys, values: [L, H_kv, T, d] post-RoPE K and V as cached, tokens in position order.
+    keys, values: [L, H_kv, T, d] post-RoPE K and V as cached, tokens in position order. On a quantized
+                  cache llama.cpp stores them Hadamard-rotated over d (edgekv.kv.rotation): norms, dot
+                  products, cosines and weighted means of rows are as without it.
     candidates:   [T] bool, tokens the method may evict or merge (the media spans by default). Every
                   other token is protected: the packer keeps it at its true position in every layer.
     spans:        the prompt pieces covering [0, T) with their modality.
     queries:      [L, H, W, d] post-RoPE queries of the last W prompt tokens (the observation window,
-                  the tail of the question), or None when no window was captured (flash attention
-                  callers that skip capture, multi-turn before the question is known).
+                  the tail of the question), in the keys' basis (rotated like them), or None when no
+                  window was captured (flash attention callers that skip capture, multi-turn before the
+                  question is known).
     scale:        attention scale from the model's hyper-parameters (1/sqrt(d) for most models).
     positions:    [T] logical positions (labels) of the tokens.
     seed:         for methods that draw random numbers.
     rope_base, rope_neox: the RoPE of the compressed layers (methods that un-rotate queries: `expected`).
+    key_rotation: [d, d] orthonormal R with keys and queries = their RoPE-space vectors @ R (llama.cpp's
+                  rotation of a quantized K cache), or None (identity). Only work in RoPE space needs it.
     window_outside: the window's queries come after every token of the view (a view of one media chunk
                   planned with a probe window after it): no causal mask inside the view, and each query's
                   attention is normalised over the view's tokens alone (Method.plans_on_chunk).
@@ -64,6 +69,7 @@ class KVView:
     rope_base: float | None = None
     rope_neox: bool = True
     window_outside: bool = False
+    key_rotation: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.keys.ndim != 4 or self.keys.shape != self.values.shape:
@@ -76,6 +82,8 @@ class KVView:
             if L != self.n_layers or d != self.head_dim or H % self.n_kv_heads or (
                     W > self.n_tokens and not self.window_outside):
                 raise ValueError(f"queries {self.queries.shape} do not fit keys {self.keys.shape}")
+        if self.key_rotation is not None and self.key_rotation.shape != (self.head_dim, self.head_dim):
+            raise ValueError(f"key_rotation must be [d, d] = {(self.head_dim,) * 2}, got {self.key_rotation.shape}")
         if self.scale is None:
             self.scale = 1.0 / float(np.sqrt(self.head_dim))
         if self.positions is None:

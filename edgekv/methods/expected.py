@@ -13,6 +13,9 @@ Per layer l and query head h, from the captured window queries (post-RoPE, at kn
     a_t        = softmax_t(z_t)                       expected attention over the cached keys
 score_{l,kv}(t) = (mean over the group's query heads of a_t + epsilon) * ||v_t||  (use_vnorm);
 the first `n_sink` tokens are kept (attention sinks). RoPE pairs follow the model (NEOX or normal).
+On a quantized K cache the keys and window queries come Hadamard-rotated after RoPE (view.key_rotation,
+G): the queries are taken back to RoPE space (q G^T) before the above, and mu', S' are carried into the
+keys' basis (mu' G, G^T S' G) after it, so k_t . mu' is the same product as without the rotation.
 
 In the compress-before-question regime the window is what is there: the question if known, a probe
 (runtime/probe.py), or the document's own last tokens. design.md section 8 measured the last of these on
@@ -105,6 +108,9 @@ class ExpectedAttention(ScoreMethod):
         g = H // Hk
         base = float(view.rope_base or 10000.0)
         pos_w = np.asarray(view.positions)[T - W:]
+        G = view.key_rotation                                    # cached basis = RoPE space @ G
+        if G is not None:
+            q = q @ G.T                                          # back to RoPE space (G orthonormal)
         q0 = unrotate(q, pos_w, base, view.rope_neox)            # [L, H, W, d]
         mu = q0.mean(axis=2)                                     # [L, H, d]
         R = _rotate_matrix(*mean_rotation(int(pos_w[-1]) + 1, self.n_future, d, base), d, view.rope_neox)
@@ -115,6 +121,9 @@ class ExpectedAttention(ScoreMethod):
             # Sigma' = R Sigma R^T with Sigma = C^T C / (W - 1): k^T Sigma' k = |C R^T k|^2 / (W - 1), which
             # costs W (not d) multiply-adds per key and head (rank <= W - 1)
             C_r = (q0 - mu[:, :, None, :]) @ R.T / np.sqrt(W - 1)            # [L, H, W, d]
+        if G is not None:                                        # into the cached keys' basis
+            mu_r = mu_r @ G
+            C_r = None if C_r is None else C_r @ G
         z = np.empty((L, Hk, g, T))
         for layer in range(L):   # one layer at a time: [H_kv, g, T, W] stays small at the 7B shape
             K = view.keys[layer]                                             # [Hk, T, d] float32

@@ -1,4 +1,5 @@
-"""Post-RoPE queries of the observation window, read from llama.cpp's graph with the eval callback.
+"""Queries of the observation window as attention meets the cached keys, read from llama.cpp's graph
+with the eval callback.
 
 llama.cpp calls `cb_eval(tensor, ask=True)` for every graph node; answering True makes the scheduler
 compute up to that node and call again with ask=False, when we copy the data out (buffers are reused).
@@ -6,7 +7,10 @@ compute up to that node and call again with ask=False, when we copy the data out
 is disarmed except for the last prompt ubatch: idle, it answers False at once.
 
 Model-specific scaling happens after this node (Gemma scales Q later), so the attention scale comes
-from the model's hyper-parameters (`ModelLayout.attn_scale`), not from here.
+from the model's hyper-parameters (`ModelLayout.attn_scale`), not from here. On a quantized K cache
+llama.cpp rotates Q (and K, before storing it) by a Hadamard matrix after this node too: `window()`
+applies that rotation (`rotation`, set by the Model with its context), so the window meets the keys of
+the state blob as attention does (edgekv.kv.rotation).
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import ctypes
 
 import numpy as np
 
+from edgekv.kv.rotation import KVRotation
 from edgekv.runtime.lib import ggml_tensor, llama_cpp, op_name, tensor_get
 
 GGML_TYPE_F32 = 0
@@ -21,6 +26,8 @@ GGML_TYPE_F32 = 0
 
 class QueryCapture:
     """Arm for one decode call; collects `Qcur-<il>` (post-RoPE) rows, plus optional probes."""
+
+    rotation: KVRotation = KVRotation()   # llama.cpp's rotation of the context's K cache (Model sets it)
 
     def __init__(self, layout) -> None:
         self.layout = layout
@@ -81,10 +88,12 @@ class QueryCapture:
         self.queries[il] = q[-self.keep_rows:].copy() if self.keep_rows else q
 
     def window(self, layers: list[int]) -> np.ndarray | None:
-        """[L, H, W, d] for the given model layers, or None if any is missing."""
+        """[L, H, W, d] for the given model layers, in the basis of the cached keys (rotated like them on a
+        quantized K cache), or None if any layer is missing."""
         if self.error or not self.queries or any(il not in self.queries for il in layers):
             return None
-        return np.stack([self.queries[il].transpose(1, 0, 2) for il in layers]).astype(np.float32)
+        q = np.stack([self.queries[il].transpose(1, 0, 2) for il in layers]).astype(np.float32)
+        return self.rotation.rotate_queries(q)
 
 
 def _read(t_ptr: int, t: ggml_tensor) -> np.ndarray:

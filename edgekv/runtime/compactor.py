@@ -258,7 +258,8 @@ def compact(cache, meth: Method, region, budget_cells: int, *, use_queries: bool
         window = 0 if queries is None else int(queries.shape[2])  # captured rows (the report's)
         view, cells = method_view(meth, base, lay.n_head_kv, region.cand, region.spans(), queries,
                                   lay.attn_scale, seed, rope=(lay.rope_base, lay.rope_neox),
-                                  window_outside=region.window_outside(meth))
+                                  window_outside=region.window_outside(meth),
+                                  key_rotation=model.rotation.key_matrix(lay.head_dim))
         slots = region.slots(budget_cells)
         t1 = time.perf_counter()
         with planning_threads(model.threads):
@@ -296,11 +297,12 @@ def compact(cache, meth: Method, region, budget_cells: int, *, use_queries: bool
 
 
 def method_view(meth: Method, base, n_kv_heads: int, cand: np.ndarray, spans: tuple[Span, ...], queries,
-                scale: float, seed: int, rope: tuple[float, bool] | None = None, window_outside: bool = False
-                ) -> tuple[KVView, np.ndarray | None]:
+                scale: float, seed: int, rope: tuple[float, bool] | None = None, window_outside: bool = False,
+                key_rotation: np.ndarray | None = None) -> tuple[KVView, np.ndarray | None]:
     """The view `meth` plans on, converting to float32 only what it reads (Method.view_cells,
     reads_keys, reads_values), and the cells it covers (None: all, in order). window_outside: a view of
-    the candidates alone, with the window's queries (as a LastChunk plans)."""
+    the candidates alone, with the window's queries (as a LastChunk plans). key_rotation: llama.cpp's
+    rotation of a quantized K cache (KVView.key_rotation)."""
     cells = np.flatnonzero(cand) if meth.view_cells == "candidates" or window_outside else None
     K, V = layer_floats(base, n_kv_heads, cells, keys=meth.reads_keys, values=meth.reads_values)
     T = base.n_cells if cells is None else len(cells)
@@ -310,6 +312,7 @@ def method_view(meth: Method, base, n_kv_heads: int, cand: np.ndarray, spans: tu
     V = empty if V is None else V
     positions = base.pos.astype(np.int64)
     extra = {} if rope is None else dict(rope_base=rope[0], rope_neox=rope[1])  # `expected` un-rotates queries
+    extra["key_rotation"] = key_rotation
     if window_outside:  # a chunk view: the window lies after all of it and stays with any sub-view
         extra["window_outside"] = True
     if cells is None:

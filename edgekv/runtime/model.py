@@ -11,6 +11,7 @@ from typing import Literal
 
 from edgekv.errors import EdgeKVError, ModelLoadError, SessionError
 from edgekv.kv.codec import GGML_TYPES, TYPE_IDS
+from edgekv.kv.rotation import KVRotation, kv_rotation
 from edgekv.runtime import lib
 from edgekv.runtime.lib import llama_cpp, mtmd_cpp
 
@@ -61,6 +62,11 @@ class ModelLayout:
         _, bv, sv = GGML_TYPES[TYPE_IDS[type_v]]
         per_layer = self.n_head_kv * (self.head_dim * sk // bk + self.head_dim_v * sv // bv)
         return per_layer * len(self.global_layers)
+
+    def kv_rotation(self, type_k: str = "f16", type_v: str = "f16") -> KVRotation:
+        """Whether llama.cpp stores K / V Hadamard-rotated in a context created now with these cache
+        types (quantized types; LLAMA_ATTN_ROT_DISABLE is read then): edgekv.kv.rotation."""
+        return kv_rotation(type_k, type_v, self.head_dim, self.head_dim_v)
 
 
 def _meta(model, key: str) -> str | None:
@@ -130,6 +136,7 @@ class Model:
     cache_type_k: str
     cache_type_v: str
     capture: object | None = None
+    rotation: KVRotation = field(default_factory=KVRotation)  # of the context's cache (kv/rotation.py)
     abort_flag: object | None = field(default=None, repr=False)  # 2-byte buffer, see abort_callback()
     template_name: str | None = None   # --chat-template: a llama.cpp built-in name instead of the model's
     _template_warned: bool = field(default=False, repr=False)
@@ -185,6 +192,7 @@ class Model:
                                          f"embeddings but {path.name} has n_embd {layout.n_embd}")
             capture = QueryCapture(layout) if capture_queries else None
             abort_flag = ctypes.create_string_buffer(2)
+            rotation = _rotation_for(layout, cache_type_k, cache_type_v, capture)
             ctx = _new_context(model, n_ctx, n_batch, threads, flash_attn, cache_type_k, cache_type_v, capture,
                                abort_flag)
         except BaseException:
@@ -193,7 +201,7 @@ class Model:
         self = cls(model=model, ctx=ctx, mtmd=None, layout=layout, path=path, mmproj_path=mm,
                    n_ctx=llama_cpp.llama_n_ctx(ctx), n_batch=n_batch, threads=threads, flash_attn=flash_attn,
                    cache_type_k=cache_type_k, cache_type_v=cache_type_v, capture=capture,
-                   abort_flag=abort_flag, template_name=chat_template)
+                   rotation=rotation, abort_flag=abort_flag, template_name=chat_template)
         if mm is not None:
             try:
                 self.mtmd = _init_mtmd(mm, model, threads, n_gpu_layers > 0, image_max_tokens)
@@ -214,6 +222,7 @@ class Model:
             raise ModelLoadError(f"context size must be >= 16 (got {n_ctx})")
         llama_cpp.llama_free(self.ctx)
         self.ctx = None
+        self.rotation = _rotation_for(self.layout, self.cache_type_k, self.cache_type_v, self.capture)
         self.ctx = _new_context(self.model, n_ctx, self.n_batch, self.threads, self.flash_attn,
                                 self.cache_type_k, self.cache_type_v, self.capture, self.abort_flag)
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
@@ -324,6 +333,15 @@ class Model:
             self.close()
         except Exception:
             pass
+
+
+def _rotation_for(layout: ModelLayout, cache_type_k: str, cache_type_v: str, capture) -> KVRotation:
+    """The rotation of a context about to be created (right before it: llama.cpp reads the environment
+    then), handed to the query capture so that captured queries meet the cached keys as attention does."""
+    rotation = layout.kv_rotation(cache_type_k, cache_type_v)
+    if capture is not None:
+        capture.rotation = rotation
+    return rotation
 
 
 def _new_context(model, n_ctx: int, n_batch: int, threads: int, flash_attn: FlashAttn, cache_type_k: str,
