@@ -62,6 +62,7 @@ def save(session, path: str | os.PathLike) -> Path:
     header = {
         "format": FORMAT, **model_identity(session.model),
         "n_cells": c.n_cells, "n_past": c.n_past, "n_media": c.n_media, "window_rows": c.window_rows,
+        "queries_rotated": True,   # window_q in the cache's key basis (kv/rotation.py)
         "messages": session.messages, "in_cache_text": session._in_cache_text,
         "settings": {"method": session.method_name, "method_kwargs": session.method_kwargs,
                      "budget": session.budget, "compress": session.compress,
@@ -162,8 +163,11 @@ def restore_into(session, header: dict, blob: bytes, arrays: dict, path) -> None
     logits = arrays.get("logits")
     if logits is not None and logits.shape != (session.model.n_vocab,):
         raise SaveFormatError(f"{path}: saved logits do not match this vocabulary")
-    c.set_marks(CacheMarks(int(header["n_past"]), kind, media, int(header["n_media"]), arrays.get("window_q"),
-                           int(header["window_rows"]) if "window_q" in arrays else 0, logits,
+    window_q = arrays.get("window_q")
+    if window_q is not None and session.model.rotation.keys and not header.get("queries_rotated"):
+        window_q = None   # saved before queries were rotated like the keys: a probe stands in if needed
+    c.set_marks(CacheMarks(int(header["n_past"]), kind, media, int(header["n_media"]), window_q,
+                           int(header["window_rows"]) if window_q is not None else 0, logits,
                            pos=state.blocks[0].pos.astype(np.int64)))
     session.messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in header["messages"]]
     session._in_cache_text = header["in_cache_text"]
