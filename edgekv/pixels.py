@@ -5,14 +5,14 @@ real Gemma 3 270M) whose vision encoder and projector are an exact affine decode
 one token, its pixel bytes hold that token's input embedding quantised per dimension (2 bytes a value), and
 mtmd hands the model (almost exactly) the embedding it would have computed from the token id. So the media
 path (mtmd chunks, image spans, compaction of media cells) runs on real weights and real semantics.
-Recipe and pitfalls: shared/reference/text-in-pixels.md. The media tokens are text tokens: their KV
+Recipe and pitfalls: docs/text-in-pixels.md. The media tokens are text tokens: their KV
 statistics are those of text, not of natural images (say so wherever numbers from here are quoted).
 
     proj  = build_projector(text_gguf)          # cached under $EDGEKV_HOME/pixels, ~10 MB, seconds
     codec = PixelCodec.for_model(text_gguf)     # per-dimension ranges cached next to it
     images = codec.encode(token_ids, pad=newline_id)   # [336, 336, 3] uint8 arrays, 256 tokens each
 
-Why the pieces are what they are (each measured, see the reference doc):
+Why the pieces are what they are (each measured: docs/text-in-pixels.md, "Facts the recipe depends on"):
 - patch conv input = the raw byte (image_mean 0, image_std 1/255) and every conv weight f16-exact: the conv
   runs in f16;
 - the decode offset rides on `v.position_embd`; no class embedding, no layer norms, block_count 1 (the llava

@@ -6,7 +6,7 @@ and the probe's decode as a share of the media prefill (FLOP ratio at that shape
 The probe decodes `probe_tokens` tokens after `media` media tokens: its dense work is probe/media of the
 media prefill's dense work, its attention reads the whole cache once per probe token (counted below).
 Scoring = the plan of the query-aware method on a fresh view (the window pass included), plus the
-removal (seq_rm, or on iSWA models a state round trip, measured on Gemma in the README).
+removal (seq_rm, or on iSWA models a state round trip, measured on Gemma: docs/probe-windows.md, "Exact removal").
 """
 from __future__ import annotations
 

@@ -141,7 +141,7 @@ def _rot_log(lines) -> list[tuple[int, int]]:
 def _softmax_check(m: Model, s: Session, prompt: str, q_scaled: bool) -> None:
     """softmax(captured window x dequantized cached keys) == llama.cpp's kq_soft_max. Without flash
     attention llama.cpp quantizes Q to q8_0 for its dot product with quantized keys: with that emulated
-    the match is as close as for f16 caches (design.md section 3: 0.002), without it within the q8_0
+    the match is as close as for f16 caches (docs/architecture.md, query capture: 0.002), without it within the q8_0
     error of Q (measured 0.012-0.023 on Gemma)."""
     cap = m.capture
     cap.extra_prefixes, cap.extra = (b"kq_soft_max",), {}

@@ -1,6 +1,6 @@
 """Bytes <-> cells: one sequence's KV state as `llama_state_seq_get_data` writes it.
 
-Layout (llama-cpp-python 0.3.36, vendored llama.cpp 0c1e57098; see llama-state-format.md):
+Layout (llama-cpp-python 0.3.36, vendored llama.cpp 0c1e57098; see docs/state-format.md):
 
     u32 magic 0xaf143cd8, i32 seq_id
     per KV block (1 for a plain cache; 2 for iSWA: base then sliding-window):

@@ -1,4 +1,4 @@
-"""Plan -> fewer cells, with per-slot packing (design.md section 2).
+"""Plan -> fewer cells, with per-slot packing (docs/architecture.md, "Per-slot packing").
 
 llama.cpp cells are shared by all layers and KV heads, but K is cached after RoPE, so a cell is only a
 slot: for every (layer, KV head) we write that head's own selected token into the same slot. C slots

@@ -2,7 +2,7 @@
 
 Methods are pure numpy: nothing here imports llama.cpp. The runtime builds a `KVView` from the parsed
 state blob, calls `method.plan(view, budget)`, and the packer (`edgekv.kv.packer`) writes the plan back
-with per-slot packing (design.md section 2): every (layer, KV head) slot row may hold a different token.
+with per-slot packing (docs/architecture.md, "Per-slot packing"): every (layer, KV head) slot row may hold a different token.
 
 Shapes: L layers of the compressed cache block, H_kv KV heads, H query heads (group g = H / H_kv),
 T tokens (cells) in position order, d head dim, W captured query-window length (last W prompt tokens).

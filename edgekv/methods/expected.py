@@ -18,8 +18,8 @@ G): the queries are taken back to RoPE space (q G^T) before the above, and mu', 
 keys' basis (mu' G, G^T S' G) after it, so k_t . mu' is the same product as without the rotation.
 
 In the compress-before-question regime the window is what is there: the question if known, a probe
-(runtime/probe.py), or the document's own last tokens. design.md section 8 measured the last of these on
-Gemma 3 270M at chance (filler queries do not predict which fact is asked); the README has the grid.
+(runtime/probe.py), or the document's own last tokens. docs/probe-windows.md measured the last of these on
+Gemma 3 270M at chance (filler queries do not predict which fact is asked); docs/probe-windows.md has the grid.
 """
 from __future__ import annotations
 

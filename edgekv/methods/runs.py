@@ -1,7 +1,7 @@
 """`hybridkv-runs`: any method's choice, widened to whole runs of neighbouring cells.
 
-Not a paper method: an edgekv experiment for compaction before the question (README, "Compress before
-the question: probe windows"). A fact in a document is several tokens (a 5-digit pass key is 5 tokens
+Not a paper method: an edgekv experiment for compaction before the question (docs/probe-windows.md,
+"Tried, did not work"). A fact in a document is several tokens (a 5-digit pass key is 5 tokens
 on Gemma 3); a per-token top-k driven by a generic probe can keep some of its digits and drop their
 neighbours, and the fact is lost. Local-saliency pooling (SnapKV's avgpool, hybridkv's chunks) smooths
 scores but still ranks single tokens. Here the unit kept is a run.

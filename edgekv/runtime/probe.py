@@ -1,4 +1,4 @@
-"""Probe windows: queries for a question that has not come yet (design.md section 8).
+"""Probe windows: queries for a question that has not come yet (docs/probe-windows.md).
 
 When compaction must happen before the question (between frames or tiles, before the user types, for
 follow-up questions), query-aware methods have no observation window. A probe fills in: decode a short
@@ -12,7 +12,7 @@ compact, then remove the probe's cells exactly:
   probe's cells together with that SWA block through the state blob.
 
 The probe is the user's question when it is known (one-shot `-p`, a captioning prompt, a server request),
-else `GENERIC_PROBE`. Measured on Gemma 3 270M (README, "Compress before the question"): which generic text
+else `GENERIC_PROBE`. Measured on Gemma 3 270M (docs/probe-windows.md, "Measured"): which generic text
 barely matters; a known question recovers the question-after numbers.
 """
 from __future__ import annotations
@@ -27,7 +27,8 @@ from edgekv.kv.codec import SeqState, state_buffer
 from edgekv.runtime import lib
 from edgekv.runtime.lib import llama_cpp
 
-# design.md section 8: short generic probes score about the same; this one was measured best there.
+# docs/probe-windows.md: short generic probes score about the same (this one 0.68 / 0.32, "Repeat the
+# previous context:" 0.66 / 0.27 of full at 0.25 / 0.1: within noise).
 GENERIC_PROBE = "\n\nWhat are the important facts, numbers, codes and names in the text above?"
 
 Probe = Union[str, Sequence[int], bool, None]

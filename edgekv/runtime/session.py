@@ -4,7 +4,7 @@ A Session owns one CompressedCache (`cache.py`: cells, kinds, positions, compact
 Prefiller (`prefill.py`) and answers through `generate.stream` (`generate.py`). What it adds is the
 conversation: the messages, the text the cache holds, and turns that either complete or leave no trace.
 
-Turns as transactions (design.md section 7): while nothing was compacted inside a turn, its cells are
+Turns as transactions (docs/architecture.md, "Turns as transactions, and cancellation"): while nothing was compacted inside a turn, its cells are
 the tail of the sequence and `llama_memory_seq_rm` from the turn's first position drops them; the first
 compaction inside a turn keeps the blob it read anyway (no extra copy), and a rollback puts it back first.
 On iSWA models (Gemma 3) the sliding-window block is checkpointed as the turn starts and put back too:
@@ -102,7 +102,7 @@ class Session:
               one batch, -b).
     early_compact: when the next media chunk would not fit the context, compact the media already
               prefilled first (query-agnostic: the question has not arrived). This is what lets a context
-              sized for the budget hold a many-tile image or many frames (design.md section 4).
+              sized for the budget hold a many-tile image or many frames (docs/architecture.md, "Memory users save").
     progress: called as progress(stage, done, total) during prefill ("prefill": tokens) and for image
               chunks ("image": chunks), on the thread that runs the turn.
     probe:    the probe window used when compaction must happen with no question window (early compaction,
@@ -249,7 +249,7 @@ class Session:
         kept). Safe from any thread; with no turn running it does nothing. To stop a turn that may not
         have started yet (a server request still queued), give the turn a `CancelToken` (`chat(...,
         cancel=token)`) and call `token.cancel()`. An image's encode cannot be interrupted, its decode
-        batches can (design.md 7)."""
+        batches can (docs/architecture.md, "Turns as transactions, and cancellation")."""
         self._turns.cancel_current()
 
     @contextlib.contextmanager

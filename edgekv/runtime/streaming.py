@@ -1,6 +1,6 @@
 """Streaming prefill in bounded memory: video frames (and, on request, every image) go into the cache one
 chunk at a time and are compacted right after, so the cells in use never exceed the budget + one chunk
-(+ the protected text). Design.md section 4: peak memory only drops when the context is *sized* for this,
+(+ the protected text). docs/architecture.md, "Memory users save": peak memory only drops when the context is *sized* for this,
 which `plan_video` computes and `Model.resize_context` applies.
 
 - `Video`: a clip (path or iterator of frames) with its sampling options.
@@ -35,7 +35,7 @@ VIDEO_MARKER = "<__edgekv_video__>"  # stands for a clip inside a chat message (
 
 def state_cells(session) -> int:
     """Cells the sequence holds in the compressible cache block, read from llama.cpp's state blob header
-    (magic u32, seq_id i32, n_stream u32, cell_count u32: llama-state-format.md). Only those 16 bytes are
+    (magic u32, seq_id i32, n_stream u32, cell_count u32: docs/state-format.md). Only those 16 bytes are
     read: llama.cpp writes the header first and stops at the end of a 16-byte buffer (it returns 0 and
     logs "unexpectedly reached end of buffer"), so counting cells never copies the cache (a whole-blob
     read here was the largest allocation of a full-cache video run). Anything else: the whole blob."""
