@@ -57,7 +57,7 @@ def run_one(model, codec, pad: int, sample, ratio: float | None, probe, frame_ga
     """One sample as a clip: header (text), the document as frames with timestamps, the question (text),
     greedy answer. ratio None: the full cache; else streamed compaction at that per-frame ratio with
     `probe` (True: generic, a token list: the question). as_chunk: plan each frame on its own cells with
-    the probe window outside the view, as CompressedCache.compact_chunk does on non-iSWA models (Gemma 3 is
+    the probe window outside the view, as the LastChunk region does on non-iSWA models (Gemma 3 is
     iSWA, so its streamed compaction reads the whole cache; this measures chunk-only planning on it)."""
     from edgekv.eval.scoring import retrieval_hit
     from edgekv.runtime import Session
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ratios", default="0.2,0.1")
     ap.add_argument("--runs", default="generic,question",
                     help="Streamed runs: generic and/or question probe; generic-chunk / question-chunk: the same, "
-                         "each frame planned on its own cells (as compact_chunk).")
+                         "each frame planned on its own cells (as the LastChunk region).")
     ap.add_argument("--frame-gap", type=float, default=0.5, help="Seconds between frames (timestamps).")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default=None, help="Text GGUF (default: Gemma 3 270M from the eval package).")

@@ -11,7 +11,7 @@ Each step compacts the frame with `auto` (its query-agnostic pick, `keydiff` now
 peak of Python/numpy allocations above the level before the call, the process RSS high-water mark above
 RSS before the call (VmHWM after resetting it through /proc/self/clear_refs), both in units of the KV
 bytes the sequence held (X), and the compaction's seconds. Also a hash of the packed blob, so two trees
-can be compared for identical output. --chunk-only: the same frame compacted alone (compact_chunk).
+can be compared for identical output. --chunk-only: the same frame compacted alone (the LastChunk region).
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def main() -> int:
     ap.add_argument("--method", default="auto")
     ap.add_argument("--chunk-only", action="store_true",
                     help="Mark the last --chunk cells as the media chunk just decoded, so the compaction takes "
-                         "CompressedCache.compact_chunk (reads and rewrites that chunk alone).")
+                         "the LastChunk region (reads and rewrites that chunk alone).")
     a = ap.parse_args()
 
     text, mm = build_models("smolvlm-256m", "q4_0")
@@ -91,7 +91,7 @@ def main() -> int:
             raise SystemExit("llama.cpp refused the synthetic state")
         c.n_past = n
         kind = np.full(n, PACKED, np.int8)
-        if a.chunk_only:   # the chunk's last cell is the pos_max cell (kept whole by compact_chunk)
+        if a.chunk_only:   # the chunk's last cell is the pos_max cell (kept whole by the LastChunk region)
             kind[n - a.chunk:] = PENDING
         else:
             kind[n - a.chunk - 1:n - 1] = PENDING

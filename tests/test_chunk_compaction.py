@@ -1,4 +1,4 @@
-"""Streamed compaction of the last media chunk alone (CompressedCache.compact_chunk): the chunk is marked
+"""Streamed compaction of the last media chunk alone (the LastChunk region of runtime/compactor.py): the chunk is marked
 with the scratch sequence, read, planned and written back without a host copy of the rest of the cache.
 Checked on the real llama.cpp, re-reading the whole state after every chunk: the history is untouched
 byte for byte, the cells stay in position order (blob order = the session's bookkeeping), every packed

@@ -228,7 +228,7 @@ class Method(ABC):
     reads_values: ClassVar[bool] = True
     # plans_on_chunk: the method can plan one media chunk from a view of that chunk alone (with a window
     # that lies outside it: KVView.window_outside), so streamed compaction never copies the whole cache
-    # to the host (CompressedCache.compact_chunk). Methods that read the window's own tokens or positions
+    # to the host (the LastChunk region, runtime/compactor.py). Methods that read the window's own tokens or positions
     # (snapkv, expected, flowmm) keep the whole-cache path.
     plans_on_chunk: ClassVar[bool] = False
 

@@ -270,7 +270,7 @@ class CompressedCache:
     def chunk_range(self, cand: np.ndarray) -> tuple[int, int, int, int] | None:
         """(pos lo, pos hi, cell lo, cell hi) of the last media chunk when the candidates are that chunk
         and nothing else (its last cell, the pos_max cell, excluded), with only text (a probe) after it:
-        then compact_chunk can rewrite it alone. None: use compact()."""
+        then compact(chunk=...) can rewrite it alone. None: the whole sequence."""
         if self.last_chunk is None or self.model.layout.iswa:  # iSWA: seq ops would touch the SWA block
             return None
         p0, p1, i0, i1 = self.last_chunk

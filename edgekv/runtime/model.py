@@ -351,7 +351,7 @@ def _new_context(model, n_ctx: int, n_batch: int, threads: int, flash_attn: Flas
     cparams.n_batch = n_batch
     cparams.n_ubatch = n_batch  # non-causal image chunks must fit one ubatch
     # Two sequences in one unified cell pool: seq 1 marks one media chunk so compaction reads and
-    # rewrites that chunk alone (CompressedCache.compact_chunk), not a host copy of the whole cache.
+    # rewrites that chunk alone (the LastChunk region of runtime/compactor.py), not a host copy of the whole cache.
     cparams.n_seq_max = 2
     cparams.kv_unified = True
     cparams.n_threads = threads

@@ -78,7 +78,7 @@ def compact_with_probe(session, method, budget, early: bool, probe: Probe):
     p0, n0 = c.n_past, c.n_cells
     saved = (c.logits, c.window_q, c.window_rows, c.logits_after_media)
     last_kind = int(c.kind[-1])
-    # The last media chunk alone (CompressedCache.compact_chunk): no whole-cache read, and no rollback
+    # The last media chunk alone (the LastChunk region, runtime/compactor.py): no whole-cache read, and no rollback
     # blob, since every cell it rewrites lies after the turn's start (dropping the turn's tail undoes it).
     chunk = s.lone_chunk(c.candidates(s.compress)) if method.plans_on_chunk else None
     if chunk is None:

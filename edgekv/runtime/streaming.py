@@ -7,7 +7,7 @@ which `plan_video` computes and `Model.resize_context` applies.
 - `ChunkCompactor`: the `Session.after_media_chunk` hook. Between chunks the question is not known yet:
   `auto` and query-aware methods compact on a probe window (the known question, else a generic probe;
   runtime/probe.py), query-agnostic methods without one. `method_for` is the place to change that.
-  Each chunk is compacted alone (`CompressedCache.compact_chunk`: only its cells are read and written,
+  Each chunk is compacted alone (the `LastChunk` region of runtime/compactor.py: only its cells are read and written,
   so host memory during a compaction is one chunk, not the cache), except on iSWA models (Gemma 3) and
   for methods that must see the whole cache, which take the whole-cache path.
 - `append_prompt_with_videos`: a chat turn's text with video markers; each clip is fed as
