@@ -263,3 +263,27 @@ def test_gemma_template_by_name_answers_as_llama_cpp_does(gemma_path):
     llm = Llama(str(gemma_path), n_ctx=512, n_threads=THREADS, verbose=False, flash_attn=False)
     want = llm(prompt, max_tokens=8, temperature=0.0, top_k=1)["choices"][0]["text"]
     assert got == want
+
+
+# --- the ledger (issue 19): every parse checks where the cells are ----------------------------------------
+
+def test_a_cell_out_of_the_ledgers_order_is_a_clear_error(tiny_pairs):
+    """Two text cells swapped in llama.cpp's cache behind the session's back (what a desync between blob
+    order and bookkeeping would look like): the next read of the cache says so instead of planning on
+    the wrong cells."""
+    from edgekv.errors import StateFormatError
+    from edgekv.kv.codec import SeqState, serialize_state
+
+    _, _, image = tiny_pairs["llava"]
+    with load(tiny_pairs) as m:
+        s = Session(m, method="knorm", budget=0.5, auto_compact=False)
+        s.append_prompt("Look at this: <__media__>\nand describe it please.", [image])
+        s.compact()
+        st = s.cache.parse(s.state_blob())
+        order = np.arange(st.blocks[0].n_cells)
+        order[[2, 3]] = order[[3, 2]]
+        swapped = serialize_state(SeqState(st.seq_id, [st.blocks[0].take(order)] + st.blocks[1:], st.has_ext))
+        assert s.cache.set_state(swapped)
+        with pytest.raises(StateFormatError, match="out of the ledger's order: cell 2 holds position 3"):
+            s.kv_bytes()
+        s.close()
