@@ -3,9 +3,24 @@ from __future__ import annotations
 
 
 class EdgeKVError(Exception):
-    """A clear, user-facing failure (bad file, bad option, unsupported model). CLI exit code 2."""
+    """A clear, user-facing failure (bad file, bad option, unsupported model). CLI exit code 2.
+
+    log: llama.cpp's recent log lines behind the failure, kept apart from the message (the CLI prints them
+    before the `Error:` line, so that line is the last thing the user sees)."""
 
     exit_code = 2
+
+    def __init__(self, *args, log: str = "") -> None:
+        super().__init__(*args)
+        self.log = log
+
+
+def error_lines(e: BaseException) -> list[str]:
+    """What the CLI prints for `e`: its log and any detail lines first, the one `Error:` line last. A message
+    of several lines ("...:" + llama.cpp's log) has its first line as the headline."""
+    head, _, detail = str(e).strip().partition("\n")
+    before = [ln for ln in (getattr(e, "log", "") + "\n" + detail).splitlines() if ln.strip()]
+    return before + [f"Error: {head.rstrip(':') if before else head}"]
 
 
 class ModelLoadError(EdgeKVError):
@@ -20,8 +35,16 @@ class BudgetError(EdgeKVError):
     """A compression budget is out of range."""
 
 
+CTX_OPTION = "-c/--ctx-size"
+
+
 class ContextOverflowError(EdgeKVError):
     """The prompt (media included) does not fit the context size."""
+
+    def under(self, option: str) -> "ContextOverflowError":
+        """The same error with its hint naming `option` (e.g. --max-kv-cells, which sets the context
+        instead of -c) in place of -c/--ctx-size."""
+        return ContextOverflowError(str(self).replace(CTX_OPTION, option), log=self.log)
 
 
 class StateFormatError(EdgeKVError):
