@@ -1,6 +1,10 @@
 """Errors a user can act on. The CLI prints their message and exits with `exit_code`, never a traceback."""
 from __future__ import annotations
 
+import copy
+
+CTX_OPTION = "-c/--ctx-size"  # the option a "does not fit" hint names (EdgeKVError.under swaps it)
+
 
 class EdgeKVError(Exception):
     """A clear, user-facing failure (bad file, bad option, unsupported model). CLI exit code 2.
@@ -13,6 +17,13 @@ class EdgeKVError(Exception):
     def __init__(self, *args, log: str = "") -> None:
         super().__init__(*args)
         self.log = log
+
+    def under(self, option: str) -> "EdgeKVError":
+        """The same error with its hint naming `option` in place of -c/--ctx-size (--max-kv-cells sets the
+        context instead of -c, so "raise -c" would send the user to a flag that changes nothing)."""
+        e = copy.copy(self)  # the same class and attributes (subclasses may take other arguments)
+        e.args = (str(self).replace(CTX_OPTION, option),)
+        return e
 
 
 def error_lines(e: BaseException) -> list[str]:
@@ -35,16 +46,8 @@ class BudgetError(EdgeKVError):
     """A compression budget is out of range."""
 
 
-CTX_OPTION = "-c/--ctx-size"
-
-
 class ContextOverflowError(EdgeKVError):
     """The prompt (media included) does not fit the context size."""
-
-    def under(self, option: str) -> "ContextOverflowError":
-        """The same error with its hint naming `option` (e.g. --max-kv-cells, which sets the context
-        instead of -c) in place of -c/--ctx-size."""
-        return ContextOverflowError(str(self).replace(CTX_OPTION, option), log=self.log)
 
 
 class StateFormatError(EdgeKVError):

@@ -139,9 +139,12 @@ def _start_reaper() -> None:
         pids = [i.process.pid for infos in worker._global_node.all_processes.values() for i in infos
                 if getattr(i, "process", None) is not None]
     except Exception:  # another Ray version: every child of this process is Ray's at this point
-        import psutil
+        try:
+            import psutil
 
-        pids = [p.pid for p in psutil.Process().children()]
+            pids = [p.pid for p in psutil.Process().children()]
+        except Exception:
+            return  # no psutil (a Ray dependency): Ray's own fate-sharing only
     if pids:
         _reaper = subprocess.Popen([sys.executable, "-c", _REAPER, *map(str, pids)], stdin=subprocess.PIPE,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

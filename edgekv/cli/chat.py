@@ -240,7 +240,7 @@ def _repl(session, images: list[Path], gen: dict, report: bool, videos=(), sampl
                     click.echo(f"(loaded {path}: {len(session.messages)} messages, {session.n_cells} cells)",
                                err=True)
             except EdgeKVError as e:
-                _echo_error(e)
+                _echo_error(e.under("--max-kv-cells") if fit_videos else e)
             continue
         if line.startswith("/image"):
             path = line[len("/image"):].strip()
