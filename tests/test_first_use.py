@@ -99,6 +99,18 @@ def test_ray_address_that_does_not_answer_fails_fast(tiny_pairs):
         "Error: cannot reach the Ray cluster at 127.0.0.1:1: Connection refused (tried for up to 5 s); "
         "check the address and that the cluster is up"), p.stderr[-3000:]
     assert time.monotonic() - t0 < 45
+    # something listens there but is no Ray: Ray alone retried for minutes
+    import socket
+
+    with socket.create_server(("0.0.0.0", 0)) as srv:   # all interfaces: Ray swaps 127.0.0.1 for the node IP
+        port = srv.getsockname()[1]
+        t0 = time.monotonic()
+        p = cli_out("caption", "-m", model, "--mmproj", mmproj, image, "-o", image.parent / "ray-x.jsonl",
+                    "--no-progress", "--ray", f"127.0.0.1:{port}", timeout=90)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert p.stderr.rstrip().splitlines()[-1].startswith(f"Error: cannot reach the Ray cluster at 127.0.0.1:{port}: "), \
+        p.stderr[-3000:]
+    assert time.monotonic() - t0 < 60
 
 
 def test_local_ray_ends_with_a_killed_driver(tiny_pairs, tmp_path):

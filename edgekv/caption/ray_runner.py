@@ -153,13 +153,19 @@ def _start_reaper() -> None:
 def init_ray(address: str | None, num_cpus: int | None = None):
     """Connect to `address` ('auto', 'ray://host:10001', host:port) or start a local Ray (None/'local'),
     which ends with this process (even on kill -9: see _REAPER)."""
+    local = address in (None, "local")
+    if not local:
+        # Something answers there, maybe not Ray: Ray's own wait would be 20 tries of 30 s. One try of
+        # CONNECT_TIMEOUT_S instead (a user's own RAY_* settings win); set before Ray is imported, which
+        # reads them.
+        os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "1")
+        os.environ.setdefault("RAY_py_gcs_connect_timeout_s", str(int(CONNECT_TIMEOUT_S)))
     try:
         import ray
     except ImportError:
         raise RayNotAvailable("--ray needs Ray: pip install 'edgekv[ray]'") from None
     if ray.is_initialized():
         return ray
-    local = address in (None, "local")
     if not local:
         check_reachable(address)
     try:
