@@ -108,8 +108,8 @@ def test_ray_address_that_does_not_answer_fails_fast(tiny_pairs):
         p = cli_out("caption", "-m", model, "--mmproj", mmproj, image, "-o", image.parent / "ray-x.jsonl",
                     "--no-progress", "--ray", f"127.0.0.1:{port}", timeout=90)
     assert p.returncode == 2, p.stderr[-3000:]
-    assert p.stderr.rstrip().splitlines()[-1].startswith(f"Error: cannot reach the Ray cluster at 127.0.0.1:{port}: "), \
-        p.stderr[-3000:]
+    last = p.stderr.rstrip().splitlines()[-1]
+    assert last.startswith(f"Error: cannot reach the Ray cluster at 127.0.0.1:{port}: "), p.stderr[-3000:]
     assert time.monotonic() - t0 < 60
 
 

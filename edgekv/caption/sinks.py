@@ -92,24 +92,14 @@ def check_output_path(path: Path, option: str) -> None:
 def repair_torn_tail(f, path: Path) -> str | None:
     """Cut a last line left without its newline (a kill mid-write) off the open binary file `f`; returns
     the note to print, or None when the file ends cleanly."""
-    f.seek(0, os.SEEK_END)
-    size = f.tell()
-    if size == 0:
-        return None
-    tail = min(size, 1 << 16)
-    while True:  # find the last newline, reading back in blocks
-        f.seek(size - tail)
-        block = f.read(tail)
-        cut = block.rfind(b"\n")
-        if cut >= 0 or tail == size:
-            break
-        tail = min(size, tail * 2)
-    end = size - tail + cut + 1 if cut >= 0 else 0
-    if end == size:
+    f.seek(0)
+    data = f.read()
+    end = data.rfind(b"\n") + 1
+    if end == len(data):
         return None
     os.ftruncate(f.fileno(), end)
     os.fsync(f.fileno())
-    return f"repaired a torn last line in {path} ({size - end} bytes dropped)"
+    return f"repaired a torn last line in {path} ({len(data) - end} bytes dropped)"
 
 
 class _AppendLog:
