@@ -333,6 +333,14 @@ def test_report_media_tokens_match_the_video_line(tiny_pairs, tmp_path):
     video = re.search(r"clip.mp4: 8 frames, .* (\d+) media tokens in (\d+) chunks", r.output)
     # 8 frames of 448x448 merged in pairs: 4 chunks of 256 tokens
     assert (report, int(video.group(1)), int(video.group(2))) == (1024, 1024, 4), r.output
+    # the REPL: an image turn, then a /video turn; /stats counts both (256 + 4 frames of 256)
+    model, mmproj, image = tiny_pairs["llava"]
+    r = run("chat", "-m", model, "--mmproj", mmproj, "-n", 2, "-t", THREADS, "--video-fps", 2,
+            input=f"/image {image}\nhi\n/video {clip}\nwhat happens?\n/stats\n/exit\n")
+    assert r.exit_code == 0, r.output
+    counts = [int(x) for x in re.findall(r"^(?:> )*media tokens (\d+)$", r.output, re.M)]
+    video = re.search(r"clip.mp4: 4 frames, .* (\d+) media tokens in 4 chunks", r.output)
+    assert video and counts == [256, 1024, 1280] and int(video.group(1)) == 1024, r.output
 
 
 # --- model-load failure: the Error line is the last ----------------------------------------------

@@ -169,6 +169,7 @@ def stream_turn(session, prompt: str, images: list[Path], gen: dict, report: boo
     hook = session.after_media_chunk
     if videos and not isinstance(hook, ChunkCompactor):  # a /video in a chat started without one: as --video
         hook = streaming(session)
+        hook.media_tokens = sum(r.n_candidates for r in session.reports)  # /stats: the whole-cache ones so far
     media_before = hook.media_tokens if isinstance(hook, ChunkCompactor) else 0
     try:
         with ctrl_c_cancels(session):
