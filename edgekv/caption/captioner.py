@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgekv.caption.inputs import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, kind_of
-from edgekv.errors import EdgeKVError, MediaError
+from edgekv.errors import ContextOverflowError, EdgeKVError, MediaError
 
 DEFAULT_PROMPT = "Write a one-paragraph caption for this image."
 DEFAULT_VIDEO_PROMPT = "Write a one-paragraph caption for this video."
@@ -84,6 +84,17 @@ def with_prefix(prefix: str, caption: str) -> str:
     if prefix[-1] in " ,\n\t":
         return prefix + caption
     return f"{prefix}, {caption}"
+
+
+def compaction_totals(session, default_method: str) -> tuple[int, int, str]:
+    """(cells before, cells after, method) of every compaction of one input, not just the first: a tiled
+    image, a clip or any input under max_kv_cells is compacted chunk by chunk. Before = what the full
+    cache would have held (the cells now + every compaction's saving); the methods in order, once each."""
+    reports = session.reports
+    after = session.n_cells
+    before = after + sum(r.cells_before - r.cells_after for r in reports)
+    methods = list(dict.fromkeys(r.method for r in reports))
+    return before, after, " + ".join(methods) if methods else default_method
 
 
 class Captioner:
@@ -194,13 +205,7 @@ class Captioner:
                     self._use_context(self.base_ctx)   # back from a clip's size
                 self._prefill(image)
                 extra = {}
-            rep = self.session.reports[0] if self.session.reports else None
-            if kind == "video":  # many compactions: before = what the full cache would have held
-                cells_after = self.session.n_cells
-                cells_before = cells_after + sum(r.cells_before - r.cells_after for r in self.session.reports)
-            else:
-                cells_before = rep.cells_before if rep else self.session.n_cells
-                cells_after = rep.cells_after if rep else self.session.n_cells
+            cells_before, cells_after, method = compaction_totals(self.session, c.method)
             parts, last = [], None
             for r in self.session.generate(max_tokens=c.max_tokens, temperature=c.temperature, top_p=c.top_p,
                                            top_k=c.top_k, min_p=c.min_p, stop=tuple(c.stop), seed=c.seed):
@@ -208,7 +213,7 @@ class Captioner:
                 last = r
             text = with_prefix(c.prefix, "".join(parts).strip())
             warning = extra.pop("warning", None)
-            rec = {**base, "method": rep.method if rep else c.method, "text": text,
+            rec = {**base, "method": method, "text": text,
                    "tokens": last.generation_tokens if last else 0,
                    "finish_reason": last.finish_reason if last else None,
                    "kv_cells_before": cells_before, "kv_cells_after": cells_after, **extra,
@@ -217,6 +222,8 @@ class Captioner:
                 rec["warning"] = warning
             return rec
         except Exception as e:  # one bad input never ends the batch
+            if isinstance(e, ContextOverflowError) and c.max_kv_cells is not None:
+                e = e.under("--max-kv-cells")  # the context is that cap: -c does not apply
             msg = str(e).strip() if isinstance(e, EdgeKVError) else f"{type(e).__name__}: {e}"
             return {**base, "error": msg or type(e).__name__, "seconds": round(time.perf_counter() - t0, 4)}
 

@@ -1,9 +1,10 @@
 """Where captions go, written so that a kill at any instant loses at most the input in flight.
 
-- `SidecarSink`: `<stem><ext>` next to each image, written to a temporary file, fsynced, then renamed
-  over the target (a reader sees the old file or the whole new one, never a part). Failures go to an
-  errors JSONL (`edgekv-caption-errors.jsonl`), and so do warnings (a video captioned from the frames read
-  before its stream broke: `warning` instead of `error`).
+- `SidecarSink`: `<stem><ext>` next to each image, written to a temporary file of its own (a unique name in
+  the same folder), fsynced, then renamed over the target (a reader sees the old file or the whole new one,
+  never a part). Failures go to an errors JSONL (`edgekv-caption-errors.jsonl`; a torn last line is cut off
+  when a run opens it again), and so do warnings (a video captioned from the frames read before its stream
+  broke: `warning` instead of `error`). An extension that would put a caption over an input is refused.
 - `JsonlSink`: one JSON record a line, each flushed and fsynced before the next input starts. On open a
   torn last line (killed mid-write) is cut off; records of failed inputs (and, with overwrite, of the
   inputs being redone) are dropped in an atomic rewrite, so the file holds at most one record per
@@ -14,11 +15,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterable
 
-from edgekv.caption.inputs import InputError
+from edgekv.caption.inputs import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, InputError
 from edgekv.errors import EdgeKVError
 
 ERRORS_NAME = "edgekv-caption-errors.jsonl"
@@ -42,12 +44,15 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` via a temporary file in the same folder + fsync + os.replace."""
-    tmp = path.parent / f".{path.name}.edgekv-tmp"
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via a temporary file of its own in the same folder (a unique name: two
+    writers of one path never share a temp file) + fsync + os.replace."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".edgekv-tmp")
+    tmp = Path(name)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        os.fchmod(fd, _mode_for(path))  # mkstemp makes 0600: keep the file's mode, or the umask's default
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -60,12 +65,59 @@ def atomic_write_text(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+def _mode_for(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, text.encode("utf-8"))
+
+
+def check_output_path(path: Path, option: str) -> None:
+    """Refuse, as one clear line, an output whose folder cannot exist (a file on the way) or be made."""
+    for parent in reversed(path.parents):
+        if parent.exists() and not parent.is_dir():
+            raise InputError(f"{option} {path}: {parent} is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{option} {path}: cannot create its folder ({e.strerror or e})") from None
+
+
+def repair_torn_tail(f, path: Path) -> str | None:
+    """Cut a last line left without its newline (a kill mid-write) off the open binary file `f`; returns
+    the note to print, or None when the file ends cleanly."""
+    f.seek(0)
+    data = f.read()
+    end = data.rfind(b"\n") + 1
+    if end == len(data):
+        return None
+    os.ftruncate(f.fileno(), end)
+    os.fsync(f.fileno())
+    return f"repaired a torn last line in {path} ({len(data) - end} bytes dropped)"
+
+
 class _AppendLog:
-    """An append-only JSONL file: one record per call, flushed and fsynced."""
+    """An append-only JSONL file: one record per call, flushed and fsynced. A torn last line left by a
+    killed run is cut off when the log is opened again (`repair`), so the next record starts a line."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._f = None
+
+    def repair(self) -> str | None:
+        try:
+            with open(self.path, "r+b") as f:
+                return repair_torn_tail(f, self.path)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise InputError(f"cannot open the errors file {self.path}: {e.strerror or e}") from None
 
     def append(self, record: dict) -> None:
         if self._f is None:
@@ -88,9 +140,17 @@ class SidecarSink:
         if not extension or "/" in extension or extension in (".", ".."):
             raise InputError(f"bad caption extension {extension!r}")
         self.extension = extension if extension.startswith(".") else "." + extension
+        if self.extension.lower() in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS:
+            raise InputError(f"--caption-extension {self.extension} is an image/video extension: the captions "
+                             "would replace the inputs; use e.g. .txt or .caption")
         self.errors_path = errors_path
         self._errors = _AppendLog(errors_path) if errors_path else None
         self.notes: list[str] = []
+        if errors_path is not None:
+            check_output_path(errors_path, "--errors-file")
+            note = self._errors.repair()
+            if note:
+                self.notes.append(note)
 
     def key(self, image: Path) -> str:
         return str(self.sidecar(image))
@@ -102,7 +162,13 @@ class SidecarSink:
         return self.sidecar(image).exists()
 
     def prepare(self, images: Iterable[Path], overwrite: bool) -> None:
-        pass  # nothing to repair: a sidecar is whole or absent
+        """Nothing to repair (a sidecar is whole or absent); refuse a sidecar that is an input itself (an
+        unsupported file named as an input with the caption extension: it would pass as done, or be
+        overwritten with text)."""
+        for p in images:
+            if self.sidecar(p) == p:
+                raise InputError(f"the caption of {p} would be written over it (--caption-extension "
+                                 f"{self.extension}); use another extension")
 
     def write(self, image: Path, record: dict) -> dict:
         """Store one result; returns what was stored (an error record when the sidecar could not be
@@ -141,7 +207,7 @@ class JsonlSink:
         self.root = self.path.parent
         if self.path.is_dir():
             raise InputError(f"-o/--output {path} is a folder; give a file name such as {path}/metadata.jsonl")
-        self.root.mkdir(parents=True, exist_ok=True)
+        check_output_path(self.path, "-o/--output")
         self.notes: list[str] = []
         self._f = None
         self._open_locked()
@@ -152,7 +218,10 @@ class JsonlSink:
     def _open_locked(self) -> None:
         if self._f is not None:
             self._f.close()
-        self._f = open(self.path, "a+b")
+        try:
+            self._f = open(self.path, "a+b")
+        except OSError as e:  # /proc/x.jsonl, a read-only folder, ...
+            raise InputError(f"-o/--output {self.path}: cannot write it ({e.strerror or e})") from None
         try:
             fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -162,14 +231,11 @@ class JsonlSink:
 
     def _read(self) -> None:
         f = self._f
+        note = repair_torn_tail(f, self.path)  # a record cut short by a kill: dropped, its input is redone
+        if note:
+            self.notes.append(note)
         f.seek(0)
         data = f.read()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):  # a record cut short by a kill: drop it, its input is redone
-            os.ftruncate(f.fileno(), end)
-            os.fsync(f.fileno())
-            self.notes.append(f"repaired a torn last line in {self.path} ({len(data) - end} bytes dropped)")
-            data = data[:end]
         bad = 0
         for line in data.splitlines():
             if not line.strip():
@@ -210,13 +276,7 @@ class JsonlSink:
                 name = None
             if name not in drop:
                 kept.append(line)
-        tmp = self.path.parent / f".{self.path.name}.edgekv-tmp"
-        with open(tmp, "wb") as t:
-            t.writelines(kept)
-            t.flush()
-            os.fsync(t.fileno())
-        os.replace(tmp, self.path)
-        _fsync_dir(self.root)
+        atomic_write(self.path, b"".join(kept))
         self._open_locked()
         for k in drop:
             del self.records[k]

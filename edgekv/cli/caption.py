@@ -145,13 +145,16 @@ def _run_single(cfg, todo, sink, summary, show_progress: bool) -> None:
 def _run_ray(cfg, todo, sink, summary, show_progress: bool, address: str, concurrency: int, num_gpus: float) -> None:
     import time
 
-    from edgekv.caption.batch import progress_bar
+    from edgekv.caption.batch import DELAY_ENV, progress_bar
     from edgekv.caption.ray_runner import caption_with_ray, init_ray
 
     init_ray(address, num_cpus=None)
+    delay = float(os.environ.get(DELAY_ENV) or 0)
     t0 = time.perf_counter()
     with progress_bar(len(todo), show_progress, summary.unit) as bar:
         def on_record(path, rec, worker, rss):
+            if delay:
+                time.sleep(delay)
             rec = sink.write(path, rec)
             summary.add(sink.key(path), rec)
             summary.peak_rss_mb[worker] = max(rss, summary.peak_rss_mb.get(worker, 0.0))

@@ -15,7 +15,7 @@ import click
 from edgekv.cli.options import (ImagePath, load_model_from_options, method_options, model_options, sampling_options,
                                 video_options)
 from edgekv.cli.report import echo_report
-from edgekv.errors import Cancelled, EdgeKVError, MediaError
+from edgekv.errors import Cancelled, ContextOverflowError, EdgeKVError, MediaError, error_lines
 from edgekv.runtime.probe import question_probe
 
 HELP = ("commands: /image PATH, /video PATH (attach to the next message), /save PATH, /load PATH, /clear, /stats, /exit; "
@@ -164,7 +164,14 @@ def stream_turn(session, prompt: str, images: list[Path], gen: dict, report: boo
         # before the turn touches the cache; under --max-kv-cells the clips' budgets are lowered to fit
         check_fits(session, list(videos), prompt, gen.get("max_tokens", 256), fit_videos)
         extra = {"videos": list(videos)}
+    from edgekv.runtime.streaming import ChunkCompactor, streaming
+
     n_stats = len(session.video_stats)
+    hook = session.after_media_chunk
+    if videos and not isinstance(hook, ChunkCompactor):  # a /video in a chat started without one: as --video
+        hook = streaming(session)
+        hook.media_tokens = sum(r.n_candidates for r in session.reports)  # /stats: the whole-cache ones so far
+    media_before = hook.media_tokens if isinstance(hook, ChunkCompactor) else 0
     try:
         with ctrl_c_cancels(session):
             for r in session.chat(prompt, images, **gen, **extra):
@@ -173,11 +180,16 @@ def stream_turn(session, prompt: str, images: list[Path], gen: dict, report: boo
     except Cancelled:
         click.echo("(cancelled before the answer; the conversation is as before)", err=True)
         return False
+    except ContextOverflowError as e:
+        if fit_videos:  # --max-kv-cells sets the context: -c is ignored, so the hint names the cap
+            raise e.under("--max-kv-cells") from None
+        raise
     click.echo()
     if last is not None and last.finish_reason == "cancelled":
         click.echo("(stopped; the answer so far is kept)", err=True)
     if report:
-        echo_report(session, last, session.reports[n_reports:])
+        media = hook.media_tokens - media_before if isinstance(hook, ChunkCompactor) else None
+        echo_report(session, last, session.reports[n_reports:], media)
     if videos:
         from edgekv.cli.video import echo_video_report
 
@@ -230,7 +242,7 @@ def _repl(session, images: list[Path], gen: dict, report: bool, videos=(), sampl
                     click.echo(f"(loaded {path}: {len(session.messages)} messages, {session.n_cells} cells)",
                                err=True)
             except EdgeKVError as e:
-                click.echo(f"Error: {e}", err=True)
+                _echo_error(e.under("--max-kv-cells") if fit_videos else e)
             continue
         if line.startswith("/image"):
             path = line[len("/image"):].strip()
@@ -246,7 +258,7 @@ def _repl(session, images: list[Path], gen: dict, report: bool, videos=(), sampl
                 pending_videos.append(Video(Path(path).expanduser(), **(sampling or {})))
                 click.echo(f"(attached video {path} to the next message)", err=True)
             except EdgeKVError as e:
-                click.echo(f"Error: {e}", err=True)
+                _echo_error(e)
             continue
         if line.startswith("/"):
             click.echo(f"unknown command {line.split()[0]}; {HELP}", err=True)
@@ -260,5 +272,10 @@ def _repl(session, images: list[Path], gen: dict, report: bool, videos=(), sampl
                     click.echo(f"({len(pending_videos)} video(s) stay attached to the next message)", err=True)
                 continue
         except EdgeKVError as e:  # a bad image must not end the conversation
-            click.echo(f"Error: {e}", err=True)
+            _echo_error(e)
         pending, pending_videos = [], []
+
+
+def _echo_error(e: EdgeKVError) -> None:
+    for line in error_lines(e):
+        click.echo(line, err=True)

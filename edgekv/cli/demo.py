@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from edgekv.cli.options import BudgetType, method_choice
+from edgekv.cli.options import BudgetType, method_choice, seed_option
 from edgekv.cli.chat import stream_turn
 
 
@@ -21,7 +21,7 @@ from edgekv.cli.chat import stream_turn
               help="Keep the generated pair (and test image) here, to try `edgekv chat -m ... --mmproj ...`.")
 @click.option("-n", "--max-tokens", type=click.IntRange(1), default=16, show_default=True)
 @click.option("-t", "--threads", type=click.IntRange(1), default=2, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@seed_option("Seed of the generated weights, test image and sampling.")
 def demo(variant, method, budget, save_models, max_tokens, threads, seed):
     """Run prefill -> compaction -> decode offline on a generated tiny model."""
     from edgekv.runtime import Model, Session

@@ -16,6 +16,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import click  # noqa: E402
 
+from edgekv.cli.options import seed_option  # noqa: E402
 from edgekv.errors import BudgetError, EdgeKVError  # noqa: E402
 
 QUICK = dict(lengths=(384,), depths=(0.5,), samples=1, continuation_samples=1, target_tokens=16,
@@ -112,7 +113,7 @@ def parse_floats(value: str | None, what: str) -> tuple[float, ...] | None:
               help="Observation window (question tail) for query-aware methods.")
 @click.option("--max-new-tokens", type=click.IntRange(1, 64), default=8, show_default=True,
               help="Greedy tokens generated for a retrieval answer.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@seed_option("Seed of the corpus and the random methods.")
 @click.option("--fresh", is_flag=True, help="Delete the records in --out first instead of resuming.")
 @click.option("--report-only", is_flag=True, help="Rebuild the reports from the records, run nothing.")
 @click.option("--no-plots", is_flag=True, help="Skip the matplotlib figures.")

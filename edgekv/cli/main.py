@@ -9,7 +9,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import click  # noqa: E402
 
 from edgekv import __version__  # noqa: E402
-from edgekv.errors import EdgeKVError  # noqa: E402
+from edgekv.errors import EdgeKVError, error_lines  # noqa: E402
 
 
 class EdgeKVGroup(click.Group):
@@ -19,7 +19,8 @@ class EdgeKVGroup(click.Group):
         try:
             return super().invoke(ctx)
         except EdgeKVError as e:
-            click.echo(f"Error: {e}", err=True)
+            for line in error_lines(e):  # llama.cpp's log first: the Error line is the last one
+                click.echo(line, err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("\nInterrupted.", err=True)

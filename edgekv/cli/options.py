@@ -88,6 +88,14 @@ def method_options(f):
     return functools.reduce(lambda acc, o: o(acc), reversed(opts), f)
 
 
+SEED_MAX = 2**32 - 1  # llama.cpp's samplers take a uint32 seed
+
+
+def seed_option(help: str = "Sampling seed."):
+    """--seed, checked by click (a negative seed was a traceback in numpy or llama.cpp's uint32)."""
+    return click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True, help=help)
+
+
 def sampling_options(f):
     """-n and llama.cpp's sampling knobs (greedy by default), shared by chat and caption."""
     opts = [
@@ -101,7 +109,7 @@ def sampling_options(f):
                      help="Drop tokens below min-p x the best token's probability (0 = off)."),
         click.option("--stop", "stops", multiple=True,
                      help="End the answer at this string (repeatable; never printed or written)."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed."),
+        seed_option(),
     ]
     return functools.reduce(lambda acc, o: o(acc), reversed(opts), f)
 

@@ -12,14 +12,20 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def format_report(session, last=None, reports=None) -> str:
+def format_report(session, last=None, reports=None, media: int | None = None) -> str:
     """Media tokens, KV cells and bytes before -> after, compaction time, speeds, peak RSS.
 
-    reports: the compactions to show (one turn's); None = every compaction of the conversation."""
+    reports: the compactions to show (one turn's); None = every compaction of the conversation.
+    media: the media tokens prefilled (chunk by chunk: the streaming hook's count, as the video line's);
+    None = the compactions' candidates, which is the media when the whole cache was compacted at once
+    (a chunk's compaction leaves its last cell out of the candidates: llama.cpp needs that pos_max)."""
     lines = []
     this_turn = reports is not None
     reports = session.reports if reports is None else list(reports)
-    media = sum(r.n_candidates for r in reports)
+    if media is None:
+        hook = session.after_media_chunk
+        media = (hook.media_tokens if not this_turn and hasattr(hook, "media_tokens")
+                 else sum(r.n_candidates for r in reports))
     for run in _runs(reports):
         if len(run) > 1:
             lines += _run_lines(run)
@@ -45,9 +51,9 @@ def format_report(session, last=None, reports=None) -> str:
     return "\n".join(lines)
 
 
-def echo_report(session, last=None, reports=None) -> None:
+def echo_report(session, last=None, reports=None, media: int | None = None) -> None:
     click.secho("\n--- edgekv " + "-" * 40, err=True, dim=True)
-    click.echo(format_report(session, last, reports), err=True)
+    click.echo(format_report(session, last, reports, media), err=True)
 
 
 def _runs(reports) -> list[list]:

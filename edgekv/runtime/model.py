@@ -18,6 +18,7 @@ from edgekv.runtime.lib import llama_cpp, mtmd_cpp
 FlashAttn = Literal["auto", "on", "off"]
 CACHE_TYPES = ("f16", "bf16", "q8_0", "q4_0", "f32")
 _FA = {"auto": -1, "off": 0, "on": 1}
+N_SEQ_MAX = 2  # sequences per context: the conversation (0) and one media chunk being compacted (1)
 _LLAMA_ROPE_TYPE_NEOX = 2
 _LLAMA_ROPE_TYPE_MROPE = 8  # LLAMA_ROPE_TYPE_MROPE (and IMROPE=40, VISION=24 share the bit)
 
@@ -179,7 +180,8 @@ class Model:
         mparams.n_gpu_layers = n_gpu_layers
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
         if not model:
-            raise ModelLoadError(f"llama.cpp could not load the model {path}:\n{lib.recent_log()}")
+            raise ModelLoadError(f"llama.cpp could not load the model {path} (corrupt or truncated GGUF, or an "
+                                 f"architecture this llama.cpp does not know)", log=lib.recent_log())
         try:
             layout = read_layout(model)
             if llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model):
@@ -190,6 +192,12 @@ class Model:
                 if out_dim is not None and out_dim != layout.n_embd:
                     raise ModelLoadError(f"mmproj does not match the model: the projector outputs {out_dim}-dim "
                                          f"embeddings but {path.name} has n_embd {layout.n_embd}")
+            if capture_queries and not lib.TENSOR_LAYOUT_OK:
+                # QueryCapture reads the graph's tensors through a ctypes mirror of ggml_tensor: on another
+                # ggml layout it would read (and copy) the wrong bytes
+                raise ModelLoadError("this llama.cpp build's ggml_tensor layout differs from the one edgekv "
+                                     "mirrors, so query capture (auto and the query-aware methods) is off: "
+                                     "use a query-agnostic method (e.g. --method keydiff; see `edgekv methods`)")
             capture = QueryCapture(layout) if capture_queries else None
             abort_flag = ctypes.create_string_buffer(2)
             rotation = _rotation_for(layout, cache_type_k, cache_type_v, capture)
@@ -199,7 +207,7 @@ class Model:
             llama_cpp.llama_model_free(model)
             raise
         self = cls(model=model, ctx=ctx, mtmd=None, layout=layout, path=path, mmproj_path=mm,
-                   n_ctx=llama_cpp.llama_n_ctx(ctx), n_batch=n_batch, threads=threads, flash_attn=flash_attn,
+                   n_ctx=_cells(ctx, n_ctx), n_batch=n_batch, threads=threads, flash_attn=flash_attn,
                    cache_type_k=cache_type_k, cache_type_v=cache_type_v, capture=capture,
                    rotation=rotation, abort_flag=abort_flag, template_name=chat_template)
         if mm is not None:
@@ -225,7 +233,7 @@ class Model:
         self.rotation = _rotation_for(self.layout, self.cache_type_k, self.cache_type_v, self.capture)
         self.ctx = _new_context(self.model, n_ctx, self.n_batch, self.threads, self.flash_attn,
                                 self.cache_type_k, self.cache_type_v, self.capture, self.abort_flag)
-        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
+        self.n_ctx = _cells(self.ctx, n_ctx)
 
     @property
     def vocab(self):
@@ -344,6 +352,13 @@ def _rotation_for(layout: ModelLayout, cache_type_k: str, cache_type_v: str, cap
     return rotation
 
 
+def _cells(ctx, asked: int) -> int:
+    """The cells edgekv lets the cache hold: what was asked for. llama.cpp pads the context up to a multiple
+    of 256 (600 -> 768); every check (room for a prompt, early compaction, the answer's length, a clip's
+    budget) reads Model.n_ctx, so the cache stays within the asked size (--max-kv-cells N: at most N)."""
+    return min(asked, llama_cpp.llama_n_ctx(ctx))
+
+
 def _new_context(model, n_ctx: int, n_batch: int, threads: int, flash_attn: FlashAttn, cache_type_k: str,
                  cache_type_v: str, capture, abort_flag):
     cparams = llama_cpp.llama_context_default_params()
@@ -352,7 +367,10 @@ def _new_context(model, n_ctx: int, n_batch: int, threads: int, flash_attn: Flas
     cparams.n_ubatch = n_batch  # non-causal image chunks must fit one ubatch
     # Two sequences in one unified cell pool: seq 1 marks one media chunk so compaction reads and
     # rewrites that chunk alone (the LastChunk region of runtime/compactor.py), not a host copy of the whole cache.
-    cparams.n_seq_max = 2
+    cparams.n_seq_max = N_SEQ_MAX
+    # llama.cpp reserves room for at least n_seq_max outputs and asserts that this is within
+    # n_outputs_max (n_batch by default): -b 1 would abort the process without this.
+    cparams.n_outputs_max = max(n_batch, N_SEQ_MAX)
     cparams.kv_unified = True
     cparams.n_threads = threads
     cparams.n_threads_batch = threads
@@ -368,8 +386,8 @@ def _new_context(model, n_ctx: int, n_batch: int, threads: int, flash_attn: Flas
     ctx = llama_cpp.llama_init_from_model(model, cparams)
     if not ctx:
         raise ModelLoadError(f"llama.cpp could not create a context (n_ctx={n_ctx}, "
-                             f"K {cache_type_k}, V {cache_type_v}, flash attention {flash_attn}):\n"
-                             f"{lib.recent_log()}")
+                             f"K {cache_type_k}, V {cache_type_v}, flash attention {flash_attn})",
+                             log=lib.recent_log())
     return ctx
 
 
@@ -433,8 +451,8 @@ def _init_mtmd(mmproj: Path, model, threads: int, use_gpu: bool, image_max_token
         params.image_max_tokens = image_max_tokens
     ctx = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), model, params)
     if not ctx:
-        raise ModelLoadError(f"could not load the mmproj {mmproj} (does it belong to this model?):\n"
-                             f"{lib.recent_log()}")
+        raise ModelLoadError(f"could not load the mmproj {mmproj} (does it belong to this model?)",
+                             log=lib.recent_log())
     if not mtmd_cpp.mtmd_support_vision(ctx):
         mtmd_cpp.mtmd_free(ctx)
         raise ModelLoadError(f"{mmproj} has no vision encoder (audio-only projectors are not supported)")

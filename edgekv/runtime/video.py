@@ -10,9 +10,10 @@ than `max_frames`, the targets become `max_frames` times spread uniformly over t
 Each target takes the first decoded frame at or after it (within half a source frame), and one frame
 never serves two targets, so asking for more fps than the clip has gives each frame once.
 
-Damage: a file that cannot be opened, has no video stream, or yields no frame at all is a MediaError
-before anything is prefilled. A stream that breaks after some frames (decoder error, truncated file)
-ends the clip there: the frames read so far are kept and `VideoReader.error` says where it stopped.
+Damage: a file that cannot be opened, is an image (a PNG renamed .mp4: FFmpeg's image demuxers), has no
+video stream, or yields no frame at all is a MediaError before anything is prefilled. A stream that breaks
+after some frames (decoder error, truncated file) ends the clip there: the frames read so far are kept and
+`VideoReader.error` says where it stopped.
 """
 from __future__ import annotations
 
@@ -134,7 +135,19 @@ def _open(path: Path):
     if not container.streams.video:
         container.close()
         raise MediaError(f"no video stream in {path}")
+    demuxer = container.format.name
+    if _is_image_format(demuxer):
+        container.close()
+        raise MediaError(f"not a video: {path} is an image ({demuxer.removesuffix('_pipe')}); attach images with "
+                         "--image (/image in chat)")
     return container
+
+
+def _is_image_format(demuxer: str) -> bool:
+    """FFmpeg opens a still image as a one-frame "video" (png_pipe, image2 for JPEG, gif, ...): checked on the
+    container, before anything sizes a clip (a renamed PNG would run as a 1-frame clip, or be sized as
+    max_frames frames since it has no duration)."""
+    return demuxer == "image2" or demuxer.endswith("_pipe") or demuxer in ("gif", "apng", "ico")
 
 
 def _why(e: Exception) -> str:
