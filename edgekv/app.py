@@ -27,7 +27,7 @@ def load_model(model: str | os.PathLike | None = None, mmproj: str | os.PathLike
                hf: str | None = None, offline: bool | None = None, n_ctx: int = 8192, n_batch: int = 512,
                threads: int | None = None, n_gpu_layers: int = 0, flash_attn: str = "auto",
                cache_type_k: str = "f16", cache_type_v: str = "f16",
-               image_max_tokens: int | None = None) -> Model:
+               image_max_tokens: int | None = None, chat_template: str | None = None) -> Model:
     """Load a GGUF model (+ projector) once; share it between chats one after another.
 
     hf: 'owner/repo[:QUANT]' or a short name from `edgekv models`, downloaded once into the Hugging Face
@@ -43,7 +43,7 @@ def load_model(model: str | os.PathLike | None = None, mmproj: str | os.PathLike
         raise ModelLoadError("no model: pass a GGUF path or hf='owner/repo'")
     return Model.load(model, mmproj, n_ctx=n_ctx, n_batch=n_batch, threads=threads, n_gpu_layers=n_gpu_layers,
                       flash_attn=flash_attn, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
-                      image_max_tokens=image_max_tokens)
+                      image_max_tokens=image_max_tokens, chat_template=chat_template)
 
 
 @dataclass(frozen=True)

@@ -287,3 +287,27 @@ def test_a_cell_out_of_the_ledgers_order_is_a_clear_error(tiny_pairs):
         with pytest.raises(StateFormatError, match="out of the ledger's order: cell 2 holds position 3"):
             s.kv_bytes()
         s.close()
+
+
+# --- --chat-template on the command line ---------------------------------------------------------------------
+
+@pytest.mark.gemma
+def test_chat_template_option_on_the_cli(gemma_path):
+    """`edgekv info` says when prompts fall back to ChatML, `chat` warns once on stderr, a built-in name
+    replaces the fallback, and an unknown name is one Error line with exit code 2 before anything loads."""
+    from click.testing import CliRunner
+
+    from edgekv.cli.main import cli
+
+    runner = CliRunner()
+    r = runner.invoke(cli, ["info", str(gemma_path)])
+    assert r.exit_code == 0 and "ChatML fallback: the model has no chat template" in r.output
+    r = runner.invoke(cli, ["info", str(gemma_path), "--chat-template", "gemma"])
+    assert r.exit_code == 0 and "gemma (--chat-template)" in r.output
+    r = runner.invoke(cli, ["chat", "-m", str(gemma_path), "--chat-template", "gemmaa", "-p", "hi"])
+    assert r.exit_code == 2 and "Error: Invalid value for '--chat-template': unknown chat template 'gemmaa'" in r.output
+    args = ["chat", "-m", str(gemma_path), "-t", str(THREADS), "-c", "512", "-n", "3", "--no-report", "-p", "Hi."]
+    r = runner.invoke(cli, args)
+    assert r.exit_code == 0 and r.stderr.count("formatting prompts as ChatML") == 1
+    r = runner.invoke(cli, args + ["--chat-template", "gemma"])
+    assert r.exit_code == 0 and "ChatML" not in r.stderr

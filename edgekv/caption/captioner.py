@@ -54,6 +54,7 @@ class CaptionConfig:
     cache_type_v: str = "f16"
     threads: int | None = None
     image_max_tokens: int | None = None
+    chat_template: str | None = None     # a llama.cpp built-in template name (--chat-template)
     method: str = "auto"
     budget: float | int | str = 0.25
     compress: str = "media"
@@ -111,7 +112,8 @@ class Captioner:
         self.model = Model.load(c.model, c.mmproj, n_ctx=self.base_ctx, n_batch=c.n_batch,
                                 n_gpu_layers=c.n_gpu_layers, threads=c.threads, flash_attn=c.flash_attn,
                                 cache_type_k=c.cache_type_k, cache_type_v=c.cache_type_v,
-                                image_max_tokens=c.image_max_tokens, capture_queries=uses_queries(c.method))
+                                image_max_tokens=c.image_max_tokens, capture_queries=uses_queries(c.method),
+                                chat_template=c.chat_template)
         self.ctx_cells = self.base_ctx   # the n_ctx asked for last (llama.cpp may round it up)
         try:
             if self.model.mtmd is None:

@@ -49,7 +49,7 @@ def _ray_address(ctx, param, value):
               help="Ray: number of actors (one loaded model each).")
 @click.option("--num-gpus", type=click.FloatRange(0), default=0, show_default=True, help="Ray: GPUs per actor.")
 def caption(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash_attn, cache_type_k, cache_type_v,
-            threads, image_max_tokens, method, budget, compress, video_fps, video_max_frames, max_kv_cells, inputs,
+            threads, image_max_tokens, chat_template, method, budget, compress, video_fps, video_max_frames, max_kv_cells, inputs,
             recursive, output, caption_extension, errors_file, overwrite, prompt, prompt_file, prefix, max_tokens,
             temperature, top_p, top_k, min_p, stops, seed, no_progress,
             ray_address, concurrency, num_gpus):
@@ -98,7 +98,8 @@ def caption(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash
             cfg = CaptionConfig(model=str(model_path), mmproj=str(mmproj_path) if mmproj_path else None,
                                 n_ctx=n_ctx, n_batch=n_batch, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
                                 cache_type_k=cache_type_k, cache_type_v=cache_type_v, threads=threads,
-                                image_max_tokens=image_max_tokens, method=method, budget=budget, compress=compress,
+                                image_max_tokens=image_max_tokens, chat_template=chat_template, method=method,
+                                budget=budget, compress=compress,
                                 prompt=prompt or DEFAULT_PROMPT, prefix=prefix, max_tokens=max_tokens,
                                 temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                                 stop=list(stops), seed=seed, video_prompt=prompt or DEFAULT_VIDEO_PROMPT,

@@ -33,8 +33,8 @@ HELP = ("commands: /image PATH, /video PATH (attach to the next message), /save 
 @sampling_options
 @click.option("--no-report", is_flag=True, help="Do not print the memory/speed report.")
 def chat(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash_attn, cache_type_k, cache_type_v,
-         threads, image_max_tokens, method, budget, compress, images, videos, video_fps, video_max_frames,
-         max_kv_cells, prompt, max_tokens, temperature, top_p, top_k, min_p, stops, seed, no_report):
+         threads, image_max_tokens, chat_template, method, budget, compress, images, videos, video_fps,
+         video_max_frames, max_kv_cells, prompt, max_tokens, temperature, top_p, top_k, min_p, stops, seed, no_report):
     """Chat about images and videos with a compressed KV cache."""
     from edgekv.methods import uses_queries
     from edgekv.runtime import Session
@@ -54,7 +54,8 @@ def chat(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash_at
     m = load_model_from_options(model, mmproj, hf_repo, offline, n_ctx=n_ctx, n_batch=n_batch,
                                 n_gpu_layers=n_gpu_layers, threads=threads, flash_attn=flash_attn,
                                 cache_type_k=cache_type_k, cache_type_v=cache_type_v,
-                                image_max_tokens=image_max_tokens, capture_queries=uses_queries(method))
+                                image_max_tokens=image_max_tokens, capture_queries=uses_queries(method),
+                                chat_template=chat_template)
     if images and m.mtmd is None:
         raise EdgeKVError("--image needs a multimodal projector: pass --mmproj (or a -hf repo that has one)")
     if clips and m.mtmd is None:

@@ -41,6 +41,19 @@ class ImagePath(click.ParamType):
         return p
 
 
+def _template_name(ctx, param, value):
+    """--chat-template: one of llama.cpp's built-in names, checked before anything loads."""
+    if value is None:
+        return None
+    from edgekv.errors import EdgeKVError
+    from edgekv.runtime.template import check_template_name
+
+    try:
+        return check_template_name(value)
+    except EdgeKVError as e:
+        raise click.BadParameter(str(e), ctx, param) from None
+
+
 def method_choice() -> click.Choice:
     from edgekv.methods import METHODS
 
@@ -72,6 +85,9 @@ def model_options(f):
         click.option("-t", "--threads", type=click.IntRange(1), default=None, help="CPU threads (default: cores)."),
         click.option("--image-max-tokens", type=click.IntRange(1), default=None,
                      help="Cap the tokens of one image (dynamic-resolution projectors); compression comes after."),
+        click.option("--chat-template", "chat_template", metavar="NAME", default=None, callback=_template_name,
+                     help="One of llama.cpp's built-in chat templates (chatml, gemma, llama3, ...) instead of "
+                          "the model's own; models without one are formatted as ChatML."),
     ]
     return functools.reduce(lambda acc, o: o(acc), reversed(opts), f)
 
