@@ -6,7 +6,7 @@ import os
 # OpenMP spinning on a busy 2-core machine made runs ~100x slower; must be set before llama.cpp loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-__version__ = "0.1.0"
+from edgekv.version import __version__  # noqa: E402
 
 from edgekv.errors import EdgeKVError  # noqa: E402
 

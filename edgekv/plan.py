@@ -3,12 +3,18 @@ methods layer both see it without the kv layer importing the methods."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from edgekv.methods.base import KVView
+
+class ViewShape(Protocol):
+    """What validating a plan reads of the view it was made on (`edgekv.methods.KVView` has it)."""
+
+    n_layers: int
+    n_kv_heads: int
+    n_tokens: int
+    candidates: np.ndarray
 
 
 @dataclass
@@ -46,7 +52,7 @@ class Plan:
         return Plan(keep=self.keep[..., :slots], nominal=np.minimum(self.nominal, slots),
                     info={**self.info, "capped_from": self.n_slots})
 
-    def validate(self, view: KVView) -> "Plan":
+    def validate(self, view: ViewShape) -> "Plan":
         L, Hk, T = view.n_layers, view.n_kv_heads, view.n_tokens
         if self.keep.ndim != 3 or self.keep.shape[:2] != (L, Hk):
             raise ValueError(f"plan.keep must be [L={L}, H_kv={Hk}, C], got {self.keep.shape}")

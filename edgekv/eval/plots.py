@@ -32,12 +32,11 @@ def _style(i: int) -> dict:
     return {"marker": _MARKERS[i % len(_MARKERS)], "ls": _STYLES[(i // 10) % len(_STYLES)], "ms": 4, "lw": 1.3}
 
 
-def plot_scores(records: list[dict], out_dir: Path) -> dict:
-    """score_vs_budget.png (one panel per task, relative to full) and continuation_kl.png."""
-    from edgekv.eval.report import aggregate
-
+def plot_scores(rows: list[dict], out_dir: Path) -> dict:
+    """score_vs_budget.png (one panel per task, relative to full) and continuation_kl.png, from the
+    aggregated rows (`eval.report.aggregate`)."""
     plt = _plt()
-    agg = [r for r in aggregate(records) if r["length"] == "all" and r["method"] != "full"]
+    agg = [r for r in rows if r["length"] == "all" and r["method"] != "full"]
     tasks = [t for t in ("passkey", "kv", "continuation") if any(r["task"] == t for r in agg)]
     paths = {}
     if not tasks:
@@ -54,7 +53,7 @@ def plot_scores(records: list[dict], out_dir: Path) -> dict:
             rs = sorted((r for r in agg if r["task"] == t and r["method"] == m), key=lambda r: r["budget"])
             if rs:
                 ax.plot([r["budget"] for r in rs], [r[key] for r in rs], label=m, color=colors[m], **styles[m])
-        full = [r for r in aggregate(records) if r["task"] == t and r["length"] == "all" and r["method"] == "full"]
+        full = [r for r in rows if r["task"] == t and r["length"] == "all" and r["method"] == "full"]
         if full and t != "continuation":
             ax.axhline(full[0]["score"], color="k", ls="--", lw=1, label="full cache")
         _budget_axis(ax, budgets)

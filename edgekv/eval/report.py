@@ -257,5 +257,5 @@ def write_reports(out_dir: str | os.PathLike, plots: bool = True, title: str = "
     if plots and records:
         from edgekv.eval.plots import plot_scores
 
-        paths.update(plot_scores(records, out))
+        paths.update(plot_scores(aggregate(records), out))
     return paths

@@ -45,7 +45,7 @@ def model_identity(model) -> dict:
     if ident is None:
         import llama_cpp
 
-        from edgekv import __version__
+        from edgekv.version import __version__
 
         ident = {"model": file_identity(model.path), "mmproj": file_identity(model.mmproj_path),
                  "arch": model.layout.arch, "cache_type_k": model.cache_type_k, "cache_type_v": model.cache_type_v,
