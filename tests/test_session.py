@@ -371,7 +371,7 @@ def test_stop_string_never_appears_and_is_not_in_the_cache(tiny_pairs):
         kept = s.n_cells - out[-1].prompt_tokens
         assert kept == s.generation_tokens and 1 <= kept <= out[-1].generation_tokens
         got = s.logits.copy()
-        cached = s._in_cache_text
+        cached = s.history.text
         s.close()
         ref = Session(m, method="full")
         ref_out = list(ref.chat("Tell me a story.", max_tokens=kept))
@@ -485,12 +485,12 @@ def test_append_history_prefills_whole_messages_like_the_turns_that_made_them(ti
     with load(tiny_pairs) as m:
         s = Session(m, budget=1.0, seed=0)   # nothing evicted: the same text gives the same cells
         assert "".join(r.text for r in s.chat("what is this?", [image], max_tokens=3))
-        history, text, cells = [dict(x) for x in s.messages], s._in_cache_text, s.n_cells
+        history, text, cells = [dict(x) for x in s.messages], s.history.text, s.n_cells
         first = next(iter(s.chat("and then?", max_tokens=1))).token
         s.clear()
         assert s.append_history(history, [image])
         # the same text (here with the answer's end-of-turn marker, which the next turn adds otherwise)
-        assert s.messages == history and s._in_cache_text.startswith(text) and s.n_cells >= cells
+        assert s.messages == history and s.history.text.startswith(text) and s.n_cells >= cells
         # the answer's tokens were decoded one by one the first time and as one batch here: the same first
         # token (greedy), not necessarily bit-identical logits
         assert next(iter(s.chat("and then?", max_tokens=1))).token == first

@@ -229,7 +229,7 @@ def test_real_template_that_trims_history_gives_the_fresh_prefill_cache(gemma_pa
             if answer1.endswith("\n"):
                 break       # Stop pressed after a line: the kept answer ends with a new line
         assert answer1 != answer1.strip()
-        cached = s._in_cache_text
+        cached = s.history.text
         n_answer = list(s.chat("Now one line about the wind.", max_tokens=1))[-1].generation_tokens
         rendered = s.format_chat(s.messages[:-1], add_assistant=True)
         assert not rendered.startswith(cached), "the template was expected to re-render the answer"

@@ -63,7 +63,7 @@ def save(session, path: str | os.PathLike) -> Path:
         "format": FORMAT, **model_identity(session.model),
         "n_cells": c.n_cells, "n_past": c.n_past, "n_media": c.n_media, "window_rows": c.window_rows,
         "queries_rotated": True,   # window_q in the cache's key basis (kv/rotation.py)
-        "messages": session.messages, "in_cache_text": session._in_cache_text,
+        "messages": session.messages, "in_cache_text": session.history.text,
         "settings": {"method": session.method_name, "method_kwargs": session.method_kwargs,
                      "budget": session.budget, "compress": session.compress,
                      "window": session.window, "seed": session.seed, "auto_compact": session.auto_compact,
@@ -170,7 +170,7 @@ def restore_into(session, header: dict, blob: bytes, arrays: dict, path) -> None
                            int(header["window_rows"]) if window_q is not None else 0, logits,
                            pos=state.blocks[0].pos.astype(np.int64)))
     session.messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in header["messages"]]
-    session._in_cache_text = header["in_cache_text"]
+    session.history.text = header["in_cache_text"]
     counters = header.get("counters", {})
     session._prefill.set_counts(tuple(counters.get("prompt", (0, 0.0, 0, 0.0))))
     session.generation_tokens = int(counters.get("generation_tokens", 0))

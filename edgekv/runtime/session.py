@@ -1,14 +1,18 @@
 """The conversation: messages through the chat template, turns as transactions, cancel.
 
-A Session owns one CompressedCache (`cache.py`: cells, kinds, positions, compaction), prefills through a
-Prefiller (`prefill.py`) and answers through `generate.stream` (`generate.py`). What it adds is the
-conversation: the messages, the text the cache holds, and turns that either complete or leave no trace.
+A Session owns one CompressedCache (`cache.py`: the cells' ledger, decode, compaction through
+`compactor.py`), prefills through a Prefiller (`prefill.py`) and answers through `generate.stream`
+(`generate.py`). What it adds is the conversation: the messages, the text the cache holds
+(`history.py`, which also cuts the cache back when a template re-renders history), when and how to
+compact (`policy.py`), and turns that either complete or leave no trace, each with its own cancel token
+(`turn.py`).
 
-Turns as transactions (docs/architecture.md, "Turns as transactions, and cancellation"): while nothing was compacted inside a turn, its cells are
-the tail of the sequence and `llama_memory_seq_rm` from the turn's first position drops them; the first
-compaction inside a turn keeps the blob it read anyway (no extra copy), and a rollback puts it back first.
-On iSWA models (Gemma 3) the sliding-window block is checkpointed as the turn starts and put back too:
-llama.cpp overwrites window cells masked for the newest position, which the turn's start still needs.
+Turns as transactions (docs/architecture.md, "Turns as transactions, and cancellation"): while nothing
+was compacted inside a turn, its cells are the tail of the sequence and `llama_memory_seq_rm` from the
+turn's first position drops them; the first compaction inside a turn keeps the blob it read anyway (no
+extra copy), and a rollback puts it back first. On iSWA models (Gemma 3) the sliding-window block is
+checkpointed as the turn starts and put back too: llama.cpp overwrites window cells masked for the newest
+position, which the turn's start still needs.
 """
 from __future__ import annotations
 
@@ -24,13 +28,14 @@ import numpy as np
 
 from edgekv.errors import BudgetError, Cancelled, CompactionError, EdgeKVError, MediaError, SessionError
 from edgekv.kv.codec import SeqState
-from edgekv.methods import Method, Span, get_method, parse_budget, resolve_budget
-from edgekv.runtime import lib, template
+from edgekv.methods import Method, Span, get_method, parse_budget
+from edgekv.runtime import lib, policy, template
 from edgekv.runtime.cache import (CANCELLED_MESSAGE, PACKED, PENDING, PROTECTED, CacheMarks, CompactionReport,
                                   CompressedCache)
 from edgekv.runtime.generate import (FINISH_REASONS, Answer, GenerationResponse, check_gen, peak_rss_mb, sample,
                                      stream)
-from edgekv.runtime.lib import llama_cpp, mtmd_cpp
+from edgekv.runtime.history import CachedText
+from edgekv.runtime.lib import mtmd_cpp
 from edgekv.runtime.media import ImageInput
 from edgekv.runtime.model import Model
 from edgekv.runtime.prefill import Prefiller, Progress
@@ -63,30 +68,15 @@ class SessionSnapshot:
         return len(self.blob) + sum(len(m.swa) for m in self.text_marks if m.swa is not None)
 
 
-@dataclass(frozen=True)
-class _TextMark:
-    """A point of the cached conversation text where a prefill started, after the last media: the
-    rendered text's offset there, the position, and on iSWA models the sliding-window block then (what
-    a cut back to here must put back, see `_sync_text`)."""
-
-    char: int
-    n_past: int
-    swa: bytes | None = None
-
-
-_SWA_MARKS = 2   # marks that keep a sliding-window block (each is the window's cells: MBs on big models)
-
-
 @dataclass
 class _Txn:
     """Where the current turn started (see the module docstring)."""
 
     marks: CacheMarks
     messages: list
-    in_cache_text: str
     n_reports: int
     counts: tuple[int, float, int, float]
-    text_marks: tuple = ()
+    history: tuple = ("", ())   # CachedText.state()
     stash: bytes | ctypes.Array | None = None  # the blob compaction read (its ctypes buffer, no copy)
     swa: bytes | None = None   # iSWA models: the sliding-window block at the start (see _swa_checkpoint)
 
@@ -135,7 +125,7 @@ class Session:
         self.seed = seed
         self.auto_compact = auto_compact
         self.early_compact = early_compact
-        self.probe = _check_probe(probe)
+        self.probe = policy.check_probe(probe)
         model.attach(self)
         self._closed = False
         self._turns = TurnGuard(model.set_abort)   # the running turn's cancel token (runtime/turn.py)
@@ -202,8 +192,7 @@ class Session:
         self._check_usable()
         self.cache.reset()
         self.messages: list[dict] = []
-        self._in_cache_text = ""
-        self._text_marks: list[_TextMark] = []
+        self.history = CachedText()   # the text the cache holds (runtime/history.py)
         self.reports.clear()
         self._prefill.set_counts((0, 0.0, 0, 0.0))
         self.generation_tokens = 0      # answer tokens kept in the cache, whole conversation
@@ -230,8 +219,8 @@ class Session:
         c = self.cache
         return SessionSnapshot(self.state_blob(), c.kind.copy(), c.media.copy(), c.n_past, c.n_media,
                                c.window_q, c.window_rows, c.logits,
-                               tuple(dict(m) for m in self.messages), self._in_cache_text,
-                               tuple(self._text_marks), c.pos.copy())
+                               tuple(dict(m) for m in self.messages), self.history.text,
+                               self.history.state()[1], c.pos.copy())
 
     def restore(self, snap: SessionSnapshot) -> None:
         """Put the cache and bookkeeping back as `snapshot()` saw them."""
@@ -239,8 +228,8 @@ class Session:
             raise CompactionError(f"llama.cpp refused the saved state:\n{lib.recent_log()}")
         self.cache.set_marks(CacheMarks(snap.n_past, snap.kind, snap.media, snap.n_media, snap.window_q,
                                         snap.window_rows, snap.logits, pos=snap.pos))
-        self.messages, self._in_cache_text = [dict(m) for m in snap.messages], snap.in_cache_text
-        self._text_marks = list(snap.text_marks)
+        self.messages = [dict(m) for m in snap.messages]
+        self.history.set_state((snap.in_cache_text, snap.text_marks))
 
     # --- transactions and cancel ----------------------------------------------------------------
     def cancel(self) -> None:
@@ -297,8 +286,8 @@ class Session:
             if self._txn is not None:
                 yield self._txn
                 return
-            self._txn = txn = _Txn(self.cache.marks(), [dict(m) for m in self.messages], self._in_cache_text,
-                                   len(self.reports), self._prefill.counts(), tuple(self._text_marks),
+            self._txn = txn = _Txn(self.cache.marks(), [dict(m) for m in self.messages],
+                                   len(self.reports), self._prefill.counts(), self.history.state(),
                                    swa=self._swa_checkpoint(expect))
             try:
                 yield txn
@@ -322,8 +311,8 @@ class Session:
             raise CompactionError("could not roll the sliding-window cache back; the conversation was "
                                   f"cleared:\n{lib.recent_log()}")
         c.set_marks(t.marks)
-        self.messages, self._in_cache_text = t.messages, t.in_cache_text
-        self._text_marks = list(t.text_marks)
+        self.messages = t.messages
+        self.history.set_state(t.history)
         del self.reports[t.n_reports:]
         self._prefill.set_counts(t.counts)
 
@@ -368,7 +357,7 @@ class Session:
             self._prefill.media_prompt(text, images, check_all_fits=not self.early_compact, mergeable=mergeable)
 
     def _after_media_chunk(self, n_tokens: int) -> None:
-        self._text_marks = []   # the text before media cannot be prefilled again without its images
+        self.history.forget_marks()
         if self.after_media_chunk is not None:
             self.after_media_chunk(self, n_tokens)
 
@@ -392,32 +381,7 @@ class Session:
         A blank probe text is an error. Runs as a turn of its own when called outside one (`cancel()`
         stops its probe decode)."""
         with self._turn():
-            return self._compact(method, budget, early, _check_probe(self.probe if probe is None else probe))
-
-    def _compact(self, method: str | Method | None, budget: float | int | str | None, early: bool,
-                 probe: str | bool) -> CompactionReport | None:
-        cand = self.candidates()
-        if not cand.any():
-            return None
-        meth = self.method if method is None else (get_method(method) if isinstance(method, str) else method)
-        if (early or not self.cache.window_rows) and probe is not False:
-            from edgekv.runtime import probe as probes
-
-            r = probes.compact_with_probe(self, meth, budget, early, probe)
-            if r is not probes.SKIPPED:
-                return r
-        if early and meth.needs_queries:
-            meth = get_method("auto")  # resolves to its query-agnostic pick (no queries)
-        budget_cells = resolve_budget(self.budget if budget is None else budget, int(cand.sum()))
-        chunk = self.lone_chunk(cand) if early else None
-        r = None
-        if chunk is not None:   # the last media chunk alone (no host copy)
-            r = self.cache.compact(meth, budget_cells, chunk=chunk, use_queries=False, seed=self.seed, early=True)
-        if r is None:
-            r = self.cache.compact(meth, budget_cells, cand=cand, use_queries=not early, seed=self.seed, early=early,
-                                   on_blob=self.stash, cap=early)
-        self.reports.append(r)
-        return r
+            return policy.compact(self, method, budget, early, policy.check_probe(self.probe if probe is None else probe))
 
     def lone_chunk(self, cand: np.ndarray) -> tuple[int, int, int, int] | None:
         """The last media chunk, when the candidates are that chunk alone (CompressedCache.chunk_range) and
@@ -470,18 +434,18 @@ class Session:
             with self._transaction() as txn:
                 self.messages.append({"role": "user", "content": content})
                 full = self.format_chat(self.messages, add_assistant=True)
-                start = self._sync_text(full)
+                start = self.history.sync(full, self.cache, self.stash)
                 if videos:
                     from edgekv.runtime.streaming import append_prompt_with_videos
 
                     append_prompt_with_videos(self, full[start:], images, videos)
                 else:
                     self.append_prompt(full[start:], images)
-                self._in_cache_text = full
+                self.history.text = full
                 if self.auto_compact:
                     self.compact()
                 self._check_cancel()  # a cancel during the compaction still stops the prefill
-                self._mark_text()     # the answer starts here: the next render may trim it
+                self.history.mark(self.cache)     # the answer starts here: the next render may trim it
             # The answer: kept (whole or partial) unless generation itself fails, which undoes the turn.
             answer = []
             self._answer_txn = txn
@@ -500,51 +464,6 @@ class Session:
                 self._answer_txn = None
             self._commit_answer("".join(answer))
 
-    def _mark_text(self) -> None:
-        """Remember that a prefill starts at the end of the cached text (see `_sync_text`)."""
-        swa = self.cache.swa_state() if self.model.layout.iswa and self.cache.n_cells else None
-        marks = [m if m.swa is None or i > len(self._text_marks) - _SWA_MARKS else _TextMark(m.char, m.n_past)
-                 for i, m in enumerate(self._text_marks)]
-        self._text_marks = marks + [_TextMark(len(self._in_cache_text), self.cache.n_past, swa)]
-
-    def _sync_text(self, full: str) -> int:
-        """Make the cache hold a prefix of `full` (the whole conversation rendered again) and return where
-        the rest of `full` starts. Templates that normalise history (gemma and llama3 trim messages; others
-        drop earlier reasoning) can render the cached text differently; then, as llama.cpp's server does,
-        the cells after the last point where a prefill started at or before the divergence are removed
-        (exactly: `seq_rm`, and on iSWA models the sliding-window block of that point put back), and the
-        caller prefills the rest again. A text-only conversation with no such point starts over; one whose
-        difference reaches back into images or compacted cells raises SessionError (start a new one)."""
-        cached = self._in_cache_text
-        common = _common_prefix(full, cached)
-        if common == len(cached):
-            self._mark_text()
-            return common
-        c = self.cache
-        iswa = self.model.layout.iswa
-        mark = next((m for m in reversed(self._text_marks) if m.char <= common and (m.swa is not None or not iswa)),
-                    None)
-        n_drop = c.n_past - mark.n_past if mark is not None else -1
-        tail = slice(c.n_cells - n_drop, None)
-        if mark is None or not 0 <= n_drop <= c.n_cells or (c.kind[tail] != PROTECTED).any() or (c.media[tail] >= 0).any():
-            if c.n_media or (c.kind != PROTECTED).any():
-                raise SessionError("the chat template renders the earlier turns differently from the text the "
-                                   "cache holds, back into images or compacted cells that cannot be prefilled "
-                                   "again: start a new conversation (/clear)")
-            self.stash(c.state_buffer())   # the turn's rollback point (text only: a plain copy)
-            c.reset()
-            self._text_marks, self._in_cache_text = [], ""
-            self._mark_text()
-            return 0
-        self.stash(c.state_buffer())   # a rolled-back turn gets the cut cells back
-        c.drop_tail(mark.n_past, c.n_cells - n_drop)
-        if mark.swa is not None and not c.set_swa_state(mark.swa):
-            raise CompactionError(f"llama.cpp refused the sliding-window cache of an earlier turn:\n{lib.recent_log()}")
-        c.logits, c.window_q, c.window_rows = None, None, 0
-        self._text_marks = [m for m in self._text_marks if m.char <= mark.char]
-        self._in_cache_text = cached[:mark.char]
-        return mark.char
-
     def append_history(self, messages: list[dict], images: list[ImageInput] = ()) -> bool:
         """Prefill whole earlier messages of a conversation (e.g. a server request whose history the cache
         does not hold) without answering. `images` are the messages' images in order. False, and nothing
@@ -555,16 +474,16 @@ class Session:
         full = self.format_chat(msgs, add_assistant=False)
         with self._transaction():
             try:
-                start = self._sync_text(full)
+                start = self.history.sync(full, self.cache, self.stash)
             except SessionError:
                 return False
             self.append_prompt(full[start:], list(images))
-            self.messages, self._in_cache_text = msgs, full
+            self.messages, self.history.text = msgs, full
         return True
 
     def _commit_answer(self, text: str) -> None:
         self.messages.append({"role": "assistant", "content": text})
-        self._in_cache_text += self._answer.text   # what the cache holds (a prefix of `text`)
+        self.history.text += self._answer.text   # what the cache holds (a prefix of `text`)
 
     def generate(self, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  min_p: float = 0.0, seed: int | None = None, stop: tuple[str, ...] | str = (),
@@ -666,22 +585,3 @@ class Session:
             self.close()
         except Exception:
             pass
-
-
-def _check_probe(probe):
-    """A probe is the question's text (or its tokens), True (the generic probe) or False (none); blank
-    text or no tokens is none of these."""
-    if isinstance(probe, bool):
-        return probe
-    if isinstance(probe, str) and not probe.strip() or not isinstance(probe, str) and not len(probe):
-        raise EdgeKVError("the probe text is blank: pass the question's text, True for the generic probe or "
-                          "False for none")
-    return probe
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
