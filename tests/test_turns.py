@@ -163,6 +163,20 @@ def assert_same_rows(keys: np.ndarray, ref: np.ndarray, min_cos: float) -> None:
     assert cos.min() >= min_cos, f"worst row cosine {cos.min():.4f}"
 
 
+def assert_cache_is_a_fresh_prefill(s: Session, m: Model, n_answer: int, min_cos: float) -> None:
+    """The cache after the last turn's prompt (+ its n_answer answer cells) holds what a fresh prefill of
+    the rendered conversation holds: as many cells, the same positions, the same key rows. Closes s."""
+    rendered = s.format_chat(s.messages[:-1], add_assistant=True)
+    pos, keys = cache_rows(s)
+    n_cells = s.n_cells
+    s.close()
+    ref_pos, ref_keys, _ = fresh_prefill(m, rendered)
+    n = len(ref_pos)
+    assert n_cells == n + n_answer          # the prompt as a fresh prefill has it, then the answer
+    np.testing.assert_array_equal(pos[:n], ref_pos)
+    assert_same_rows(keys[:, :, :n], ref_keys, min_cos)
+
+
 def test_edited_text_history_starts_over_and_matches_a_fresh_prefill(tiny_pairs):
     """The first user message changed (an app edited the history): no cached prefill point lies before
     the difference, the conversation is text only, so it is prefilled again from the start."""
@@ -171,15 +185,7 @@ def test_edited_text_history_starts_over_and_matches_a_fresh_prefill(tiny_pairs)
         list(s.chat("My name is Ada.", max_tokens=3))
         s.messages[0]["content"] = "My name is Bob."
         n_answer = list(s.chat("What is my name?", max_tokens=1))[-1].generation_tokens
-        rendered = s.format_chat(s.messages[:-1], add_assistant=True)
-        pos, keys = cache_rows(s)
-        n_cells = s.n_cells
-        s.close()
-        ref_pos, ref_keys, _ = fresh_prefill(m, rendered)
-        n = len(ref_pos)
-        assert n_cells == n + n_answer          # the prompt as a fresh prefill has it, then the answer
-        np.testing.assert_array_equal(pos[:n], ref_pos)
-        np.testing.assert_allclose(keys[:, :, :n], ref_keys, atol=1e-3)
+        assert_cache_is_a_fresh_prefill(s, m, n_answer, min_cos=0.9999)
 
 
 def test_a_failed_turn_after_a_cut_puts_the_cut_cells_back(tiny_pairs):
@@ -231,16 +237,8 @@ def test_real_template_that_trims_history_gives_the_fresh_prefill_cache(gemma_pa
         assert answer1 != answer1.strip()
         cached = s.history.text
         n_answer = list(s.chat("Now one line about the wind.", max_tokens=1))[-1].generation_tokens
-        rendered = s.format_chat(s.messages[:-1], add_assistant=True)
-        assert not rendered.startswith(cached), "the template was expected to re-render the answer"
-        pos, keys = cache_rows(s)
-        n_cells = s.n_cells
-        s.close()
-        ref_pos, ref_keys, _ = fresh_prefill(m, rendered)
-        n = len(ref_pos)
-        assert n_cells == n + n_answer          # the prompt as a fresh prefill has it, then the answer
-        np.testing.assert_array_equal(pos[:n], ref_pos)
-        assert_same_rows(keys[:, :, :n], ref_keys, 0.99)
+        assert not s.format_chat(s.messages[:-1]).startswith(cached), "the template was to re-render the answer"
+        assert_cache_is_a_fresh_prefill(s, m, n_answer, min_cos=0.99)
 
 
 @pytest.mark.gemma
