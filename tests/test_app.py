@@ -1,4 +1,4 @@
-"""The app-facing API (edgekv.load_model / edgekv.Chat) on the tiny llava pair, and the README example."""
+"""The app-facing API (edgekv.load_model / edgekv.Chat) on the tiny llava pair, and the docs/python-api.md example."""
 from __future__ import annotations
 
 import threading
@@ -9,7 +9,7 @@ from edgekv.runtime import GenerationResponse
 
 from conftest import THREADS
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "python-api.md"
 
 
 def test_stream_cancel_progress_save_load(tiny_pairs, tmp_path):
@@ -58,7 +58,7 @@ def test_readme_app_example_runs(tiny_pairs, tmp_path, monkeypatch, capsys):
     code = (code.replace('"model.gguf"', repr(str(model))).replace('"mmproj.gguf"', repr(str(mmproj)))
             .replace('"photo.png"', repr(str(image))).replace("n_ctx=8192", f"n_ctx=8192, threads={THREADS}"))
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    exec(compile(code, "docs/python-api.md", "exec"), {"__name__": "readme"})
     out = capsys.readouterr().out
     assert "[image 1/1]" in out and out.count("TurnSummary(") == 3 and "Error" not in out
     assert (tmp_path / "conversation.edgekv").stat().st_size > 0

@@ -133,16 +133,16 @@ def test_a_forked_child_plans_on_its_own_threads(monkeypatch):
 
 
 def test_the_readme_custom_method_example_plans():
-    """The README's 'A method of your own' snippet, verbatim, registers and plans."""
+    """docs/methods.md's 'A method of your own' snippet, verbatim, registers and plans."""
     import re
     from pathlib import Path
 
     from edgekv.methods import registry
 
-    text = Path(__file__).resolve().parent.parent.joinpath("README.md").read_text()
+    text = Path(__file__).resolve().parent.parent.joinpath("docs", "methods.md").read_text()
     code = re.search(r"```python\n(from dataclasses import dataclass\n.*?)```", text, re.S).group(1)
     try:
-        exec(compile(code, "README.md", "exec"), {})
+        exec(compile(code, "docs/methods.md", "exec"), {})
         view = make_view(*SHAPES["gqa-two-images"][:7])
         plan = get_method("window-sum").plan(view, 5)
         assert plan.keep.shape[-1] == 5
@@ -154,7 +154,7 @@ def test_the_readme_custom_method_example_plans():
 
 def test_the_planning_benchmark_runs_and_names_what_misses_the_target():
     """scripts/bench_planning.py on a small shape: every method gets a row, and a target no plan can
-    meet lists them all (the verdict line the README quotes)."""
+    meet lists them all (the verdict line docs/results.md quotes)."""
     import subprocess
     import sys
     from pathlib import Path

@@ -400,14 +400,14 @@ def test_top_k_and_min_p(tiny_pairs):
 
 
 def test_readme_python_api_snippet_runs(tiny_pairs, tmp_path):
-    """The README's stop / cancel / save-load snippet, verbatim, on the tiny llava pair."""
-    text = (ROOT / "README.md").read_text()
+    """docs/python-api.md's stop / cancel / save-load snippet, verbatim, on the tiny llava pair."""
+    text = (ROOT / "docs" / "python-api.md").read_text()
     section = text[text.index("A conversation never ends up half-done"):]
     code = section[section.index("```python\n") + 10:]
     code = code[:code.index("```")]
     model, mmproj, image = tiny_pairs["llava"]
     env = {"MODEL": str(model), "MMPROJ": str(mmproj), "IMAGE": str(image), "SAVED": str(tmp_path / "c.edgekv")}
-    exec(compile(code, "README.md", "exec"), env)
+    exec(compile(code, "docs/python-api.md", "exec"), env)
     assert (tmp_path / "c.edgekv").exists()
 
 
