@@ -1,5 +1,5 @@
 """The numpy floors under the planning times (one thread, BLAS pinned to one thread), at the 7B shape of
-bench_planning.py: what the README's "Planning time" quotes as the cost of the pieces no tuning removes.
+bench_planning.py: what docs/results.md, "Planning time", quotes as the cost of the pieces no tuning removes.
 
     python scripts/bench_floors.py
 
