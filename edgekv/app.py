@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
-from edgekv.runtime import CancelToken, GenerationResponse, Model, Session
+from edgekv.runtime import CancelToken, GenerationResponse, Model, Session  # noqa: F401 (edgekv.CancelToken)
 from edgekv.runtime.media import ImageInput
 
 Progress = Callable[[str, int, int], None]   # (stage: "prefill" | "image", done, total)

@@ -98,7 +98,7 @@ def main() -> None:
     if args.mode:
         return worker(args)
 
-    from edgekv.tiny import build_pair, make_test_image
+    from edgekv.testing.tiny import build_pair, make_test_image
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-caption-"))
     if not args.model:

@@ -104,7 +104,7 @@ def build_models(shape: str, out: Path) -> tuple[Path, Path]:
     """The tiny llava-tiles pair, or a text model with a real shape (random q4_0 weights) and the tiny
     llava-tiles projector sized for it. The projector stays tiny either way: a real vision encoder would
     add its own time to every re-encode, so the re-encode column is a lower bound."""
-    from edgekv import tiny
+    from edgekv.testing import tiny
 
     if shape == "tiny":
         return tiny.build_pair("llava-tiles", out)
@@ -128,7 +128,7 @@ def main() -> None:
                     help="text model: the tiny llava-tiles one, or a real shape with random weights")
     args = ap.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from edgekv.tiny import make_test_image
+    from edgekv.testing.tiny import make_test_image
 
     with tempfile.TemporaryDirectory() as tmp:
         model, mmproj = build_models(args.shape, Path(tmp))

@@ -45,7 +45,7 @@ SHAPES = {
 
 def build_models(shape: str, weight_type: str) -> tuple[Path, Path]:
     from edgekv.eval.gemma import models_dir
-    from edgekv.tiny import build_mmproj, build_text_model
+    from edgekv.testing.tiny import build_mmproj, build_text_model
 
     d = models_dir()
     d.mkdir(parents=True, exist_ok=True)

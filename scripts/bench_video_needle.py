@@ -7,7 +7,7 @@
 
 The real Gemma 3 270M reads each eval needle sample (`edgekv.eval.tasks`: real filler, a pass key or a
 secret word at a depth) as a clip: the document's tokens as 256-token text-in-pixels frames
-(`edgekv.pixels`), fed through `edgekv.runtime.streaming.append_video` with a timestamp between frames
+(`edgekv.eval.pixels`), fed through `edgekv.runtime.streaming.append_video` with a timestamp between frames
 (one frame every --frame-gap seconds), after the task's header as text; the question follows as text (raw
 prompt, no chat template). Per sample: the full cache, then streamed compaction (every frame compacted right
 after its prefill, `auto` between frames) at each ratio with (a) the generic probe (question not known) and
@@ -35,7 +35,7 @@ ANSWER_TOKENS = 8  # as `edgekv eval` (GridConfig.max_new_tokens)
 def load(threads: int, n_ctx: int, model_path: str | None = None):
     """(model, codec, pad id) for Gemma 3 270M (or `model_path`) with its text-in-pixels projector."""
     from edgekv.eval.gemma import gemma_path
-    from edgekv.pixels import PixelCodec, build_projector
+    from edgekv.eval.pixels import PixelCodec, build_projector
     from edgekv.runtime import Model
 
     path = model_path or str(gemma_path())

@@ -15,7 +15,7 @@ THREADS = 2
 @pytest.fixture(scope="session")
 def tiny_pairs(tmp_path_factory) -> dict[str, tuple[Path, Path, Path]]:
     """variant -> (model, mmproj, test image) for llava, llava-tiles and qwen2vl."""
-    from edgekv.tiny import VARIANTS, build_pair, make_test_image
+    from edgekv.testing.tiny import VARIANTS, build_pair, make_test_image
 
     out = tmp_path_factory.mktemp("tiny")
     pairs = {}

@@ -35,7 +35,7 @@ def pair(tiny_pairs):
 @pytest.fixture
 def folder(tmp_path) -> Path:
     """Five distinct 224x224 test images."""
-    from edgekv.tiny import make_test_image
+    from edgekv.testing.tiny import make_test_image
 
     d = tmp_path / "imgs"
     d.mkdir()
@@ -371,7 +371,7 @@ def test_videos_among_images_jsonl_and_resume(pair, folder, tmp_path):
 
 
 def test_video_sidecars_errors_file_and_resume(pair, tmp_path):
-    from edgekv.tiny import make_test_image
+    from edgekv.testing.tiny import make_test_image
 
     d = tmp_path / "mixed"
     d.mkdir()

@@ -117,7 +117,7 @@ def test_image_without_mmproj(tiny_pairs):
 
 
 def test_mmproj_that_does_not_match(tiny_pairs, tmp_path):
-    from edgekv.tiny import build_text_model
+    from edgekv.testing.tiny import build_text_model
 
     other = build_text_model(tmp_path / "other.gguf", n_layer=1, n_embd=64, n_head=2, n_head_kv=1, head_dim=32,
                              n_ff=128, weight_type="f16", n_ctx=2048)

@@ -8,7 +8,7 @@ from conftest import THREADS
 
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory):
-    from edgekv.tiny import build_text_model
+    from edgekv.testing.tiny import build_text_model
 
     return build_text_model(tmp_path_factory.mktemp("bench") / "small.gguf", n_layer=2, n_embd=128, n_head=4,
                             n_head_kv=2, head_dim=32, n_ff=256, weight_type="q8_0")

@@ -14,7 +14,7 @@ from edgekv.cli.main import cli
 def test_tokens_as_images_read_like_tokens_as_text(tiny_pairs, tmp_path):
     """Tiny llama (f16 embeddings): the same 256 tokens as text or as one image give (nearly) the same
     next-token logits after a text suffix; other tokens as the image do not."""
-    from edgekv.pixels import PixelCodec, build_projector
+    from edgekv.eval.pixels import PixelCodec, build_projector
     from edgekv.runtime import Model, Session
     from edgekv.runtime.lib import mtmd_cpp
 

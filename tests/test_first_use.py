@@ -119,7 +119,7 @@ def test_local_ray_ends_with_a_killed_driver(tiny_pairs, tmp_path):
     pytest.importorskip("ray", reason="Ray is the optional edgekv[ray] extra")
     import psutil
 
-    from edgekv.tiny import make_test_image
+    from edgekv.testing.tiny import make_test_image
 
     model, mmproj, _ = tiny_pairs["llava"]
     d = tmp_path / "imgs"

@@ -13,7 +13,7 @@ NEEDLE_KEY = "58213"
 
 @pytest.fixture(scope="module")
 def pixels(gemma_path, tmp_path_factory):
-    from edgekv.pixels import PixelCodec, build_projector
+    from edgekv.eval.pixels import PixelCodec, build_projector
 
     d = tmp_path_factory.mktemp("pixels")
     return build_projector(gemma_path, d), PixelCodec.for_model(gemma_path, d)

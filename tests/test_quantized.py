@@ -117,7 +117,7 @@ def test_a_merged_rotated_slot_is_the_rotated_merged_slot():
 # --- llama.cpp: a tiny model whose head dim (192) llama.cpp rotates in three blocks of 64 ----------
 @pytest.fixture(scope="module")
 def tiny192(tmp_path_factory):
-    from edgekv.tiny import build_text_model
+    from edgekv.testing.tiny import build_text_model
 
     return build_text_model(tmp_path_factory.mktemp("rot") / "rot192.gguf", n_layer=2, n_embd=128, n_head=4,
                             n_head_kv=2, head_dim=192, n_ff=256, seed=0)

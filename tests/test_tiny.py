@@ -1,4 +1,4 @@
-"""edgekv.tiny: synthetic GGUF pairs checked against the real llama.cpp (llama-cpp-python 0.3.36, no mocks).
+"""edgekv.testing.tiny: synthetic GGUF pairs checked against the real llama.cpp (llama-cpp-python 0.3.36, no mocks).
 
 The low-level helpers below drive ``llama_cpp`` / ``llama_cpp.mtmd_cpp`` directly; they are test-local on
 purpose (the real session lives in ``edgekv.runtime``). Every llama/mtmd object is freed through an
@@ -23,7 +23,7 @@ import pytest  # noqa: E402
 import llama_cpp as L  # noqa: E402
 import llama_cpp.mtmd_cpp as M  # noqa: E402
 
-from edgekv import tiny  # noqa: E402
+from edgekv.testing import tiny  # noqa: E402
 
 N_THREADS = 2
 STATE_MAGIC = 0xAF143CD8

@@ -25,7 +25,7 @@ from edgekv.cli.chat import stream_turn
 def demo(variant, method, budget, save_models, max_tokens, threads, seed):
     """Run prefill -> compaction -> decode offline on a generated tiny model."""
     from edgekv.runtime import Model, Session
-    from edgekv.tiny import VARIANTS, build_pair, make_test_image
+    from edgekv.testing.tiny import VARIANTS, build_pair, make_test_image
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(save_models) if save_models else Path(tmp)

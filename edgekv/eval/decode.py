@@ -37,7 +37,7 @@ SHAPES = {
 def synthetic_model(shape: str = "qwen2-vl-2b", weight_type: str = "q4_0", directory: Path | None = None) -> Path:
     """Build (once, into the edgekv model cache) a random-weight GGUF with a real model's shapes."""
     from edgekv.eval.gemma import models_dir
-    from edgekv.tiny import build_text_model
+    from edgekv.testing.tiny import build_text_model
 
     d = Path(directory) if directory else models_dir()
     path = d / f"synthetic-{shape}-{weight_type}.gguf"

@@ -100,8 +100,8 @@ class RuntimeEngine(Engine):
         self.model_path = str(model_path)
         self.media = media
         mmproj, self.codec = None, None
-        if media:  # the document arrives as text-in-pixels images (edgekv.pixels)
-            from edgekv.pixels import PixelCodec, build_projector
+        if media:  # the document arrives as text-in-pixels images (edgekv.eval.pixels)
+            from edgekv.eval.pixels import PixelCodec, build_projector
 
             mmproj = build_projector(model_path)
             self.codec = PixelCodec.for_model(model_path)

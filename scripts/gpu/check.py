@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.getcwd())
-from edgekv.tiny import VARIANTS, build_pair, make_test_image
+from edgekv.testing.tiny import VARIANTS, build_pair, make_test_image
 from edgekv.runtime import Model, Session
 from edgekv.kv.codec import parse_state, serialize_state
 
