@@ -100,5 +100,8 @@ def serve(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash_a
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
     finally:
-        engine.close()
+        if not engine.close(timeout=5):   # the model is freed only once the worker is out of llama.cpp
+            click.echo("edgekv serve: waiting for the running request to stop (an image encode cannot be "
+                       "interrupted)", err=True)
+            engine.close()
         m.close()

@@ -51,9 +51,47 @@ def api_error(e: BaseException) -> APIError:
         return APIError(400, str(e), code="invalid_budget", param="edgekv.budget")
     if isinstance(e, ContextOverflowError):
         return APIError(400, str(e), code="context_length_exceeded", param="messages")
-    if isinstance(e, EdgeKVError):
+    if isinstance(e, EdgeKVError):   # InternalError is not one: it falls through to 500
         return APIError(400, str(e), code="invalid_request")
     return APIError(500, "internal server error (details in the server log)", "server_error", "internal_error")
+
+
+async def send_error(send, status: int, message: str, code: str, type_: str = "invalid_request_error",
+                     headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    """An OpenAI-shaped error answered straight from an ASGI middleware (the connection is closed)."""
+    body = json.dumps(error_body(message, type_, code)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close"), *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Guard:
+    """ASGI middleware, outermost: the API key is checked from the headers, before the body is read.
+    A plain ASGI wrapper, not Starlette's BaseHTTPMiddleware: under that, `request.is_disconnected()`
+    never turns true, so a client that left could not stop its queued or running turn."""
+
+    def __init__(self, app, api_keys: tuple[str, ...] = ()) -> None:
+        self.app, self.api_keys = app, tuple(k.encode() for k in api_keys)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and self.api_keys and scope["path"].startswith("/v1/"):
+            key = self.client_key(scope)
+            if key is None:
+                return await send_error(send, 401, "invalid API key (send Authorization: Bearer KEY)",
+                                        "invalid_api_key")
+            scope.setdefault("state", {})["api_key"] = key
+        return await self.app(scope, receive, send)
+
+    def client_key(self, scope) -> bytes | None:
+        """The request's key if it is one of the server's (compared in constant time), else None."""
+        auth = dict(scope["headers"]).get(b"authorization", b"")
+        given = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
+        ok = None
+        for k in self.api_keys:   # every key compared: the time does not say which matched
+            if secrets.compare_digest(given, k):
+                ok = k
+        return ok
 
 
 class BodyLimit:
@@ -91,12 +129,7 @@ class BodyLimit:
 
     async def _reject(self, receive, send, seen: int, more: bool = True) -> None:
         mb = self.max_bytes / (1 << 20)
-        body = json.dumps(error_body(f"request body larger than {mb:g} MiB (--max-request-mb)",
-                                     code="request_too_large")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 413, f"request body larger than {mb:g} MiB (--max-request-mb)", "request_too_large")
         while more and seen < self.drain_bytes:   # discard what the client is still sending
             msg = await receive()
             if msg["type"] != "http.request":
@@ -105,10 +138,13 @@ class BodyLimit:
             more = msg.get("more_body", False)
 
 
-def create_app(engine: Engine, *, api_key: str | None = None, max_request_bytes: int = 32 << 20,
+def create_app(engine: Engine, *, api_key: str | tuple[str, ...] | None = None, max_request_bytes: int = 32 << 20,
                images: ImageLoader | None = None, aliases: tuple[str, ...] = (), webui: bool = True):
-    """The ASGI app serving `engine` (body limit outermost, then the API key check, then the routes);
-    `webui` adds the chat page at / (edgekv/server/webui.py)."""
+    """The ASGI app serving `engine` (the key check outermost, then the body limit, then the routes);
+    `webui` adds the chat page at / (edgekv/server/webui.py; the key guards /v1/ only)."""
+    keys = (api_key,) if isinstance(api_key, str) else tuple(api_key or ())
+    if any(not k for k in keys):
+        raise ValueError("an empty API key would turn authentication off")
     images = images or ImageLoader()
     names = (engine.model_id, *aliases)
     app = FastAPI(title="edgekv", version="1", docs_url=None, redoc_url=None, openapi_url=None)
@@ -123,16 +159,6 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_request_bytes:
     async def unexpected(request: Request, e: Exception):
         log.exception("request failed")
         return api_error(e).response()
-
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if api_key is not None and request.url.path.startswith("/v1/"):
-            auth = request.headers.get("authorization", "")
-            given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-            if not secrets.compare_digest(given.encode(), api_key.encode()):
-                return APIError(401, "invalid API key (send Authorization: Bearer KEY)",
-                                code="invalid_api_key").response()
-        return await call_next(request)
 
     @app.get("/health")
     async def health():
@@ -274,7 +300,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_request_bytes:
 
     if webui:
         mount_webui(app, engine)
-    return BodyLimit(app, max_request_bytes)
+    return Guard(BodyLimit(app, max_request_bytes), keys)
 
 
 class _ClientGone(Exception):

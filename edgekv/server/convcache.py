@@ -87,6 +87,11 @@ class ConversationCache:
                 self.evictions += 1
             return True
 
+    def drop(self, key: Sequence[MessageKey]) -> None:
+        """Forget a kept conversation (its state would not restore)."""
+        with self._lock:
+            self._entries.pop(tuple(key), None)
+
     def get_nbytes(self, key: Sequence[MessageKey] | None) -> int:
         e = self._entries.get(tuple(key)) if key is not None else None
         return e.nbytes if e is not None else 0

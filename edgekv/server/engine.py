@@ -16,7 +16,8 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgekv.errors import BudgetError, Cancelled, EdgeKVError
+from edgekv.errors import (BudgetError, Cancelled, CompactionError, EdgeKVError, ModelLoadError, SaveFormatError,
+                           SessionError, StateFormatError)
 from edgekv.methods import METHODS, get_method, parse_budget, uses_queries
 from edgekv.runtime import Model, Session
 from edgekv.runtime.lib import mtmd_cpp
@@ -30,6 +31,15 @@ MARKER = mtmd_cpp.mtmd_default_marker().decode()
 
 class QueueFull(EdgeKVError):
     """The bounded request queue is full (503)."""
+
+
+class InternalError(Exception):
+    """A turn failed for a reason the client did not cause (500): llama.cpp refused a state, the chat
+    template misbehaves. The message goes to the server log, not to the client."""
+
+
+# EdgeKVErrors the worker can meet that are the server's fault, not the request's (500, not 400)
+INTERNAL_ERRORS = (CompactionError, SessionError, StateFormatError, SaveFormatError, ModelLoadError)
 
 
 @dataclass
@@ -88,6 +98,9 @@ class Engine:
         self.media_chunks_encoded = 0  # image chunks (tiles) the session encoded, counted by its progress
         self.session.progress = self._on_progress
         self.turns = 0
+        self.skipped = 0               # queued jobs dropped unrun: their client left while they waited
+        self.cancelled_turns = 0       # turns stopped part-way: their client left (or the server stopped)
+        self.restore_failures = 0      # kept conversations that would not restore (dropped, prefilled again)
         self._worker = threading.Thread(target=self._loop, name="edgekv-engine", daemon=True)
         self._worker.start()
 
@@ -133,8 +146,11 @@ class Engine:
     def busy(self) -> bool:
         return self._current is not None
 
-    def close(self) -> None:
-        """Stop the worker: waiting jobs are dropped, the running one is cancelled."""
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop the worker: waiting jobs are dropped, the running one is cancelled. The session (and the
+        caller's model) may be freed only once the worker is out of llama.cpp: an image encode cannot be
+        aborted. Waits up to `timeout` seconds (None: as long as it takes); False when the worker is still
+        running (then nothing is freed; call again)."""
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -145,10 +161,12 @@ class Engine:
                 job.emit("cancelled")
         if self._current is not None:
             self.cancel(self._current)
-        self._queue.put(None)
-        self._worker.join(timeout=30)
-        if not self._worker.is_alive():
-            self.session.close()
+        self._queue.put(None)   # (a None left by an earlier call was drained above)
+        self._worker.join(timeout=timeout)
+        if self._worker.is_alive():
+            return False
+        self.session.close()
+        return True
 
     # --- the worker ---------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -156,7 +174,8 @@ class Engine:
             job = self._queue.get()
             if job is None:
                 return
-            if job.cancelled.is_set():
+            if job.cancelled.is_set():   # its client left while it waited
+                self.skipped += 1
                 job.emit("cancelled")
                 continue
             with self._lock:
@@ -165,7 +184,12 @@ class Engine:
                 self._turn(job)
             except Cancelled:       # cancel() during the prefill: the session rolled the turn back
                 self._live = None
+                self.cancelled_turns += 1
                 job.emit("cancelled")
+            except INTERNAL_ERRORS as e:
+                self._live = None
+                log.error("turn failed: %s", e)
+                job.emit("error", InternalError(str(e)))
             except EdgeKVError as e:
                 self._live = None
                 job.emit("error", e)
@@ -187,12 +211,26 @@ class Engine:
             return 0, 0
         if self._live != kept.key:
             self._live = None
-            self.session.restore(kept.snapshot)
+            try:
+                self.session.restore(kept.snapshot)
+            except Exception as e:   # a kept state llama.cpp refuses: forget it and prefill from the start
+                log.warning("a kept conversation did not restore (%s); it is dropped and prefilled again", e)
+                self.restore_failures += 1
+                self.cache.drop(kept.key)
+                self.session.clear()
+                return 0, 0
         return len(kept.key), kept.n_tokens
 
     def _on_progress(self, stage: str, done: int, total: int) -> None:
         if stage == "image":   # called once per image chunk encoded and decoded (even if the turn fails later)
             self.media_chunks_encoded += 1
+        if self.current_cancelled:   # a cancel that came before the turn began (which clears it): again
+            self.session.cancel()
+
+    def _check_cancelled(self, job: Job) -> None:
+        """Between the steps of a turn: stop a job whose client left (the session rolls back)."""
+        if job.cancelled.is_set():
+            raise Cancelled("the client went away")
 
     def _configure(self, method: str, budget: float | int) -> None:
         s = self.session
@@ -200,13 +238,20 @@ class Engine:
             s.method_name, s.method = method, get_method(method)
         s.budget = budget
 
-    def _decode_images(self, msgs: list[ConvMessage]) -> list:
-        return [im.decode(self.max_image_pixels) for m in msgs for im in m.images]
+    def _decode_images(self, msgs: list[ConvMessage], job: Job) -> list:
+        """One image at a time (each downscaled before the next is read), stopping if the client left."""
+        out = []
+        for m in msgs:
+            for im in m.images:
+                self._check_cancelled(job)
+                out.append(im.decode(self.max_image_pixels))
+        return out
 
-    def _prefill_history(self, msgs: list[ConvMessage]) -> bool:
+    def _prefill_history(self, msgs: list[ConvMessage], job: Job) -> bool:
         """Prefill whole messages before the last user message (a conversation the cache did not keep).
         False when the template renders the kept part differently (then the caller starts over)."""
-        images = self._decode_images(msgs)
+        images = self._decode_images(msgs, job)
+        self._check_cancelled(job)
         if not self.session.append_history([{"role": m.role, "content": m.content} for m in msgs], images):
             return False
         self.images_encoded += len(images)
@@ -228,19 +273,19 @@ class Engine:
         keys = [m.key for m in msgs]
         reused, cached_tokens = self._start(keys)
         self._live = None                      # from here on the session is mid-turn
-        if job.cancelled.is_set():
-            return job.emit("cancelled")
+        self._check_cancelled(job)
         self._configure(job.method, job.budget)
         s.reports.clear()
         t_restored = time.perf_counter()
         tok0, images0, chunks0 = s.prompt_tokens, self.images_encoded, self.media_chunks_encoded
         history, last = msgs[reused:-1], msgs[-1]
-        if history and not self._prefill_history(history):
+        if history and not self._prefill_history(history, job):
             s.clear()
             reused, cached_tokens, tok0 = 0, 0, s.prompt_tokens
-            if not self._prefill_history(msgs[:-1]):
-                raise EdgeKVError("the model's chat template renders this conversation inconsistently")
-        last_images = self._decode_images([last])
+            if not self._prefill_history(msgs[:-1], job):
+                raise InternalError("the model's chat template renders this conversation inconsistently")
+        last_images = self._decode_images([last], job)
+        self._check_cancelled(job)
         turn = s.chat(last.text, last_images, **job.gen)
         first = last_rec = None
         text = []
@@ -259,6 +304,7 @@ class Engine:
         finally:
             turn.close()
         if last_rec is None or last_rec.finish_reason in (None, "cancelled"):   # stopped mid-answer
+            self.cancelled_turns += 1
             return job.emit("cancelled")
         answer = s.messages[-1]["content"] if s.messages and s.messages[-1]["role"] == "assistant" else "".join(text)
         new_key = tuple(keys) + (("assistant", answer, ()),)
@@ -307,6 +353,8 @@ class Engine:
 
     def stats(self) -> dict:
         return {"model": self.model_id, "busy": self.busy, "queued": self.queued,
-                "queue_size": self._queue.maxsize, "turns": self.turns, "images_encoded": self.images_encoded,
+                "queue_size": self._queue.maxsize, "turns": self.turns, "skipped": self.skipped,
+                "cancelled_turns": self.cancelled_turns, "restore_failures": self.restore_failures,
+                "images_encoded": self.images_encoded,
                 "media_chunks_encoded": self.media_chunks_encoded, "kv_cells": self.session.n_cells,
                 "conversation_cache": self.cache.stats()}
