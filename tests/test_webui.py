@@ -429,11 +429,6 @@ def test_stop_before_the_first_token(browser, live):
     assert "Stopped before the answer started" in d.find_element(By.ID, "status").text
 
 
-@pytest.mark.xfail(strict=True, reason="server bug outside the page: app.py's check_key is an "
-                   "@app.middleware('http') (Starlette BaseHTTPMiddleware), which hides the client's disconnect "
-                   "from request.is_disconnected(), so a request dropped before its first token is served to the "
-                   "end; the pure-ASGI key middleware of the server-hardening branch should fix it (then remove "
-                   "this mark)")
 def test_a_request_dropped_before_its_first_token_is_cancelled(live):
     """What the page's Stop relies on before the answer starts: the client goes, the server cancels."""
     import base64
