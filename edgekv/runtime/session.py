@@ -242,10 +242,12 @@ class Session:
         self._turns.cancel_current()
 
     @contextlib.contextmanager
-    def _turn(self, token: CancelToken | None = None) -> Iterator[CancelToken]:
-        """The scope of one turn (or a bare prefill, generation or compaction): `token` (a new one when
-        None) is what `cancel()` stops, and llama.cpp's abort flag is clear before and after. Nested
-        calls on the same thread join the outer turn."""
+    def turn(self, token: CancelToken | None = None) -> Iterator[CancelToken]:
+        """The scope of one turn: `token` (a new one when None) is what `token.cancel()` and `cancel()`
+        stop, and llama.cpp's abort flag is clear before and after. chat(), generate(), the append_*
+        calls and compact() each run in one of their own; nested calls on the same thread join the
+        outer one, so `with session.turn(token):` puts several calls (a server request's history, then
+        its question) under one token."""
         self._check_usable()
         current = self._turns.current
         if current is not None:
@@ -282,7 +284,7 @@ class Session:
     def _transaction(self, expect: int | None = None) -> Iterator[_Txn]:
         """Roll the cache and bookkeeping back to here if the body raises (nested calls join the outer).
         expect: how many cells the body adds, when known."""
-        with self._turn():   # raises if another thread runs a turn
+        with self.turn():   # raises if another thread runs a turn
             if self._txn is not None:
                 yield self._txn
                 return
@@ -380,7 +382,7 @@ class Session:
         (runtime/probe.py; `probe`: the question if known, True generic, False none; default self.probe).
         A blank probe text is an error. Runs as a turn of its own when called outside one (`cancel()`
         stops its probe decode)."""
-        with self._turn():
+        with self.turn():
             return policy.compact(self, method, budget, early, policy.check_probe(self.probe if probe is None else probe))
 
     def lone_chunk(self, cand: np.ndarray) -> tuple[int, int, int, int] | None:
@@ -430,7 +432,7 @@ class Session:
             from edgekv.runtime.streaming import VIDEO_MARKER
 
             content = "".join(f"{VIDEO_MARKER}\n" for _ in videos) + content
-        with self._turn(cancel):
+        with self.turn(cancel):
             with self._transaction() as txn:
                 self.messages.append({"role": "user", "content": content})
                 full = self.format_chat(self.messages, add_assistant=True)
@@ -498,7 +500,7 @@ class Session:
         return self._stream(gen, cancel)
 
     def _stream(self, gen: dict, cancel: CancelToken | None = None) -> Iterator[GenerationResponse]:
-        with self._turn(cancel):
+        with self.turn(cancel):
             gen = dict(gen)
             if gen.get("seed") is None:
                 gen["seed"] = self.seed

@@ -19,7 +19,7 @@ from typing import Any
 from edgekv.errors import (BudgetError, Cancelled, CompactionError, EdgeKVError, ModelLoadError, SaveFormatError,
                            SessionError, StateFormatError)
 from edgekv.methods import METHODS, get_method, parse_budget, uses_queries
-from edgekv.runtime import Model, Session
+from edgekv.runtime import CancelToken, Model, Session
 from edgekv.runtime.lib import mtmd_cpp
 from edgekv.runtime.probe import question_probe
 from edgekv.server.convcache import ConversationCache, MessageKey
@@ -70,7 +70,7 @@ class Job:
     budget: float | int
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
+    cancelled: CancelToken = field(default_factory=CancelToken)   # this request's turn (runtime/turn.py)
     submitted: float = field(default_factory=time.perf_counter)
 
     def emit(self, kind: str, payload: Any = None) -> None:
@@ -126,11 +126,10 @@ class Engine:
                             "(--queue-size); retry later") from None
 
     def cancel(self, job: Job) -> None:
-        """Stop a job (client gone): skipped if still queued, its generation stopped if running."""
-        job.cancelled.set()
-        with self._lock:   # never a cancel meant for this job landing on the next one
-            if self._current is job:
-                self.session.cancel()
+        """Stop a job (client gone): skipped if still queued, its prefill or generation stopped if running.
+        The job's own token: it never reaches another request's turn, and one cancelled before its turn
+        started cancels that turn as it starts."""
+        job.cancelled.cancel()
 
     @property
     def queued(self) -> int:
@@ -224,8 +223,6 @@ class Engine:
     def _on_progress(self, stage: str, done: int, total: int) -> None:
         if stage == "image":   # called once per image chunk encoded and decoded (even if the turn fails later)
             self.media_chunks_encoded += 1
-        if self.current_cancelled:   # a cancel that came before the turn began (which clears it): again
-            self.session.cancel()
 
     def _check_cancelled(self, job: Job) -> None:
         """Between the steps of a turn: stop a job whose client left (the session rolls back)."""
@@ -263,7 +260,8 @@ class Engine:
         s = self.session
         s.probe = question_probe(job.messages[-1].text)
         try:
-            self._serve(job)
+            with s.turn(job.cancelled):   # history, images and question: all stopped by this job's token
+                self._serve(job)
         finally:
             s.probe = self.default_probe
 
@@ -286,7 +284,7 @@ class Engine:
                 raise InternalError("the model's chat template renders this conversation inconsistently")
         last_images = self._decode_images([last], job)
         self._check_cancelled(job)
-        turn = s.chat(last.text, last_images, **job.gen)
+        turn = s.chat(last.text, last_images, cancel=job.cancelled, **job.gen)
         first = last_rec = None
         text = []
         t_first = None
