@@ -158,17 +158,17 @@ def test_the_caption_prompt_is_the_probe_of_compaction_before_it(tiny_pairs, tmp
             seen.clear()
             rec = c.caption(path)
             assert "error" not in rec, rec
-            early = [r for r in c.session.reports if "(early, before the question)" in r.method]
+            early = [r for r in c.session.reports if r.early]
             want = c.model.tokenize(text, add_bos=False, special=False)
-            assert len(early) >= 2 and all("(probe: question)" in r.method for r in early), early
+            assert len(early) >= 2 and all(r.probe == "question" for r in early), early
             assert all(r.info["probe_tokens"] == len(want) for r in early)
             assert seen == [(text, want, True)] * len(early)
         assert rec["chunks"] == len(early)            # the clip: every chunk's compaction probed
     seen.clear()
     with Captioner(cfg((model, mmproj), prompt=" ", max_tokens=2)) as c:
         assert "error" not in c.caption(big)
-        early = [r for r in c.session.reports if "early" in r.method]
-        assert early and all("(probe: generic)" in r.method for r in early)
+        early = [r for r in c.session.reports if r.early]
+        assert early and all(r.probe == "generic" for r in early)
         assert [p for p, _, known in seen] == [True] * len(early) and not any(k for _, _, k in seen)
 
 

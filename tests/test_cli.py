@@ -166,7 +166,7 @@ def test_query_method_without_window_is_explained(tiny_pairs):
         s.append_prompt("<__media__>", [image])
         with pytest.raises(EdgeKVError, match="flashcache"):
             s.compact()
-        assert "probe: generic" in s.compact(probe=True).method   # the default: a probe window stands in
+        assert s.compact(probe=True).probe == "generic"   # the default: a probe window stands in
         s.close()
 
 
