@@ -273,18 +273,20 @@ def create_app(engine: Engine, *, api_key: str | tuple[str, ...] | None = None, 
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(_sse(job, first, cid, now, req.model, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        event = first
+        event, entries = first, []
         try:
             while event[0] == "token":
+                entries += event[1][1] or []
                 event = await _next_event(job, request)
         except _ClientGone:
             return JSONResponse(error_body("client disconnected"), status_code=499)
         if event[0] != "done":
             return api_error(event[1] if event[0] == "error" else APIError(499, "cancelled")).response()
         res = event[1]
+        logprobs = {"content": entries, "refusal": None} if req.logprobs else None
         return {"id": cid, "object": "chat.completion", "created": now, "model": req.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": res["text"]},
-                             "logprobs": None, "finish_reason": res["finish_reason"]}],
+                             "logprobs": logprobs, "finish_reason": res["finish_reason"]}],
                 "usage": res["usage"], "edgekv": res["edgekv"]}
 
     async def _parse(request: Request) -> tuple[Job, ChatRequest]:
@@ -327,6 +329,11 @@ def create_app(engine: Engine, *, api_key: str | tuple[str, ...] | None = None, 
             gen["seed"] = req.seed
         if req.stop:
             gen["stop"] = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
+        if req.logprobs:
+            gen["logprobs"] = req.top_logprobs or 0
+        grammar = _grammar(req)
+        if grammar is not None:
+            gen["grammar"] = grammar
         key = request.scope.get("state", {}).get("api_key")
         tenant = hashlib.sha256(key.encode()).hexdigest()[:16] if key else ""   # kept conversations per key
         return Job(messages, gen, method, budget, asyncio.get_running_loop(), tenant=tenant), req
@@ -380,9 +387,10 @@ def create_app(engine: Engine, *, api_key: str | tuple[str, ...] | None = None, 
                     raise _ClientGone from None
 
     async def _sse(job: Job, first, cid: str, now: int, model: str, include_usage: bool) -> AsyncIterator[bytes]:
-        def chunk(delta: dict, finish: str | None = None, **extra) -> bytes:
+        def chunk(delta: dict, finish: str | None = None, logprobs: list | None = None, **extra) -> bytes:
+            lp = {"content": logprobs, "refusal": None} if logprobs is not None else None
             body = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": model,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
+                    "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}], **extra}
             return b"data: " + json.dumps(body).encode() + b"\n\n"
 
         finished = False
@@ -390,7 +398,7 @@ def create_app(engine: Engine, *, api_key: str | tuple[str, ...] | None = None, 
             yield chunk({"role": "assistant", "content": ""})
             event = first
             while event[0] == "token":
-                yield chunk({"content": event[1]})
+                yield chunk({"content": event[1][0]}, logprobs=event[1][1])
                 event = await job.events.get()
             if event[0] == "done":
                 res = event[1]
@@ -435,6 +443,25 @@ def _lone_surrogate(data: Any) -> str | None:
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _grammar(req: ChatRequest) -> str | None:
+    """response_format -> GBNF for llama.cpp's grammar sampler: any JSON object, or the given JSON schema
+    (llama-cpp-python's converter), or None for text."""
+    rf = req.response_format
+    if rf is None or rf.type == "text":
+        return None
+    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+    if rf.type == "json_object":
+        return JSON_GBNF
+    if rf.json_schema is None or not rf.json_schema.schema_:
+        raise APIError(400, "response_format json_schema needs json_schema.schema", param="response_format")
+    try:
+        return json_schema_to_gbnf(json.dumps(rf.json_schema.schema_))
+    except Exception as e:   # the converter raises whatever it meets (KeyError, ValueError, RecursionError...)
+        raise APIError(400, f"response_format: this JSON schema is not supported: {type(e).__name__}: {e}",
+                       code="invalid_response_format", param="response_format") from None
 
 
 def _refuse_tools(req: ChatRequest) -> None:

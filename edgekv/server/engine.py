@@ -67,7 +67,7 @@ class ConvMessage:
 @dataclass
 class Job:
     """A request waiting for (or on) the worker. Events go to the request's asyncio queue:
-    ("token", str), ("done", result), ("error", exception), ("cancelled", None)."""
+    ("token", (text, logprobs entries or None)), ("done", result), ("error", exception), ("cancelled", None)."""
 
     messages: list[ConvMessage]
     gen: dict
@@ -306,9 +306,9 @@ class Engine:
                     first, t_first = rec, time.perf_counter()
                     self.images_encoded += len(last_images)
                 last_rec = rec
-                if rec.text:
+                if rec.text or rec.logprobs:
                     text.append(rec.text)
-                    job.emit("token", rec.text)
+                    job.emit("token", (rec.text, rec.logprobs))
                 if job.cancelled.is_set():
                     break
         finally:
