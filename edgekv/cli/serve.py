@@ -109,7 +109,8 @@ def serve(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash_a
                     queue_size=queue_size, cache_bytes=int(cache_mib * (1 << 20)),
                     max_image_pixels=max_image_pixels, max_tokens=max_tokens)
     hosts = None if "*" in allowed_hosts else (
-        host, *allowed_hosts, *(("localhost", "127.0.0.1", "::1") if _is_loopback(host) else ()))
+        host, *allowed_hosts, *(("localhost", "127.0.0.1", "::1") if _is_loopback(host) or host in ("0.0.0.0", "::")
+                                 else ()))
     app = create_app(engine, api_key=api_keys, max_request_bytes=int(max_request_mb * (1 << 20)),
                      images=ImageLoader(local_dirs, max_image_pixels, int(max_request_mb * (1 << 20))),
                      aliases=tuple(aliases), hosts=hosts, cors_origins=tuple(cors_origins),
