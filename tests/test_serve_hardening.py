@@ -62,6 +62,9 @@ def test_empty_api_key_is_refused(tiny_pairs):
                         "--api-key", "", "--port", "0"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "Error: --api-key is empty" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-c", "from edgekv.cli.main import main; main()", "serve", "-m", str(model),
+                        "--seed", "-1", "--port", "0"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "Error: Invalid value for '--seed'" in r.stderr
 
 
 def test_cross_site_requests_are_refused(server):

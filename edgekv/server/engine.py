@@ -102,7 +102,8 @@ class Engine:
         self._live: tuple[str, tuple[MessageKey, ...]] | None = None   # (tenant, kept conversation) held now
         self._last_turn_s = 1.0
         # Text longer than this cannot fit n_ctx tokens (no token is longer): refused before tokenizing.
-        self.max_prompt_bytes = model.n_ctx * max(1, max(len(model.token_bytes(t)) for t in range(model.n_vocab)))
+        self.max_prompt_bytes = model.n_ctx * max(1, max(len(model.token_bytes(t, special=True))
+                                                         for t in range(model.n_vocab)))
         self.images_encoded = 0        # images handed to the projector, over the server's life
         self.media_chunks_encoded = 0  # image chunks (tiles) the session encoded, counted by its progress
         self.session.progress = self._on_progress
