@@ -16,7 +16,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from test_serve import KEY, MODEL_ID, Held, Server, assert_error, data_url, post, user, wait_for
+from test_serve import KEY, MODEL_ID, Held, Server, assert_error, data_url, post, user
 
 openai = pytest.importorskip("openai")
 

@@ -9,7 +9,6 @@ import hashlib
 import ipaddress
 import json
 import logging
-import math
 import re
 import secrets
 import time

@@ -64,7 +64,9 @@ class ConversationCache:
         with self._lock:
             best = None
             for (t, k), e in self._entries.items():
-                if t == tenant and len(k) < len(key) and key[: len(k)] == k and (best is None or len(k) > len(best.key)):
+                if t != tenant or len(k) >= len(key) or key[: len(k)] != k:
+                    continue
+                if best is None or len(k) > len(best.key):
                     best = e
             if best is None:
                 self.misses += 1

@@ -77,8 +77,9 @@ class RequestImage:
             if max(img.size) > max_side:
                 img.draft("RGB", (max_side, max_side))   # JPEG: decode at 1/2, 1/4 or 1/8 scale
                 img.load()
-                if img.mode not in ("RGB", "RGBA", "L", "LA"):   # "1", "P", "I;16"...: resampling needs these
-                    img = img.convert("RGBA" if "transparency" in img.info or img.mode.endswith("A") else "L")
+                if img.mode not in ("RGB", "RGBA", "L", "LA"):   # "1", "P", "CMYK"...: resampling needs these
+                    grey = img.mode in ("1", "I", "I;16", "F")   # 1 byte a pixel, not 3, while full size
+                    img = img.convert("L" if grey else "RGBA" if "transparency" in img.info else "RGB")
                 img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
             img.load()
             return img.convert("RGB")
