@@ -51,3 +51,14 @@ def test_byte_bound_evicts_least_recently_used():
 
 def test_snapshot_nbytes_counts_blob_and_arrays():
     assert snapshot_nbytes(snap(100)) == 100 + 40
+
+
+def test_tenants_never_match_each_other():
+    c = ConversationCache(10_000)
+    c.put([U1, A1], snap(100), n_tokens=300, tenant="key-a")
+    assert c.match([U1, A1, U2], tenant="key-b") is None and c.match([U1, A1, U2]) is None
+    assert c.match([U1, A1, U2], tenant="key-a").n_tokens == 300
+    c.drop([U1, A1], tenant="key-b")                       # another tenant's drop does not touch it
+    assert len(c) == 1
+    c.drop([U1, A1], tenant="key-a")
+    assert len(c) == 0

@@ -391,8 +391,9 @@ def test_full_queue_gets_503(held, image_url):
     waiting = threading.Thread(target=send, args=("waiting", text))
     waiting.start()
     wait_for(lambda: held.engine.queued == 1)
-    err = assert_error(httpx.post(url, json=text, timeout=60), 503, "queue_full")
-    assert err["type"] == "server_error"
+    full = httpx.post(url, json=text, timeout=60)
+    err = assert_error(full, 503, "queue_full")
+    assert err["type"] == "server_error" and 1 <= int(full.headers["retry-after"]) <= 60
     held.release()
     served.join(timeout=120)
     waiting.join(timeout=120)

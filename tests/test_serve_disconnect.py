@@ -88,7 +88,7 @@ def test_a_kept_conversation_that_does_not_restore_is_dropped_and_prefilled_agai
     follow = msgs + [{"role": "assistant", "content": r1["choices"][0]["message"]["content"]}, user("the colour?")]
     # another conversation in between, so the follow-up must restore the kept state
     httpx.post(url, json={"model": MODEL_ID, "messages": [user("other")], "max_tokens": 1}, timeout=60)
-    key = next(k for k in e.cache._entries if k[0][1].endswith("describe this"))
+    key = next(k for k in e.cache._entries if k[1][0][1].endswith("describe this"))   # (tenant, messages)
     kept = e.cache._entries[key]
     e.cache._entries[key] = dataclasses.replace(kept, snapshot=dataclasses.replace(
         kept.snapshot, blob=kept.snapshot.blob[: len(kept.snapshot.blob) // 2]))

@@ -1,5 +1,7 @@
 """Generation: sampling (temperature, top-k, top-p, min-p), stop strings that never reach the text, and
-the stream of typed records, decoding into a CompressedCache.
+the stream of typed records, decoding into a CompressedCache. Optional: the log-probabilities of each
+answer token (and the top alternatives), and a GBNF grammar (llama.cpp's grammar sampler) that masks the
+logits so the answer follows it (JSON mode).
 
 The stream ends with one record that carries the finish reason; it never repeats a token. When the
 stream is closed early (the consumer broke out, or a stop string was found), only the tokens whose text
@@ -8,6 +10,7 @@ the consumer has seen stay in the cache, so the text and the cells never disagre
 from __future__ import annotations
 
 import codecs
+import ctypes
 import sys
 import threading
 import time
@@ -20,7 +23,8 @@ from edgekv.errors import Cancelled, EdgeKVError
 from edgekv.runtime.cache import PROTECTED, CompressedCache
 
 FINISH_REASONS = ("stop", "length", "context", "cancelled")
-GEN_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop")
+GEN_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "logprobs", "grammar")
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass
@@ -41,6 +45,9 @@ class GenerationResponse:
     finish_reason: str | None = None
     prompt_seconds: float = 0.0
     generation_seconds: float = 0.0
+    # with logprobs: one entry per answer token whose text this record adds (OpenAI's shape: token, logprob,
+    # bytes, top_logprobs), log-probabilities of the model's distribution before sampling
+    logprobs: list[dict] | None = None
 
 
 @dataclass
@@ -86,6 +93,68 @@ def check_gen(gen: dict) -> None:
     stop = gen.get("stop", ())
     if not isinstance(stop, str) and not all(isinstance(s, str) for s in stop):
         raise EdgeKVError("stop must be a string or a list of strings")
+    lp = gen.get("logprobs")
+    if lp is not None and (not isinstance(lp, int) or not 0 <= lp <= MAX_TOP_LOGPROBS):
+        raise EdgeKVError(f"logprobs must be None or a count of alternatives in [0, {MAX_TOP_LOGPROBS}], got {lp!r}")
+    if gen.get("grammar") is not None and not isinstance(gen["grammar"], str):
+        raise EdgeKVError("grammar must be GBNF text")
+
+
+class Grammar:
+    """llama.cpp's grammar sampler (llama_sampler_init_grammar) used as a mask over edgekv's own logits:
+    tokens the grammar cannot take next get -inf; accept() advances it by the token chosen."""
+
+    _DTYPE = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])   # llama_token_data
+
+    def __init__(self, model, gbnf: str, root: str = "root") -> None:
+        import llama_cpp
+
+        self._lib = llama_cpp
+        self._smpl = llama_cpp.llama_sampler_init_grammar(model.vocab, gbnf.encode(), root.encode())
+        if not self._smpl:
+            raise EdgeKVError("the grammar does not parse (llama.cpp's GBNF parser refused it)")
+        n = model.n_vocab
+        self._buf = np.zeros(n, self._DTYPE)
+        self._buf["id"] = np.arange(n, dtype=np.int32)
+        self._arr = llama_cpp.llama_token_data_array(
+            self._buf.ctypes.data_as(llama_cpp.llama_token_data_p), n, -1, False)
+
+    def mask(self, logits: np.ndarray) -> np.ndarray:
+        b = self._buf
+        b["id"] = np.arange(b.shape[0], dtype=np.int32)
+        b["logit"], b["p"] = logits, 0.0
+        self._arr.size, self._arr.selected, self._arr.sorted = b.shape[0], -1, False
+        self._lib.llama_sampler_apply(self._smpl, ctypes.byref(self._arr))
+        out = np.full(logits.shape[0], -np.inf, np.float32)
+        n = self._arr.size
+        out[b["id"][:n]] = b["logit"][:n]
+        return out
+
+    def accept(self, token: int) -> None:
+        self._lib.llama_sampler_accept(self._smpl, token)
+
+    def close(self) -> None:
+        if self._smpl:
+            self._lib.llama_sampler_free(self._smpl)
+            self._smpl = None
+
+
+def token_logprobs(model, logits: np.ndarray, token: int, top: int) -> dict:
+    """OpenAI's logprobs entry for `token` under `logits`: log-softmax in float64, top alternatives first."""
+    z = logits.astype(np.float64)
+    lse = z.max() + np.log(np.exp(z - z.max()).sum())
+
+    def entry(t: int) -> dict:
+        b = model.token_bytes(int(t))
+        return {"token": b.decode("utf-8", "replace"), "logprob": float(z[t] - lse), "bytes": list(b)}
+
+    out = entry(token)
+    alts = []
+    if top:
+        idx = np.argpartition(-z, top - 1)[:top] if top < z.shape[0] else np.arange(z.shape[0])
+        alts = [entry(t) for t in idx[np.argsort(-z[idx], kind="stable")]]
+    out["top_logprobs"] = alts
+    return out
 
 
 def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator, top_k: int = 0,
@@ -136,9 +205,11 @@ def stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
 
 def stream(cache: CompressedCache, answer: Answer, cancel: threading.Event, *, prompt: tuple[int, float],
            max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-           min_p: float = 0.0, seed: int = 0, stop: tuple[str, ...] | str = ()) -> Iterator[GenerationResponse]:
+           min_p: float = 0.0, seed: int = 0, stop: tuple[str, ...] | str = (), logprobs: int | None = None,
+           grammar: str | None = None) -> Iterator[GenerationResponse]:
     """Sample and decode after the cache's last logits; fills `answer` when the stream closes.
-    prompt: (tokens, seconds) of this turn's prefill, for the records."""
+    prompt: (tokens, seconds) of this turn's prefill, for the records. logprobs: None, or the number of
+    top alternatives each token's logprobs entry lists. grammar: GBNF the answer must follow."""
     model = cache.model
     stops = (stop,) if isinstance(stop, str) else tuple(s for s in stop if s)
     rng = np.random.default_rng(seed)
@@ -151,7 +222,19 @@ def stream(cache: CompressedCache, answer: Answer, cancel: threading.Event, *, p
     cum = [0]                 # len(text) after each of them
     shown = 0                 # characters of `text` the consumer has been given
     reported = 0              # tokens the consumer has been given (records carry the newest one)
+    lps: list[dict] = []      # with logprobs: the entry of each token in `toks`
+    lp_sent = 0               # entries the consumer has been given
+    gram = Grammar(model, grammar) if grammar is not None else None
     t0 = time.perf_counter()
+
+    def pick(logits: np.ndarray) -> int:
+        masked = gram.mask(logits) if gram is not None else logits
+        tok = sample(masked, temperature, top_p, rng, top_k, min_p)
+        if logprobs is not None:
+            lps.append(token_logprobs(model, logits, tok, logprobs))
+        if gram is not None:
+            gram.accept(tok)
+        return tok
 
     def finish_reason(tok: int) -> str | None:
         """Why the answer ends before decoding `tok` as its next token, or None."""
@@ -166,14 +249,19 @@ def stream(cache: CompressedCache, answer: Answer, cancel: threading.Event, *, p
         return None
 
     def record(end: int, token: int, finish: str | None) -> GenerationResponse:
+        nonlocal lp_sent
         dt = time.perf_counter() - t0
         n = len(toks)
+        entries = None
+        if logprobs is not None:   # the tokens whose text ends within what this record shows
+            k = max(i for i, c in enumerate(cum) if c <= end)
+            entries, lp_sent = lps[lp_sent:max(k, lp_sent)], max(k, lp_sent)
         return GenerationResponse(text[shown:end], token, p_tok, p_tps, n, n / dt if dt > 0 else 0.0,
-                                  peak_rss_mb(), finish, p_s, dt)
+                                  peak_rss_mb(), finish, p_s, dt, entries)
 
     try:
         cut = None
-        tok = sample(start_logits, temperature, top_p, rng, top_k, min_p)
+        tok = pick(start_logits)
         while True:
             finish = finish_reason(tok)
             if finish is not None:
@@ -191,7 +279,7 @@ def stream(cache: CompressedCache, answer: Answer, cancel: threading.Event, *, p
             if cut is not None:
                 finish = "stop"
                 break
-            tok = sample(cache.logits, temperature, top_p, rng, top_k, min_p)
+            tok = pick(cache.logits)
             if finish_reason(tok) is None:  # more follows: stream this token's text now
                 safe = len(text) - stop_prefix_len(text, stops)
                 if safe > shown:
@@ -209,6 +297,8 @@ def stream(cache: CompressedCache, answer: Answer, cancel: threading.Event, *, p
         shown = end
         yield r
     finally:
+        if gram is not None:
+            gram.close()
         keep = max(i for i, c in enumerate(cum) if c <= shown)
         _keep_tokens(cache, toks, keep, start_past, start_cells, start_logits)
         answer.tokens, answer.text = toks[:keep], text[:cum[keep]]

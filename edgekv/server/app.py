@@ -5,8 +5,11 @@ shape and the traceback goes to the server log, never to the client."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import ipaddress
 import json
 import logging
+import re
 import secrets
 import time
 import uuid
@@ -19,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgekv.errors import BudgetError, ContextOverflowError, EdgeKVError, MediaError
 from edgekv.server.engine import ConvMessage, Engine, Job, QueueFull
-from edgekv.server.images import ImageLoader, ImageRefused
+from edgekv.server.images import DEFAULT_MAX_IMAGES, DEFAULT_MAX_REQUEST_PIXELS, ImageLoader, ImageRefused
 from edgekv.server.schemas import ChatRequest, ImagePart, TextPart, error_body
 from edgekv.server.webui import mount as mount_webui
 
@@ -29,12 +32,13 @@ POLL_S = 0.25   # how often a waiting request checks that its client is still th
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None) -> None:
+                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.type, self.code, self.param = status, type_, code, param
+        self.status, self.type, self.code, self.param, self.headers = status, type_, code, param, headers
 
     def response(self) -> JSONResponse:
-        return JSONResponse(error_body(str(self), self.type, self.code, self.param), status_code=self.status)
+        return JSONResponse(error_body(str(self), self.type, self.code, self.param), status_code=self.status,
+                            headers=self.headers)
 
 
 def api_error(e: BaseException) -> APIError:
@@ -42,7 +46,7 @@ def api_error(e: BaseException) -> APIError:
     if isinstance(e, APIError):
         return e
     if isinstance(e, QueueFull):
-        return APIError(503, str(e), "server_error", "queue_full")
+        return APIError(503, str(e), "server_error", "queue_full", headers={"Retry-After": str(e.retry_after)})
     if isinstance(e, ImageRefused):
         return APIError(e.status, str(e), code=e.code, param="messages")
     if isinstance(e, MediaError):
@@ -66,26 +70,99 @@ async def send_error(send, status: int, message: str, code: str, type_: str = "i
     await send({"type": "http.response.body", "body": body})
 
 
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def _host_name(value: str) -> str:
+    """'Example.com:8080' -> 'example.com', '[::1]:8080' -> '::1' (Host headers and Origin netlocs)."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
 class Guard:
-    """ASGI middleware, outermost: the API key is checked from the headers, before the body is read.
+    """ASGI middleware, outermost; everything here is decided from the headers, before the body is read:
+
+    - Host must name the bound address (or a loopback name when it is loopback, or an --allowed-host):
+      a page on another site that rebinds its DNS name to 127.0.0.1 sends its own name (DNS rebinding).
+    - a browser's Origin must be this server's own or a --cors-origin (answered with CORS headers):
+      any web page could otherwise drive a keyless local server (ollama's CVE-2024-28224).
+    - POSTs to /v1/ must say Content-Type: application/json (a form or text/plain POST is what a page can
+      send cross-site without a preflight).
+    - the API key (Authorization: Bearer), compared in constant time against every key.
+
     A plain ASGI wrapper, not Starlette's BaseHTTPMiddleware: under that, `request.is_disconnected()`
     never turns true, so a client that left could not stop its queued or running turn."""
 
-    def __init__(self, app, api_keys: tuple[str, ...] = ()) -> None:
+    def __init__(self, app, api_keys: tuple[str, ...] = (), hosts: tuple[str, ...] | None = None,
+                 cors_origins: tuple[str, ...] = ()) -> None:
         self.app, self.api_keys = app, tuple(k.encode() for k in api_keys)
+        self.hosts = None if hosts is None or "*" in hosts else {_host_name(h) for h in hosts}
+        self.cors = {o.rstrip("/").lower() for o in cors_origins}
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and self.api_keys and scope["path"].startswith("/v1/"):
-            key = self.client_key(scope)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        host = headers.get(b"host", b"").decode("latin-1")
+        if not self.host_ok(_host_name(host)):
+            return await send_error(send, 403, f"Host {host!r} is not this server's (--allowed-host adds names)",
+                                    "host_not_allowed")
+        origin = headers.get(b"origin", b"").decode("latin-1").rstrip("/").lower()
+        cors: tuple[tuple[bytes, bytes], ...] = ()
+        if origin:
+            same = origin.split("://", 1)[-1] == host.strip().lower()
+            if not same and origin not in self.cors and "*" not in self.cors:
+                return await send_error(send, 403, f"Origin {origin!r} may not use this server (--cors-origin "
+                                        "allows one)", "origin_not_allowed")
+            if not same:
+                cors = ((b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin"))
+                if scope["method"] == "OPTIONS":   # the preflight of a cross-origin POST
+                    return await self._preflight(send, cors)
+        v1 = scope["path"].startswith("/v1/")
+        if v1 and self.api_keys:
+            key = self.client_key(headers)
             if key is None:
                 return await send_error(send, 401, "invalid API key (send Authorization: Bearer KEY)",
-                                        "invalid_api_key")
-            scope.setdefault("state", {})["api_key"] = key
-        return await self.app(scope, receive, send)
+                                        "invalid_api_key", headers=cors)
+            scope.setdefault("state", {})["api_key"] = key.decode()
+        if v1 and scope["method"] == "POST":
+            ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+            if ctype != b"application/json":
+                return await send_error(send, 415, "send the body as JSON (Content-Type: application/json)",
+                                        "unsupported_media_type", headers=cors)
+        if not cors:
+            return await self.app(scope, receive, send)
 
-    def client_key(self, scope) -> bytes | None:
+        async def send_cors(msg):
+            if msg["type"] == "http.response.start":
+                msg = {**msg, "headers": [*msg.get("headers", []), *cors]}
+            await send(msg)
+
+        return await self.app(scope, receive, send_cors)
+
+    def host_ok(self, name: str) -> bool:
+        """Bound to every address (0.0.0.0, ::): any IP literal too (DNS rebinding needs a name)."""
+        if self.hosts is None or name in self.hosts:
+            return True
+        if self.hosts & {"0.0.0.0", "::"}:
+            try:
+                ipaddress.ip_address(name)
+                return True
+            except ValueError:
+                return False
+        return False
+
+    async def _preflight(self, send, cors) -> None:
+        await send({"type": "http.response.start", "status": 204, "headers": [
+            *cors, (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
+            (b"access-control-allow-headers", b"authorization, content-type"), (b"access-control-max-age", b"600")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    def client_key(self, headers: dict[bytes, bytes]) -> bytes | None:
         """The request's key if it is one of the server's (compared in constant time), else None."""
-        auth = dict(scope["headers"]).get(b"authorization", b"")
+        auth = headers.get(b"authorization", b"")
         given = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
         ok = None
         for k in self.api_keys:   # every key compared: the time does not say which matched
@@ -99,8 +176,8 @@ class BodyLimit:
     first; a chunked body is counted as it arrives). The rest of an oversized body is drained, not kept,
     so the client can read the answer instead of a reset connection."""
 
-    def __init__(self, app, max_bytes: int, drain_bytes: int = 256 << 20) -> None:
-        self.app, self.max_bytes, self.drain_bytes = app, max_bytes, drain_bytes
+    def __init__(self, app, max_bytes: int, drain_bytes: int = 256 << 20, read_timeout: float = 30.0) -> None:
+        self.app, self.max_bytes, self.drain_bytes, self.read_timeout = app, max_bytes, drain_bytes, read_timeout
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -109,8 +186,13 @@ class BodyLimit:
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await self._reject(receive, send, 0)
         chunks, total = [], 0
+        deadline = asyncio.get_running_loop().time() + self.read_timeout
         while True:
-            msg = await receive()
+            try:   # a stalled upload holds memory and a connection: the whole body within --read-timeout
+                msg = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:
+                return await send_error(send, 408, f"the request body did not arrive within {self.read_timeout:g} s "
+                                        "(--read-timeout)", "request_timeout")
             if msg["type"] == "http.disconnect":
                 return
             body = msg.get("body", b"")
@@ -139,8 +221,12 @@ class BodyLimit:
 
 
 def create_app(engine: Engine, *, api_key: str | tuple[str, ...] | None = None, max_request_bytes: int = 32 << 20,
-               images: ImageLoader | None = None, aliases: tuple[str, ...] = (), webui: bool = True):
-    """The ASGI app serving `engine` (the key check outermost, then the body limit, then the routes);
+               images: ImageLoader | None = None, aliases: tuple[str, ...] = (),
+               hosts: tuple[str, ...] | None = None, cors_origins: tuple[str, ...] = (), read_timeout: float = 30.0,
+               max_images: int = DEFAULT_MAX_IMAGES, max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
+               webui: bool = True):
+    """The ASGI app serving `engine` (Guard outermost: host, origin, key and content type from the headers;
+    then the body limit and read timeout; then the routes). hosts: the Host names accepted (None: any).
     `webui` adds the chat page at / (edgekv/server/webui.py; the key guards /v1/ only)."""
     keys = (api_key,) if isinstance(api_key, str) else tuple(api_key or ())
     if any(not k for k in keys):
@@ -189,26 +275,34 @@ def create_app(engine: Engine, *, api_key: str | tuple[str, ...] | None = None, 
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(_sse(job, first, cid, now, req.model, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        event = first
+        event, entries = first, []
         try:
             while event[0] == "token":
+                entries += event[1][1] or []
                 event = await _next_event(job, request)
         except _ClientGone:
             return JSONResponse(error_body("client disconnected"), status_code=499)
         if event[0] != "done":
             return api_error(event[1] if event[0] == "error" else APIError(499, "cancelled")).response()
         res = event[1]
+        logprobs = {"content": entries, "refusal": None} if req.logprobs else None
         return {"id": cid, "object": "chat.completion", "created": now, "model": req.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": res["text"]},
-                             "logprobs": None, "finish_reason": res["finish_reason"]}],
+                             "logprobs": logprobs, "finish_reason": res["finish_reason"]}],
                 "usage": res["usage"], "edgekv": res["edgekv"]}
 
     async def _parse(request: Request) -> tuple[Job, ChatRequest]:
         raw = await request.body()
         try:
             data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except ValueError as e:   # also bad UTF-8, and an integer of more than 4300 digits
             raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
+        where = _lone_surrogate(data)
+        if where is not None:
+            raise APIError(400, f"invalid request: {where or 'body'}: a lone UTF-16 surrogate is not text",
+                           code="invalid_json", param=where or None)
         try:
             req = ChatRequest.model_validate(data)
         except ValidationError as e:
@@ -222,6 +316,9 @@ def create_app(engine: Engine, *, api_key: str | tuple[str, ...] | None = None, 
                            f"{', '.join(repr(n) for n in names)}", code="model_not_found", param="model")
         if req.n != 1:
             raise APIError(400, "n must be 1: edgekv answers one choice", param="n")
+        _refuse_tools(req)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         ext = req.edgekv
         method, budget = engine.check_options(ext.method if ext else None, ext.budget if ext else None)
         messages = _messages(req)
@@ -234,11 +331,21 @@ def create_app(engine: Engine, *, api_key: str | tuple[str, ...] | None = None, 
             gen["seed"] = req.seed
         if req.stop:
             gen["stop"] = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
-        return Job(messages, gen, method, budget, asyncio.get_running_loop()), req
+        if req.logprobs:
+            gen["logprobs"] = req.top_logprobs or 0
+        grammar = _grammar(req)
+        if grammar is not None:
+            gen["grammar"] = grammar
+        key = request.scope.get("state", {}).get("api_key")
+        tenant = hashlib.sha256(key.encode()).hexdigest()[:16] if key else ""   # kept conversations per key
+        return Job(messages, gen, method, budget, asyncio.get_running_loop(), tenant=tenant), req
 
     def _messages(req: ChatRequest) -> list[ConvMessage]:
-        out, n_images = [], 0
+        out, n_images, pixels, text_bytes = [], 0, 0, 0
         for i, m in enumerate(req.messages):
+            if m.role in ("tool", "function"):
+                raise APIError(400, f"messages[{i}]: role {m.role!r} (a tool result) is not supported: edgekv "
+                               "does not call tools", code="unsupported_parameter", param=f"messages.{i}.role")
             role = "system" if m.role == "developer" else m.role
             texts, ims = [], []
             if isinstance(m.content, str):
@@ -251,8 +358,20 @@ def create_app(engine: Engine, *, api_key: str | tuple[str, ...] | None = None, 
                         raise APIError(400, f"messages[{i}]: images are accepted in user messages only",
                                        param=f"messages.{i}")
                     n_images += 1
-                    ims.append(images.load(part.image_url.url, n_images))
+                    if n_images > max_images:
+                        raise APIError(400, f"more than {max_images} images in one request (--max-images)",
+                                       code="too_many_images", param="messages")
+                    im = images.load(part.image_url.url, n_images)
+                    pixels += im.pixels(images.max_pixels)   # from the header: nothing decoded yet
+                    if pixels > max_request_pixels:
+                        raise APIError(400, f"the request's images have more than {max_request_pixels} pixels "
+                                       "together (--max-request-pixels)", code="image_too_large", param="messages")
+                    ims.append(im)
+            text_bytes += sum(len(t.encode("utf-8")) for t in texts)
             out.append(ConvMessage(role, "\n".join(texts), ims))
+        if text_bytes > engine.max_prompt_bytes:   # refused before tokenizing (which takes seconds for MBs)
+            raise APIError(400, f"the messages' text ({text_bytes} bytes) cannot fit the context of "
+                           f"{engine.model.n_ctx} tokens", code="context_length_exceeded", param="messages")
         if out[-1].role != "user":
             raise APIError(400, "the last message must be the user's", param="messages")
         if n_images and engine.model.mtmd is None:
@@ -270,9 +389,10 @@ def create_app(engine: Engine, *, api_key: str | tuple[str, ...] | None = None, 
                     raise _ClientGone from None
 
     async def _sse(job: Job, first, cid: str, now: int, model: str, include_usage: bool) -> AsyncIterator[bytes]:
-        def chunk(delta: dict, finish: str | None = None, **extra) -> bytes:
+        def chunk(delta: dict, finish: str | None = None, logprobs: list | None = None, **extra) -> bytes:
+            lp = {"content": logprobs, "refusal": None} if logprobs is not None else None
             body = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": model,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
+                    "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}], **extra}
             return b"data: " + json.dumps(body).encode() + b"\n\n"
 
         finished = False
@@ -280,7 +400,7 @@ def create_app(engine: Engine, *, api_key: str | tuple[str, ...] | None = None, 
             yield chunk({"role": "assistant", "content": ""})
             event = first
             while event[0] == "token":
-                yield chunk({"content": event[1]})
+                yield chunk({"content": event[1][0]}, logprobs=event[1][1])
                 event = await job.events.get()
             if event[0] == "done":
                 res = event[1]
@@ -300,8 +420,62 @@ def create_app(engine: Engine, *, api_key: str | tuple[str, ...] | None = None, 
 
     if webui:
         mount_webui(app, engine)
-    return Guard(BodyLimit(app, max_request_bytes), keys)
+    return Guard(BodyLimit(app, max_request_bytes, read_timeout=read_timeout), keys, hosts, cors_origins)
 
 
 class _ClientGone(Exception):
     pass
+
+
+def _lone_surrogate(data: Any) -> str | None:
+    """The path ("messages.0.content") of the first string holding a lone UTF-16 surrogate (JSON allows
+    "\\ud800"; UTF-8 cannot encode it), else None. Iterative: the body may be nested deep."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        where, v = stack.pop()
+        if isinstance(v, str):
+            if _SURROGATE.search(v):
+                return where
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                if _SURROGATE.search(k):
+                    return where
+                stack.append((f"{where}.{k}" if where else k, x))
+        elif isinstance(v, list):
+            stack.extend((f"{where}.{i}" if where else str(i), x) for i, x in enumerate(v))
+    return None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _grammar(req: ChatRequest) -> str | None:
+    """response_format -> GBNF for llama.cpp's grammar sampler: any JSON object, or the given JSON schema
+    (llama-cpp-python's converter), or None for text."""
+    rf = req.response_format
+    if rf is None or rf.type == "text":
+        return None
+    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+    if rf.type == "json_object":
+        return JSON_GBNF
+    if rf.json_schema is None or not rf.json_schema.schema_:
+        raise APIError(400, "response_format json_schema needs json_schema.schema", param="response_format")
+    try:
+        return json_schema_to_gbnf(json.dumps(rf.json_schema.schema_))
+    except Exception as e:   # the converter raises whatever it meets (KeyError, ValueError, RecursionError...)
+        raise APIError(400, f"response_format: this JSON schema is not supported: {type(e).__name__}: {e}",
+                       code="invalid_response_format", param="response_format") from None
+
+
+def _refuse_tools(req: ChatRequest) -> None:
+    """Tool calling is not served: a request that asks for it gets 400 rather than an answer that
+    silently ignored its tools."""
+    for name in ("tools", "functions"):
+        if getattr(req, name):
+            raise APIError(400, f"{name} are not supported: edgekv does not call tools (send the request "
+                           f"without {name!r})", code="unsupported_parameter", param=name)
+    for name in ("tool_choice", "function_call"):
+        if getattr(req, name) not in (None, "none"):
+            raise APIError(400, f"{name} is not supported: edgekv does not call tools", code="unsupported_parameter",
+                           param=name)

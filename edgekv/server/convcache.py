@@ -3,7 +3,8 @@ blob + bookkeeping) stays in host RAM, in an LRU bounded in bytes.
 
 A conversation is keyed by its messages: (role, text with media markers, sha256 of each image). A request
 whose messages extend a kept conversation restores it and prefills only the new messages, so its images
-are not encoded again. One entry per conversation: a turn's entry replaces the one it extended."""
+are not encoded again. One entry per conversation: a turn's entry replaces the one it extended. Entries
+belong to a tenant (the API key's hash when the server has keys): a request only ever matches its own."""
 from __future__ import annotations
 
 import dataclasses
@@ -20,6 +21,7 @@ MessageKey = tuple[str, str, tuple[str, ...]]   # (role, text with markers, imag
 @dataclass(frozen=True)
 class Kept:
     key: tuple[MessageKey, ...]
+    tenant: str
     snapshot: Any          # edgekv.runtime.session.SessionSnapshot
     n_tokens: int          # prompt + answer tokens the cache stands for (usage.prompt_tokens_details.cached_tokens)
     nbytes: int
@@ -45,7 +47,7 @@ def snapshot_nbytes(snap: Any) -> int:
 class ConversationCache:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple[MessageKey, ...], Kept] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, tuple[MessageKey, ...]], Kept] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = self.evictions = 0
 
@@ -56,44 +58,47 @@ class ConversationCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def match(self, key: Sequence[MessageKey]) -> Kept | None:
-        """The longest kept conversation that `key` strictly extends (there must be a new message)."""
+    def match(self, key: Sequence[MessageKey], tenant: str = "") -> Kept | None:
+        """The tenant's longest kept conversation that `key` strictly extends (there must be a new message)."""
         key = tuple(key)
         with self._lock:
             best = None
-            for k, e in self._entries.items():
-                if len(k) < len(key) and key[: len(k)] == k and (best is None or len(k) > len(best.key)):
+            for (t, k), e in self._entries.items():
+                if t != tenant or len(k) >= len(key) or key[: len(k)] != k:
+                    continue
+                if best is None or len(k) > len(best.key):
                     best = e
             if best is None:
                 self.misses += 1
                 return None
-            self._entries.move_to_end(best.key)
+            self._entries.move_to_end((tenant, best.key))
             self.hits += 1
             return best
 
-    def put(self, key: Sequence[MessageKey], snapshot: Any, n_tokens: int, replaces: Hashable | None = None) -> bool:
+    def put(self, key: Sequence[MessageKey], snapshot: Any, n_tokens: int, replaces: Hashable | None = None,
+            tenant: str = "") -> bool:
         """Keep a finished turn. Evicts least recently used conversations to stay within max_bytes; a
         snapshot larger than the whole budget is not kept. Returns whether it was kept."""
-        entry = Kept(tuple(key), snapshot, n_tokens, snapshot_nbytes(snapshot))
+        entry = Kept(tuple(key), tenant, snapshot, n_tokens, snapshot_nbytes(snapshot))
         with self._lock:
             if replaces is not None:
-                self._entries.pop(replaces, None)
+                self._entries.pop((tenant, tuple(replaces)), None)
             if entry.nbytes > self.max_bytes:
                 return False
-            self._entries[entry.key] = entry
-            self._entries.move_to_end(entry.key)
+            self._entries[(tenant, entry.key)] = entry
+            self._entries.move_to_end((tenant, entry.key))
             while sum(e.nbytes for e in self._entries.values()) > self.max_bytes:
                 self._entries.popitem(last=False)
                 self.evictions += 1
             return True
 
-    def drop(self, key: Sequence[MessageKey]) -> None:
+    def drop(self, key: Sequence[MessageKey], tenant: str = "") -> None:
         """Forget a kept conversation (its state would not restore)."""
         with self._lock:
-            self._entries.pop(tuple(key), None)
+            self._entries.pop((tenant, tuple(key)), None)
 
-    def get_nbytes(self, key: Sequence[MessageKey] | None) -> int:
-        e = self._entries.get(tuple(key)) if key is not None else None
+    def get_nbytes(self, key: Sequence[MessageKey] | None, tenant: str = "") -> int:
+        e = self._entries.get((tenant, tuple(key))) if key is not None else None
         return e.nbytes if e is not None else 0
 
     def stats(self) -> dict[str, int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import queue
 import threading
 import time
@@ -30,7 +31,11 @@ MARKER = mtmd_cpp.mtmd_default_marker().decode()
 
 
 class QueueFull(EdgeKVError):
-    """The bounded request queue is full (503)."""
+    """The bounded request queue is full (503, with Retry-After: seconds until a place is likely free)."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class InternalError(Exception):
@@ -62,13 +67,14 @@ class ConvMessage:
 @dataclass
 class Job:
     """A request waiting for (or on) the worker. Events go to the request's asyncio queue:
-    ("token", str), ("done", result), ("error", exception), ("cancelled", None)."""
+    ("token", (text, logprobs entries or None)), ("done", result), ("error", exception), ("cancelled", None)."""
 
     messages: list[ConvMessage]
     gen: dict
     method: str
     budget: float | int
     loop: asyncio.AbstractEventLoop
+    tenant: str = ""     # the API key's hash: kept conversations are never shared across keys
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: CancelToken = field(default_factory=CancelToken)   # this request's turn (runtime/turn.py)
     submitted: float = field(default_factory=time.perf_counter)
@@ -93,7 +99,11 @@ class Engine:
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
         self._current: Job | None = None
         self._lock = threading.Lock()
-        self._live: tuple[MessageKey, ...] | None = None   # the kept conversation the session holds now
+        self._live: tuple[str, tuple[MessageKey, ...]] | None = None   # (tenant, kept conversation) held now
+        self._last_turn_s = 1.0
+        # Text longer than this cannot fit n_ctx tokens (no token is longer): refused before tokenizing.
+        self.max_prompt_bytes = model.n_ctx * max(1, max(len(model.token_bytes(t, special=True))
+                                                         for t in range(model.n_vocab)))
         self.images_encoded = 0        # images handed to the projector, over the server's life
         self.media_chunks_encoded = 0  # image chunks (tiles) the session encoded, counted by its progress
         self.session.progress = self._on_progress
@@ -121,9 +131,10 @@ class Engine:
     def submit(self, job: Job) -> None:
         try:
             self._queue.put_nowait(job)
-        except queue.Full:
+        except queue.Full:   # retry when the turn being served is likely done (its recent length)
             raise QueueFull(f"the server is busy: {self._queue.maxsize} requests are already waiting "
-                            "(--queue-size); retry later") from None
+                            "(--queue-size); retry later",
+                            retry_after=min(60, max(1, math.ceil(self._last_turn_s)))) from None
 
     def cancel(self, job: Job) -> None:
         """Stop a job (client gone): skipped if still queued, its prefill or generation stopped if running.
@@ -200,22 +211,22 @@ class Engine:
                 with self._lock:
                     self._current = None
 
-    def _start(self, keys: list[MessageKey]) -> tuple[int, int]:
+    def _start(self, keys: list[MessageKey], tenant: str) -> tuple[int, int]:
         """Restore the longest kept conversation these messages extend, else empty the cache.
         Returns (messages reused, tokens they stand for)."""
-        kept = self.cache.match(keys)
+        kept = self.cache.match(keys, tenant)
         if kept is None:
             self.session.clear()
             self._live = None
             return 0, 0
-        if self._live != kept.key:
+        if self._live != (tenant, kept.key):
             self._live = None
             try:
                 self.session.restore(kept.snapshot)
             except Exception as e:   # a kept state llama.cpp refuses: forget it and prefill from the start
                 log.warning("a kept conversation did not restore (%s); it is dropped and prefilled again", e)
                 self.restore_failures += 1
-                self.cache.drop(kept.key)
+                self.cache.drop(kept.key, tenant)
                 self.session.clear()
                 return 0, 0
         return len(kept.key), kept.n_tokens
@@ -269,7 +280,7 @@ class Engine:
         s, msgs = self.session, job.messages
         t0 = time.perf_counter()
         keys = [m.key for m in msgs]
-        reused, cached_tokens = self._start(keys)
+        reused, cached_tokens = self._start(keys, job.tenant)
         self._live = None                      # from here on the session is mid-turn
         self._check_cancelled(job)
         self._configure(job.method, job.budget)
@@ -294,9 +305,9 @@ class Engine:
                     first, t_first = rec, time.perf_counter()
                     self.images_encoded += len(last_images)
                 last_rec = rec
-                if rec.text:
+                if rec.text or rec.logprobs:
                     text.append(rec.text)
-                    job.emit("token", rec.text)
+                    job.emit("token", (rec.text, rec.logprobs))
                 if job.cancelled.is_set():
                     break
         finally:
@@ -312,8 +323,10 @@ class Engine:
         # The next turn always prefills a new message first, which recomputes the logits and the query
         # window: keeping them would cost n_vocab floats (1 MB for Gemma 3) per conversation for nothing.
         snap = dataclasses.replace(s.snapshot(), logits=None, window_q=None, window_rows=0)
-        kept = self.cache.put(new_key, snap, n_tokens, replaces=new_key[:reused] if reused else None)
-        self._live = new_key if kept else None
+        kept = self.cache.put(new_key, snap, n_tokens, replaces=new_key[:reused] if reused else None,
+                              tenant=job.tenant)
+        self._live = (job.tenant, new_key) if kept else None
+        self._last_turn_s = time.perf_counter() - t0
         self.turns += 1
         job.emit("done", self._result(job, last_rec, answer, reused, cached_tokens, prompt_new,
                                       self.images_encoded - images0, self.media_chunks_encoded - chunks0, kept,
@@ -343,7 +356,7 @@ class Engine:
                 "cells_before": cells[0], "cells_after": cells[1],
                 "bytes_before": nbytes[0], "bytes_after": nbytes[1],
                 "kv_cells": s.n_cells, "kept": kept,
-                "kept_bytes": self.cache.get_nbytes(self._live) if kept else 0,
+                "kept_bytes": self.cache.get_nbytes(self._live[1], self._live[0]) if kept else 0,
                 "compaction_s": round(sum(r.seconds for r in reports), 6),
                 "timings": {k + "_s": round(v, 6) for k, v in timings.items()},
             },
