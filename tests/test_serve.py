@@ -454,14 +454,14 @@ def test_the_request_question_is_the_probe_of_its_early_compaction(tiny_pairs, i
             client.chat.completions.create(model=MODEL_ID, messages=[user(text, image_url, image_url)],
                                            max_tokens=2)
             wait_for(lambda: not h.engine.busy)
-            early = [r for r in s.reports if "(early, before the question)" in r.method]
+            early = [r for r in s.reports if r.early]
             assert early, s.reports
             assert [p for p, _, _ in seen] == [probe] * len(early)
             assert s.probe is True                     # the session's default is back for the next request
             if probe is True:
-                assert all("(probe: generic)" in r.method for r in early) and not any(k for _, _, k in seen)
+                assert all(r.probe == "generic" for r in early) and not any(k for _, _, k in seen)
             else:
-                assert all("(probe: question)" in r.method and r.info["probe_tokens"] == len(want) for r in early)
+                assert all(r.probe == "question" and r.info["probe_tokens"] == len(want) for r in early)
                 assert all(toks == want for _, toks, _ in seen)
     finally:
         h.close()

@@ -592,7 +592,7 @@ def test_no_webui_flag(tiny_pairs, monkeypatch):
         r = CliRunner().invoke(cli, ["serve", "-m", str(model), "--mmproj", str(mmproj), "-t", str(THREADS),
                                       "-c", "512", "-fa", "off", "--port", str(free_port()), *flag])
         assert r.exit_code == 0, r.output
-    with_page, without = (TestClient(a) for a in apps)
+    with_page, without = (TestClient(a, base_url="http://127.0.0.1") for a in apps)   # a Host the server accepts
     assert with_page.get("/").status_code == 200 and with_page.get("/webui/app.js").status_code == 200
     assert without.get("/").status_code == 404 and without.get("/webui/app.js").status_code == 404
     assert without.get("/v1/edgekv/info").status_code == 404

@@ -82,7 +82,7 @@ def serve(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash_a
           max_images, local_dirs, cache_mib, queue_size, max_tokens, seed, no_webui):
     """OpenAI-compatible server: /v1/chat/completions, /v1/models, /health, and a chat page at /."""
     try:
-        import fastapi  # noqa: F401
+        import fastapi  # noqa: F401  (only checks that the extra is installed)
         import uvicorn
     except ImportError:
         raise EdgeKVError("edgekv serve needs FastAPI and uvicorn: pip install 'edgekv[serve]'") from None

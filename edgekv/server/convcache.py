@@ -28,8 +28,10 @@ class Kept:
 
 
 def snapshot_nbytes(snap: Any) -> int:
-    """Host bytes a snapshot holds: the state blob, the numpy bookkeeping (logits, query window) and the
-    conversation text."""
+    """Host bytes a snapshot holds: the state blob, the numpy bookkeeping (logits, query window, ledger),
+    the conversation text and the text marks' sliding-window blocks (runtime/history.py)."""
+    from edgekv.runtime.history import TextMark
+
     n = 0
     for f in dataclasses.fields(snap):
         v = getattr(snap, f.name)
@@ -39,8 +41,8 @@ def snapshot_nbytes(snap: Any) -> int:
             n += v.nbytes
         elif isinstance(v, str):
             n += len(v.encode())
-        elif isinstance(v, tuple):   # messages
-            n += sum(len(str(m).encode()) for m in v)
+        elif isinstance(v, tuple):   # messages, text marks
+            n += sum(len(m.swa or b"") + 16 if isinstance(m, TextMark) else len(str(m).encode()) for m in v)
     return n
 
 
