@@ -465,3 +465,31 @@ def test_the_request_question_is_the_probe_of_its_early_compaction(tiny_pairs, i
                 assert all(toks == want for _, toks, _ in seen)
     finally:
         h.close()
+
+
+def test_a_video_turn_streams_the_clip_and_a_follow_up_reuses_it(server, client, tmp_path):
+    """A `video_url` part (a data: URL of an mp4): the clip is streamed frame by frame and compacted chunk by
+    chunk in the server's context, the edgekv field sums every chunk's compaction, the follow-up is a cache
+    hit that encodes nothing again; a file that is not a video is one 400."""
+    from test_video import make_clip
+
+    clip = make_clip(tmp_path / "clip.mp4", n=4, fps=2, w=224, h=224)
+    url = "data:video/mp4;base64," + base64.b64encode(clip.read_bytes()).decode()
+    encodes0 = server.health()["media_chunks_encoded"]
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "what happens?"},
+                                         {"type": "video_url", "video_url": {"url": url}}]}]
+    r1 = client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=4)
+    e1 = ext(r1)
+    chunks = server.health()["media_chunks_encoded"] - encodes0
+    assert e1["cache"] == "miss" and chunks >= 2                     # 2 s at 2 fps: several frames
+    assert e1["cells_before"] - e1["cells_after"] == chunks * (256 - 64)   # snapkv 0.25 of every frame's 256
+    assert r1.usage.prompt_tokens > chunks * 256 > e1["kv_cells"]
+    msgs += [{"role": "assistant", "content": r1.choices[0].message.content},
+             {"role": "user", "content": "and then?"}]
+    e2 = ext(client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=2))
+    assert e2["cache"] == "hit" and e2["media_chunks_encoded"] == 0
+
+    png = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,"
+                                             + base64.b64encode(_png(8, 8)).decode()}}
+    r = post(server, {"model": MODEL_ID, "messages": [{"role": "user", "content": [png]}], "max_tokens": 2})
+    assert_error(r, 400, "invalid_video")

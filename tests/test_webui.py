@@ -461,16 +461,21 @@ target.dispatchEvent(kind === "dropped"
 """
 
 
-def test_attach_by_drop_and_paste_and_video_refused(browser, live, tmp_path):
+def test_attach_by_drop_and_paste_and_a_video(browser, live, tmp_path):
     """Images dropped on the page or pasted are attached byte for byte (the server's conversation cache
-    compares images by sha256); a video gets a clear note and is not attached: the chat API reads
-    image_url parts only."""
+    compares media by sha256); a video from the picker is attached as a video, sent as a `video_url` part,
+    and the server streams it: the answer comes with every chunk's compaction summed."""
     import base64
 
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    from test_video import make_clip
 
     d = browser
     d.get(live.url + "/")
+    d.find_element(By.ID, "api-key").send_keys(KEY, Keys.TAB)
+    wait_for(lambda: "tiny-llava" in d.find_element(By.ID, "model-name").text, what="the model name")
     b64 = base64.b64encode(live.image.read_bytes()).decode()
     for kind in ("dropped", "pasted"):
         d.execute_script(DROP_AND_PASTE, b64, kind)
@@ -478,14 +483,22 @@ def test_attach_by_drop_and_paste_and_video_refused(browser, live, tmp_path):
                     what="two attachments")
     assert [i.get_attribute("alt") for i in imgs] == ["attached: dropped.png", "attached: pasted.png"]
     assert all(i.get_attribute("src") == "data:image/png;base64," + b64 for i in imgs)
+    while d.find_elements(By.CSS_SELECTOR, "#attachments button.remove"):   # the video alone next
+        d.find_element(By.CSS_SELECTOR, "#attachments button.remove").click()
 
-    clip = tmp_path / "clip.mp4"
-    clip.write_bytes(b"\x00\x00\x00\x18ftypmp42")   # the picker goes by the file's type, not its frames
+    clip = make_clip(tmp_path / "clip.mp4", n=4, fps=2, w=224, h=224)
     d.find_element(By.ID, "files").send_keys(str(clip))
-    err = d.find_element(By.ID, "error")
-    wait_for(lambda: "video is not accepted" in err.text, what="the video note")
-    assert len(d.find_elements(By.CSS_SELECTOR, "#attachments li")) == 2          # nothing more attached
-    assert "Video is not accepted" in d.find_element(By.ID, "media-note").text
+    video = wait_for(lambda: d.find_elements(By.CSS_SELECTOR, "#attachments video"), what="the video attachment")[0]
+    assert video.get_attribute("aria-label") == "attached: clip.mp4"
+    assert video.get_attribute("src") == "data:video/mp4;base64," + base64.b64encode(clip.read_bytes()).decode()
+    send(d, "what happens in the clip?")
+    idle(d)
+    req = d.execute_script("return window.__requests[window.__requests.length - 1]")
+    assert [p["type"] for p in req["messages"][-1]["content"]] == ["text", "video_url"]
+    text, x, usage = last_response(d)
+    assert x["cache"] == "miss" and x["media_chunks_encoded"] >= 2
+    assert x["cells_before"] - x["cells_after"] == x["media_chunks_encoded"] * (256 - 64)   # snapkv 0.25, per frame
+    assert d.find_elements(By.CSS_SELECTOR, "#log li.msg.user video")
 
 
 FILL_STORAGE = """
@@ -574,7 +587,7 @@ def test_page_is_open_the_api_is_not(live):
     r = httpx.get(live.url + "/v1/edgekv/info", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
     info = r.json()
     assert info["model"] == MODEL_ID and info["cell_bytes"] == live.model.cell_bytes and info["images"] is True
-    assert info["method"] == "snapkv" and "snapkv" in info["methods"] and info["video"] is False
+    assert info["method"] == "snapkv" and "snapkv" in info["methods"] and info["video"] is True
 
 
 def test_no_webui_flag(tiny_pairs, monkeypatch):

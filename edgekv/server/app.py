@@ -22,8 +22,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgekv.errors import BudgetError, ContextOverflowError, EdgeKVError, MediaError
 from edgekv.server.engine import ConvMessage, Engine, Job, QueueFull
-from edgekv.server.images import DEFAULT_MAX_IMAGES, DEFAULT_MAX_REQUEST_PIXELS, ImageLoader, ImageRefused
-from edgekv.server.schemas import ChatRequest, ImagePart, TextPart, error_body
+from edgekv.server.images import (DEFAULT_MAX_IMAGES, DEFAULT_MAX_REQUEST_PIXELS, MAX_VIDEOS, ImageLoader,
+                                  ImageRefused)
+from edgekv.server.schemas import ChatRequest, ImagePart, TextPart, VideoPart, error_body
 from edgekv.server.webui import mount as mount_webui
 
 log = logging.getLogger("edgekv.serve")
@@ -341,13 +342,13 @@ def create_app(engine: Engine, *, api_key: str | tuple[str, ...] | None = None, 
         return Job(messages, gen, method, budget, asyncio.get_running_loop(), tenant=tenant), req
 
     def _messages(req: ChatRequest) -> list[ConvMessage]:
-        out, n_images, pixels, text_bytes = [], 0, 0, 0
+        out, n_images, n_videos, pixels, text_bytes = [], 0, 0, 0, 0
         for i, m in enumerate(req.messages):
             if m.role in ("tool", "function"):
                 raise APIError(400, f"messages[{i}]: role {m.role!r} (a tool result) is not supported: edgekv "
                                "does not call tools", code="unsupported_parameter", param=f"messages.{i}.role")
             role = "system" if m.role == "developer" else m.role
-            texts, ims = [], []
+            texts, ims, clips = [], [], []
             if isinstance(m.content, str):
                 texts.append(m.content)
             for part in m.content if isinstance(m.content, list) else ():
@@ -367,14 +368,23 @@ def create_app(engine: Engine, *, api_key: str | tuple[str, ...] | None = None, 
                         raise APIError(400, f"the request's images have more than {max_request_pixels} pixels "
                                        "together (--max-request-pixels)", code="image_too_large", param="messages")
                     ims.append(im)
+                elif isinstance(part, VideoPart):
+                    if role != "user":
+                        raise APIError(400, f"messages[{i}]: videos are accepted in user messages only",
+                                       param=f"messages.{i}")
+                    n_videos += 1
+                    if n_videos > MAX_VIDEOS:
+                        raise APIError(400, f"more than {MAX_VIDEOS} videos in one request", code="too_many_videos",
+                                       param="messages")
+                    clips.append(images.load_video(part.video_url.url, n_videos))
             text_bytes += sum(len(t.encode("utf-8")) for t in texts)
-            out.append(ConvMessage(role, "\n".join(texts), ims))
+            out.append(ConvMessage(role, "\n".join(texts), ims, clips))
         if text_bytes > engine.max_prompt_bytes:   # refused before tokenizing (which takes seconds for MBs)
             raise APIError(400, f"the messages' text ({text_bytes} bytes) cannot fit the context of "
                            f"{engine.model.n_ctx} tokens", code="context_length_exceeded", param="messages")
         if out[-1].role != "user":
             raise APIError(400, "the last message must be the user's", param="messages")
-        if n_images and engine.model.mtmd is None:
+        if (n_images or n_videos) and engine.model.mtmd is None:
             raise APIError(400, "this model was loaded without a projector (--mmproj): it cannot read images",
                            code="images_unsupported", param="messages")
         return out

@@ -11,20 +11,23 @@ import dataclasses
 import logging
 import math
 import queue
+import tempfile
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from edgekv.errors import (BudgetError, Cancelled, CompactionError, EdgeKVError, ModelLoadError, SaveFormatError,
-                           SessionError, StateFormatError)
+from edgekv.errors import (BudgetError, Cancelled, CompactionError, EdgeKVError, MediaError, ModelLoadError,
+                           SaveFormatError, SessionError, StateFormatError)
 from edgekv.methods import METHODS, get_method, parse_budget, uses_queries
 from edgekv.runtime import CancelToken, Model, Session
 from edgekv.runtime.lib import mtmd_cpp
 from edgekv.runtime.probe import question_probe
+from edgekv.runtime.streaming import VIDEO_MARKER
 from edgekv.server.convcache import ConversationCache, MessageKey
-from edgekv.server.images import RequestImage
+from edgekv.server.images import RequestImage, RequestVideo
 
 log = logging.getLogger("edgekv.serve")
 MARKER = mtmd_cpp.mtmd_default_marker().decode()
@@ -54,14 +57,15 @@ class ConvMessage:
     role: str
     text: str
     images: list[RequestImage] = field(default_factory=list)
+    videos: list[RequestVideo] = field(default_factory=list)   # the last user message's only (see _serve)
 
     @property
     def content(self) -> str:
-        return "".join(f"{MARKER}\n" for _ in self.images) + self.text
+        return "".join(f"{VIDEO_MARKER}\n" for _ in self.videos) + "".join(f"{MARKER}\n" for _ in self.images) + self.text
 
     @property
     def key(self) -> MessageKey:
-        return (self.role, self.content, tuple(im.sha256 for im in self.images))
+        return (self.role, self.content, tuple(m.sha256 for m in (*self.videos, *self.images)))
 
 
 @dataclass
@@ -258,6 +262,10 @@ class Engine:
     def _prefill_history(self, msgs: list[ConvMessage], job: Job) -> bool:
         """Prefill whole messages before the last user message (a conversation the cache did not keep).
         False when the template renders the kept part differently (then the caller starts over)."""
+        if any(m.videos for m in msgs):
+            raise MediaError("an earlier message of this conversation has a video the server no longer holds "
+                             "(its conversation cache was evicted): send the video again in the last message, "
+                             "or start a new conversation")
         images = self._decode_images(msgs, job)
         self._check_cancelled(job)
         if not self.session.append_history([{"role": m.role, "content": m.content} for m in msgs], images):
@@ -295,7 +303,19 @@ class Engine:
                 raise InternalError("the model's chat template renders this conversation inconsistently")
         last_images = self._decode_images([last], job)
         self._check_cancelled(job)
-        turn = s.chat(last.text, last_images, cancel=job.cancelled, **job.gen)
+        clips_dir = tempfile.TemporaryDirectory(prefix="edgekv-video-") if last.videos else None
+        try:
+            clips = [v.open(Path(clips_dir.name)) for v in last.videos]   # streamed frame by frame, compacted per chunk
+            self._turn_answer(job, s.chat(last.text, last_images, clips, cancel=job.cancelled, **job.gen), last_images,
+                              keys, reused, cached_tokens, tok0, images0, chunks0, t0, t_restored)
+        finally:
+            if clips_dir is not None:
+                clips_dir.cleanup()
+
+    def _turn_answer(self, job: Job, turn, last_images, keys, reused, cached_tokens, tok0, images0, chunks0, t0,
+                     t_restored) -> None:
+        """Stream the turn's answer to the job, then keep the conversation and emit the result."""
+        s = self.session
         first = last_rec = None
         text = []
         t_first = None
@@ -337,9 +357,11 @@ class Engine:
     def _result(self, job, rec, answer, reused, cached_tokens, prompt_new, images, chunks, kept, timings) -> dict:
         s = self.session
         reports = list(s.reports)
-        if reports:
-            cells = (reports[0].cells_before, reports[-1].cells_after)
-            nbytes = (reports[0].bytes_before, reports[-1].bytes_after)
+        if reports:   # before: what the cache would hold without this turn's compactions (one per video chunk)
+            cells = (reports[-1].cells_after + sum(r.cells_before - r.cells_after for r in reports),
+                     reports[-1].cells_after)
+            nbytes = (reports[-1].bytes_after + sum(r.bytes_before - r.bytes_after for r in reports),
+                      reports[-1].bytes_after)
         else:
             cells = (s.n_cells, s.n_cells)
             nbytes = (s.kv_bytes(),) * 2

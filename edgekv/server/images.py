@@ -21,6 +21,7 @@ from edgekv.errors import MediaError
 DEFAULT_MAX_PIXELS = 50_000_000   # 50 MP: above every camera a desktop user has; llama.cpp resizes anyway
 DEFAULT_MAX_REQUEST_PIXELS = 100_000_000   # all images of one request, from their headers
 DEFAULT_MAX_IMAGES = 16           # images in one request
+MAX_VIDEOS = 4                    # clips in one request (each is streamed and compacted chunk by chunk)
 MAX_SIDE = 2048   # decoded images are downscaled to this longest side (Gemma 3 reads 896, SmolVLM 1536)
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")   # Pillow's names for the formats the README lists
 _DATA_URL = re.compile(r"data:(?P<mime>[\w.+/-]*)(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,", re.I)
@@ -96,41 +97,50 @@ class ImageLoader:
         self.max_pixels, self.max_file_bytes = max_pixels, max_file_bytes
 
     def load(self, url: str, n: int) -> RequestImage:
+        return RequestImage(*self._fetch(url, n, "image"))
+
+    def load_video(self, url: str, n: int) -> "RequestVideo":
+        """A clip from a `video_url` part: the same rules as images (data: URLs; local paths only under
+        --allow-local-files)."""
+        return RequestVideo(*self._fetch(url, n, "video"))
+
+    def _fetch(self, url: str, n: int, what: str) -> tuple[bytes, str]:
+        """(bytes, source) of a data: URL or an allowed local file; ImageRefused otherwise."""
         m = _DATA_URL.match(url)
         if m:
             payload = url[m.end():]
             if not m.group("b64"):   # RFC 2397: percent-encoded bytes
                 try:
-                    return RequestImage(unquote_to_bytes(payload), f"#{n} (data URL)")
+                    return unquote_to_bytes(payload), f"#{n} (data URL)"
                 except UnicodeEncodeError:
-                    raise ImageRefused(f"image #{n}: the data URL has characters that are not URL-safe") from None
+                    raise ImageRefused(f"{what} #{n}: the data URL has characters that are not URL-safe") from None
             try:
                 data = base64.b64decode(payload, validate=True)
             except (binascii.Error, ValueError):
-                raise ImageRefused(f"image #{n}: the data URL is not valid base64") from None
-            return RequestImage(data, f"#{n} (data URL)")
+                raise ImageRefused(f"{what} #{n}: the data URL is not valid base64") from None
+            return data, f"#{n} (data URL)"
         if "\x00" in url:
-            raise ImageRefused(f"image #{n}: the image_url has a NUL character")
+            raise ImageRefused(f"{what} #{n}: the URL has a NUL character")
         if re.match(r"^[a-zA-Z]:[\\/]", url):   # a Windows path, not a scheme
-            return self._local(url, n)
+            return self._local(url, n, what)
         parts = urlparse(url)
         scheme = parts.scheme.lower()
         if scheme in ("http", "https"):
-            raise ImageRefused(f"image #{n}: the server does not fetch URLs; send the image as a data: URL",
+            raise ImageRefused(f"{what} #{n}: the server does not fetch URLs; send it as a data: URL",
                                code="unsupported_image_url")
         if scheme == "file":   # file:/abs, file:///abs, file://localhost/abs (RFC 8089); percent-decoded
             if parts.netloc.lower() not in ("", "localhost"):
-                raise ImageRefused(f"image #{n}: file URLs on another host ({parts.netloc}) are not read",
+                raise ImageRefused(f"{what} #{n}: file URLs on another host ({parts.netloc}) are not read",
                                    code="unsupported_image_url")
-            return self._local(unquote(parts.path), n)
+            return self._local(unquote(parts.path), n, what)
         if scheme:
-            raise ImageRefused(f"image #{n}: unsupported image_url scheme {scheme!r}; use a data: URL",
+            raise ImageRefused(f"{what} #{n}: unsupported URL scheme {scheme!r}; use a data: URL",
                                code="unsupported_image_url")
-        return self._local(url, n)
+        return self._local(url, n, what)
 
-    def _local(self, path: str, n: int) -> RequestImage:
+    def _local(self, path: str, n: int, what: str) -> tuple[bytes, str]:
         if not self.allowed:
-            raise ImageRefused(f"image #{n}: local file paths are off; start the server with "
+            raise ImageRefused(f"{what} #{n}: local file paths are off; start the server with "
                                "--allow-local-files DIR, or send a data: URL", status=403, code="local_files_off")
         p = Path(path).expanduser()
         try:   # symlinks resolved: a link out of the folder is refused too
@@ -139,14 +149,41 @@ class ImageLoader:
             real = None
         # outside the folders, a file that exists and one that does not get the same answer: no oracle
         if real is None or not any(real.is_relative_to(d) for d in self.allowed):
-            raise ImageRefused(f"image #{n}: {p} is not a file under the folders --allow-local-files names",
+            raise ImageRefused(f"{what} #{n}: {p} is not a file under the folders --allow-local-files names",
                                status=403, code="path_not_allowed")
         if not real.is_file():
-            raise ImageRefused(f"image #{n}: no such file {p}")
+            raise ImageRefused(f"{what} #{n}: no such file {p}")
         if real.stat().st_size > self.max_file_bytes:
-            raise ImageRefused(f"image #{n}: {p} is larger than the request limit (--max-request-mb)",
+            raise ImageRefused(f"{what} #{n}: {p} is larger than the request limit (--max-request-mb)",
                                code="image_too_large")
         try:
-            return RequestImage(real.read_bytes(), str(p))
+            return real.read_bytes(), str(p)
         except OSError as e:
-            raise ImageRefused(f"image #{n}: cannot read {p}: {e.strerror}") from None
+            raise ImageRefused(f"{what} #{n}: cannot read {p}: {e.strerror}") from None
+
+
+@dataclass
+class RequestVideo:
+    """A clip of a request: its bytes (hashed like an image's, for the conversation cache), written to a
+    temporary file only while its turn prefills it (PyAV reads files)."""
+
+    data: bytes
+    source: str
+    sha256: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sha256 = hashlib.sha256(self.data).hexdigest()
+
+    def open(self, folder: Path, fps: float | None = None, max_frames: int | None = None):
+        """A `streaming.Video` of the clip, read from a file in `folder` (the caller removes the folder);
+        ImageRefused (400) when it is not a video PyAV can decode."""
+        from edgekv.runtime.streaming import Video
+        from edgekv.runtime.video import DEFAULT_FPS, DEFAULT_MAX_FRAMES
+
+        path = Path(folder) / f"{self.sha256[:16]}.video"
+        path.write_bytes(self.data)
+        try:
+            return Video(path, fps=fps or DEFAULT_FPS, max_frames=max_frames or DEFAULT_MAX_FRAMES,
+                         name=f"video {self.source}")
+        except MediaError as e:
+            raise ImageRefused(f"video {self.source}: {e}", code="invalid_video") from None

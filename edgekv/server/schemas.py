@@ -28,7 +28,14 @@ class ImagePart(_Lenient):
     image_url: ImageURL
 
 
-ContentPart = Union[TextPart, ImagePart]
+class VideoPart(_Lenient):
+    """A clip (edgekv's extension, in vLLM's shape): a data: URL (video/mp4, webm...) or an allowed path."""
+
+    type: Literal["video_url"]
+    video_url: ImageURL
+
+
+ContentPart = Union[TextPart, ImagePart, VideoPart]
 
 
 class Message(_Lenient):

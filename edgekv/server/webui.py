@@ -39,7 +39,7 @@ def info(engine: Engine) -> dict:
             "methods": sorted(m for m in METHODS if captures or not uses_queries(m)),
             "method": engine.default_method, "budget": engine.default_budget, "max_tokens": engine.max_tokens,
             "images": model.mtmd is not None,
-            "video": False}   # the chat endpoint takes image_url parts only; `edgekv video` reads clips
+            "video": model.mtmd is not None}   # video_url parts: streamed and compacted chunk by chunk
 
 
 def mount(app: FastAPI, engine: Engine) -> None:

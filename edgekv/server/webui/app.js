@@ -133,7 +133,10 @@
     return messages.map((m) => {
       if (m.role !== "user") return { role: m.role, content: m.text };
       const parts = [{ type: "text", text: m.text }];
-      for (const im of m.images || []) parts.push({ type: "image_url", image_url: { url: im.url } });
+      for (const im of m.images || []) {
+        parts.push(im.kind === "video" ? { type: "video_url", video_url: { url: im.url } }
+                                       : { type: "image_url", image_url: { url: im.url } });
+      }
       return { role: "user", content: parts };
     });
   }
@@ -271,17 +274,17 @@
   async function addFiles(files) {
     const refused = [];
     for (const f of files) {
-      if (f.type.startsWith("video/")) {
-        refused.push(`${f.name}: video is not accepted by this server's chat API (images only); ` +
-                     "use `edgekv video` on the command line");
+      const video = f.type.startsWith("video/");
+      if (video && info && !info.video) {
+        refused.push(`${f.name}: this server does not take videos`);
         continue;
       }
-      if (!f.type.startsWith("image/")) {
-        refused.push(`${f.name}: not an image`);
+      if (!video && !f.type.startsWith("image/")) {
+        refused.push(`${f.name}: not an image or a video`);
         continue;
       }
-      // The file's own bytes, unchanged: the server's conversation cache compares images by their sha256.
-      pending.push({ url: await readAsDataURL(f), name: f.name || "pasted image" });
+      // The file's own bytes, unchanged: the server's conversation cache compares media by their sha256.
+      pending.push({ url: await readAsDataURL(f), name: f.name || "pasted image", kind: video ? "video" : "image" });
     }
     if (refused.length) showError(refused.join("\n"));
     else clearError();
@@ -365,9 +368,16 @@
     }));
   }
 
+  function mediaNode(im, label) {
+    // a video shows as its first frame (no autoplay); an image as itself
+    return im.kind === "video"
+      ? h("video", { src: im.url, "aria-label": label, title: label, muted: true, preload: "metadata" })
+      : h("img", { src: im.url, alt: label });
+  }
+
   function renderAttachments() {
     el.attachments.replaceChildren(...pending.map((im, i) => h("li", {},
-      h("img", { src: im.url, alt: `attached: ${im.name}` }),
+      mediaNode(im, `attached: ${im.name}`),
       h("button", { type: "button", class: "remove", "aria-label": `Remove ${im.name}`, text: "×",
                     onclick: () => { pending.splice(i, 1); renderAttachments(); el.prompt.focus(); } }))));
     el.attachments.hidden = !pending.length;
@@ -379,7 +389,7 @@
       h("div", { class: "who", text: who }));
     if (m.images && m.images.length) {
       node.append(h("div", { class: "images" }, m.images.map((im, k) =>
-        h("img", { src: im.url, alt: `image ${k + 1}: ${im.name}` }))));
+        mediaNode(im, `${im.kind === "video" ? "video" : "image"} ${k + 1}: ${im.name}`))));
     }
     if (m.droppedImages) {
       node.append(h("p", { class: "note",
