@@ -355,13 +355,8 @@ def create_app(engine: Engine, *, api_key: str | tuple[str, ...] | None = None, 
                 if isinstance(part, TextPart):
                     texts.append(part.text)
                 elif isinstance(part, ImagePart):
-                    if role != "user":
-                        raise APIError(400, f"messages[{i}]: images are accepted in user messages only",
-                                       param=f"messages.{i}")
                     n_images += 1
-                    if n_images > max_images:
-                        raise APIError(400, f"more than {max_images} images in one request (--max-images)",
-                                       code="too_many_images", param="messages")
+                    _check_media(i, role, "image", n_images, max_images, " (--max-images)")
                     im = images.load(part.image_url.url, n_images)
                     pixels += im.pixels(images.max_pixels)   # from the header: nothing decoded yet
                     if pixels > max_request_pixels:
@@ -369,13 +364,8 @@ def create_app(engine: Engine, *, api_key: str | tuple[str, ...] | None = None, 
                                        "together (--max-request-pixels)", code="image_too_large", param="messages")
                     ims.append(im)
                 elif isinstance(part, VideoPart):
-                    if role != "user":
-                        raise APIError(400, f"messages[{i}]: videos are accepted in user messages only",
-                                       param=f"messages.{i}")
                     n_videos += 1
-                    if n_videos > MAX_VIDEOS:
-                        raise APIError(400, f"more than {MAX_VIDEOS} videos in one request", code="too_many_videos",
-                                       param="messages")
+                    _check_media(i, role, "video", n_videos, MAX_VIDEOS)
                     clips.append(images.load_video(part.video_url.url, n_videos))
             text_bytes += sum(len(t.encode("utf-8")) for t in texts)
             out.append(ConvMessage(role, "\n".join(texts), ims, clips))
@@ -431,6 +421,15 @@ def create_app(engine: Engine, *, api_key: str | tuple[str, ...] | None = None, 
     if webui:
         mount_webui(app, engine)
     return Guard(BodyLimit(app, max_request_bytes, read_timeout=read_timeout), keys, hosts, cors_origins)
+
+
+def _check_media(i: int, role: str, kind: str, n: int, limit: int, option: str = "") -> None:
+    """The n-th image or video of a request, in message i: user messages only, at most `limit`."""
+    if role != "user":
+        raise APIError(400, f"messages[{i}]: {kind}s are accepted in user messages only", param=f"messages.{i}")
+    if n > limit:
+        raise APIError(400, f"more than {limit} {kind}s in one request{option}", code=f"too_many_{kind}s",
+                       param="messages")
 
 
 class _ClientGone(Exception):
