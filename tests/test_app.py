@@ -23,7 +23,7 @@ def test_stream_cancel_progress_save_load(tiny_pairs, tmp_path):
         assert ("image", 1, 1) in seen and any(s == "prefill" for s, _, _ in seen)
         last = chat.last
         assert last.completion_tokens == out[-1].generation_tokens and last.kv_bytes < last.full_bytes
-        n_media = chat.session.n_media
+        n_media = chat.session.cache.n_media
 
         # cancel() from another thread stops the generation; the partial answer stays
         stop = threading.Event()
@@ -37,7 +37,7 @@ def test_stream_cancel_progress_save_load(tiny_pairs, tmp_path):
         recs = list(on_token())
         assert recs[-1].finish_reason == "cancelled" and recs[-1].generation_tokens <= 4
         assert chat.messages[-1]["role"] == "assistant"
-        assert chat.session.n_media == n_media          # the follow-up did not encode the image again
+        assert chat.session.cache.n_media == n_media          # the follow-up did not encode the image again
 
         path = tmp_path / "conv.edgekv"
         chat.save(path)

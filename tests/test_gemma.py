@@ -114,7 +114,7 @@ def test_captured_queries_match_llama_softmax_on_global_layers(gemma):
     cap.extra_prefixes = ()
     lay = gemma.layout
     K, _ = layer_floats(parse_state(s.state_blob(), n_blocks=2).blocks[0], lay.n_head_kv)
-    Q = s._window_q
+    Q = s.cache.window_q
     T = K.shape[2]
     for j, il in enumerate(lay.global_layers):
         ref = cap.extra[f"kq_soft_max-{il}"][..., :T]

@@ -79,8 +79,8 @@ def answer(s) -> str:
 def test_needle_inside_image_chunks_survives_full(model, pixels):
     s, images, question = media_session(model, pixels[1], method="full", budget=1.0)
     assert len(images) >= 2
-    media = s.media[s.media >= 0]
-    assert len(np.unique(media)) == len(images) and (s.kind == 1).sum() == 256 * len(images)
+    media = s.cache.media[s.cache.media >= 0]
+    assert len(np.unique(media)) == len(images) and (s.cache.kind == 1).sum() == 256 * len(images)
     s.append_text(question)
     assert NEEDLE_KEY in answer(s)
     s.close()
@@ -89,11 +89,11 @@ def test_needle_inside_image_chunks_survives_full(model, pixels):
 def test_compacting_media_leaves_text_cells_untouched(model, pixels):
     s, _, question = media_session(model, pixels[1], method="hybridkv", budget=0.25)
     s.append_text(question)
-    before = s._parse(s.state_blob()).blocks[0]
-    text_pos = before.pos[s.kind == 0]
+    before = s.cache.parse(s.state_blob()).blocks[0]
+    text_pos = before.pos[s.cache.kind == 0]
     r = s.compact()
     assert r is not None and r.cells_after < r.cells_before
-    after = s._parse(s.state_blob()).blocks[0]
+    after = s.cache.parse(s.state_blob()).blocks[0]
     for block in (before, after):
         assert len(set(block.pos.tolist())) == block.n_cells
     idx_b = {p: i for i, p in enumerate(before.pos.tolist())}

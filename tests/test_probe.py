@@ -65,17 +65,17 @@ def _prefill(model, doc, prefix):
 def check_exact_removal(model, doc, prefix, probe, question):
     """With a probe then compaction == compaction alone, bit for bit (flash attention off)."""
     a = _prefill(model, doc, prefix)
-    p0, n0 = a.n_past, a.n_cells
+    p0, n0 = a.cache.n_past, a.n_cells
     r = a.compact(method=KeepFirstQA(), budget=0.25, probe=probe)
     assert r is not None and r.probe == "question" and r.info["probe_tokens"] == len(probe)
-    assert a.n_past == p0 and a.n_cells < n0 and a._window_rows == 0 and a.reports == [r]
+    assert a.cache.n_past == p0 and a.n_cells < n0 and a.cache.window_rows == 0 and a.reports == [r]
     a.append_tokens(question, capture=False)
-    got = (a.state_blob(), a.logits.copy(), a.kind.copy())
+    got = (a.state_blob(), a.logits.copy(), a.cache.kind.copy())
     a.close()   # one live session per model
     b = _prefill(model, doc, prefix)
     b.compact(method=KeepFirst(), budget=0.25)
     b.append_tokens(question, capture=False)
-    want = (b.state_blob(), b.logits.copy(), b.kind.copy())
+    want = (b.state_blob(), b.logits.copy(), b.cache.kind.copy())
     b.close()
     same_blob = got[0] == want[0]  # a bool: pytest's diff of two multi-MB blobs would take minutes
     assert same_blob, "the cache after probe + removal differs from compaction alone"
@@ -138,11 +138,11 @@ def test_compaction_before_the_question_uses_a_probe(llava):
     for method, auto in (("snapkv", False), ("auto", True)):
         s = Session(model, method=method, budget=0.25, auto_compact=False)
         s.append_prompt("a " + marker, [img])
-        n_past, n_cells = s.n_past, s.n_cells
+        n_past, n_cells = s.cache.n_past, s.n_cells
         r = s.compact()
         assert r.auto == auto and r.probe == "generic" and r.resolved in ("snapkv", "hybridkv")
         assert r.info["probe_tokens"] > 0 and r.window == r.info["probe_tokens"]
-        assert s.n_past == n_past and s.n_cells == r.cells_after < n_cells
+        assert s.cache.n_past == n_past and s.n_cells == r.cells_after < n_cells
         s.append_text(" the")
         assert len(list(s.generate(max_tokens=2))) >= 1
         s.close()

@@ -152,7 +152,7 @@ def _softmax_check(m: Model, s: Session, prompt: str, q_scaled: bool) -> None:
         cap.extra_prefixes = ()
     lay = m.layout
     K, _ = layer_floats(parse_state(s.state_blob(), n_blocks=2 if lay.iswa else 1).blocks[0], lay.n_head_kv)
-    Q = s._window_q
+    Q = s.cache.window_q
     T = K.shape[2]
     for j, il in enumerate(lay.global_layers):
         ref = cap.extra[f"kq_soft_max-{il}"][..., :T]

@@ -100,19 +100,19 @@ def test_multi_turn_reuses_compacted_cache(tiny_pairs):
         s = Session(m, method="snapkv", budget=0.25)
         list(s.chat("What is in the image?", [image], max_tokens=4))
         r1 = s.reports[-1]
-        packed1 = int((s.kind == PACKED).sum())
+        packed1 = int((s.cache.kind == PACKED).sum())
         tokens_before = s.prompt_tokens
-        media_before = s.n_media
+        media_before = s.cache.n_media
         # turn 2, text only: nothing re-encoded, nothing re-compressed
         list(s.chat("And what colour is it?", max_tokens=4))
-        assert s.n_media == media_before and len(s.reports) == 1
+        assert s.cache.n_media == media_before and len(s.reports) == 1
         assert s.prompt_tokens - tokens_before < 40                # only the new turn's text was prefilled
-        assert int((s.kind == PACKED).sum()) == packed1
+        assert int((s.cache.kind == PACKED).sum()) == packed1
         # turn 3, a new image: only the new image is compressed; turn 1's slots stay as they were
         list(s.chat("Compare with this one.", [image], max_tokens=4))
         r3 = s.reports[-1]
         assert len(s.reports) == 2 and r3.n_candidates == 256
-        assert int((s.kind == PACKED).sum()) == packed1 + r3.budget_cells
+        assert int((s.cache.kind == PACKED).sum()) == packed1 + r3.budget_cells
         assert r3.cells_before > r1.cells_after
         state = parse_state(s.state_blob())
         assert state.blocks[0].n_cells == s.n_cells
@@ -162,7 +162,7 @@ def test_captured_queries_match_llama_softmax(tiny_pairs):
         cap.extra_prefixes = ()
         lay = m.layout
         K, _ = layer_floats(parse_state(s.state_blob()).blocks[0], lay.n_head_kv)  # [L, Hk, T, d]
-        Q = s._window_q                                                         # [L, H, W, d]
+        Q = s.cache.window_q                                                         # [L, H, W, d]
         assert Q is not None and Q.shape[2] == 8
         T = K.shape[2]
         for il in range(lay.n_layer):
@@ -208,7 +208,7 @@ def test_context_sized_for_the_budget_holds_a_many_tile_image(tiny_pairs):
         assert early and all(r.resolved == "snapkv" and r.probe == "generic" for r in early)
         assert s.reports[-1].resolved == "snapkv" and s.reports[-1].window > 0
         assert sum(r.n_candidates for r in s.reports) == 2560
-        assert s.n_cells <= 1024 and s.n_media == 10
+        assert s.n_cells <= 1024 and s.cache.n_media == 10
         s.close()
 
 
@@ -224,6 +224,6 @@ def test_snapshot_restore_returns_to_the_same_cache(tiny_pairs):
         r = s.compact()
         assert r.cells_after < r.cells_before
         s.restore(snap)
-        assert s.n_cells == r.cells_before and int((s.kind == PACKED).sum()) == 0
+        assert s.n_cells == r.cells_before and int((s.cache.kind == PACKED).sum()) == 0
         np.testing.assert_array_equal(s.eval_logits(probe), want)
         s.close()

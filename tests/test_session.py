@@ -75,10 +75,10 @@ def test_failed_turn_leaves_cache_and_messages_as_before(tiny_pairs):
     with load(tiny_pairs, n_ctx=200) as m:
         s = Session(m, method="snapkv", early_compact=False)
         list(s.chat("hello", max_tokens=3))
-        before = (s.state_blob(), s.n_cells, s.n_past, [dict(x) for x in s.messages], s.prompt_tokens)
+        before = (s.state_blob(), s.n_cells, s.cache.n_past, [dict(x) for x in s.messages], s.prompt_tokens)
         with pytest.raises(ContextOverflowError):
             list(s.chat("what is this?", [image], max_tokens=3))
-        assert (s.state_blob(), s.n_cells, s.n_past, s.messages, s.prompt_tokens) == before
+        assert (s.state_blob(), s.n_cells, s.cache.n_past, s.messages, s.prompt_tokens) == before
         # and the conversation goes on normally
         out = list(s.chat("again", max_tokens=2))
         assert roles(s) == ["user", "assistant"] * 2 and out[-1].finish_reason in ("length", "stop")
@@ -203,7 +203,7 @@ def test_batch_smaller_than_the_window(tiny_pairs):
         s = Session(m, method="snapkv", window=32)
         out = list(s.chat("hi there, a question that is longer than eight tokens", max_tokens=3))
         assert out[-1].finish_reason in ("length", "stop")
-        assert s._window_rows == 8               # the window is clipped to one batch
+        assert s.cache.window_rows == 8               # the window is clipped to one batch
         s.close()
 
 

@@ -191,7 +191,7 @@ def test_streamed_video_stays_within_budget_plus_chunk(tiny_pairs, clip, variant
         # state_cells reads the 16-byte header only; the whole blob says the same
         from edgekv.kv.codec import parse_state
         assert final == parse_state(s.state_blob(), has_ext=m.layout.mrope).blocks[0].n_cells
-        text = int((s.kind == 0).sum())  # protected: template, timestamps, vision wrappers, answer
+        text = int((s.cache.kind == 0).sum())  # protected: template, timestamps, vision wrappers, answer
         budget = math.ceil(0.25 * plan.media_tokens) + plan.groups
         assert final - text <= budget
         assert len(hook.before) == plan.groups
@@ -217,7 +217,7 @@ def test_streaming_without_a_session_hook_uses_its_own(tiny_pairs, clip):
         st = append_video(s, iter(frames))
         assert st.frames == 5 and st.chunks == 5 and st.seconds == 1.0
         assert s.after_media_chunk is None
-        assert int((s.kind != 0).sum()) <= 5 * (64 + 1)  # media cells: 0.25 of 5 x 256 (+ the kept tails)
+        assert int((s.cache.kind != 0).sum()) <= 5 * (64 + 1)  # media cells: 0.25 of 5 x 256 (+ the kept tails)
         assert st.media_tokens == 5 * 256 and s.n_cells < 5 * 256 // 2
         s.close()
 

@@ -147,7 +147,7 @@ class RuntimeEngine(Engine):
         else:  # compressible: no question window (the document's own tail is no question)
             s.append_tokens(list(sample.context), compressible=True)
         self.media_prefill_s = time.perf_counter() - t1
-        self.n_context = int((s.kind == 1).sum())   # the compressible cells (images: padding included)
+        self.n_context = int((s.cache.kind == 1).sum())   # the compressible cells (images: padding included)
         self._snap_before = s.snapshot()
         s.append_tokens(list(sample.question[:-1]), compressible=False)
         seconds = time.perf_counter() - t0

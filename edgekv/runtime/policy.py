@@ -34,13 +34,13 @@ def compact(session, method: str | Method | None, budget: float | int | str | No
     if early and meth.needs_queries:
         meth = get_method("auto")  # resolves to its query-agnostic pick (no queries)
     budget_cells = resolve_budget(s.budget if budget is None else budget, int(cand.sum()))
-    chunk = s.lone_chunk(cand) if early else None
+    chunk = s.txns.lone_chunk(cand) if early else None
     r = None
     if chunk is not None:   # the last media chunk alone (no host copy)
         r = s.cache.compact(meth, budget_cells, chunk=chunk, use_queries=False, seed=s.seed, early=True)
     if r is None:
         r = s.cache.compact(meth, budget_cells, cand=cand, use_queries=not early, seed=s.seed, early=early,
-                            on_blob=s.stash, cap=early)
+                            on_blob=s.txns.stash, cap=early)
     s.reports.append(r)
     return r
 

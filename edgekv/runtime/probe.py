@@ -80,10 +80,10 @@ def compact_with_probe(session, method, budget, early: bool, probe: Probe):
     last_kind = int(c.kind[-1])
     # The last media chunk alone (the LastChunk region, runtime/compactor.py): no whole-cache read, and no rollback
     # blob, since every cell it rewrites lies after the turn's start (dropping the turn's tail undoes it).
-    chunk = s.lone_chunk(c.candidates(s.compress)) if method.plans_on_chunk else None
+    chunk = s.txns.lone_chunk(c.candidates(s.compress)) if method.plans_on_chunk else None
     if chunk is None:
         blob = c.state_buffer()   # no bytes copy; parsed as views into it (as the compactor does)
-        s.stash(blob)   # a turn rolled back after this compaction returns to before the probe
+        s.txns.stash(blob)   # a turn rolled back after this compaction returns to before the probe
         before = c.parse(blob, copy=False)
         swa = before.blocks[1] if s.model.layout.iswa else None
         bytes_before = before.nbytes
@@ -110,7 +110,7 @@ def compact_with_probe(session, method, budget, early: bool, probe: Probe):
                     report = c.compact(method, cells, chunk=chunk, use_queries=True, seed=s.seed, early=early)
                 if report is None:
                     report = c.compact(method, cells, cand=cand, use_queries=True, seed=s.seed, early=early,
-                                       on_blob=s.stash if chunk is not None else None, cap=early)
+                                       on_blob=s.txns.stash if chunk is not None else None, cap=early)
     finally:
         t2 = time.perf_counter()
         remove_probe(s, p0, n, swa)

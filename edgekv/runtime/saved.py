@@ -68,7 +68,7 @@ def save(session, path: str | os.PathLike) -> Path:
                      "budget": session.budget, "compress": session.compress,
                      "window": session.window, "seed": session.seed, "auto_compact": session.auto_compact,
                      "early_compact": session.early_compact},
-        "counters": {"prompt": list(session._prefill.counts()), "generation_tokens": session.generation_tokens,
+        "counters": {"prompt": list(session.prefiller.counts()), "generation_tokens": session.generation_tokens,
                      "generation_seconds": session.generation_seconds},
         "reports": [dataclasses.asdict(r) for r in session.reports],
     }
@@ -172,7 +172,7 @@ def restore_into(session, header: dict, blob: bytes, arrays: dict, path) -> None
     session.messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in header["messages"]]
     session.history.text = header["in_cache_text"]
     counters = header.get("counters", {})
-    session._prefill.set_counts(tuple(counters.get("prompt", (0, 0.0, 0, 0.0))))
+    session.prefiller.set_counts(tuple(counters.get("prompt", (0, 0.0, 0, 0.0))))
     session.generation_tokens = int(counters.get("generation_tokens", 0))
     session.generation_seconds = float(counters.get("generation_seconds", 0.0))
     session.reports[:] = [CompactionReport.from_dict(r) for r in header.get("reports", [])]

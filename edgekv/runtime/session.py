@@ -17,7 +17,6 @@ position, which the turn's start still needs.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import threading
 from dataclasses import dataclass
@@ -27,7 +26,6 @@ from typing import Iterator, Literal
 import numpy as np
 
 from edgekv.errors import BudgetError, Cancelled, CompactionError, EdgeKVError, MediaError, SessionError
-from edgekv.kv.codec import SeqState
 from edgekv.methods import Method, Span, get_method, parse_budget
 from edgekv.runtime import lib, policy, template
 from edgekv.runtime.cache import (CANCELLED_MESSAGE, PACKED, PENDING, PROTECTED, CacheMarks, CompactionReport,
@@ -39,6 +37,7 @@ from edgekv.runtime.lib import mtmd_cpp
 from edgekv.runtime.media import ImageInput
 from edgekv.runtime.model import Model
 from edgekv.runtime.prefill import Prefiller, Progress
+from edgekv.runtime.transaction import Transactions
 from edgekv.runtime.turn import CancelToken, TurnGuard
 
 __all__ = ["Session", "SessionSnapshot", "CancelToken", "CompactionReport", "GenerationResponse", "FINISH_REASONS",
@@ -66,19 +65,6 @@ class SessionSnapshot:
     def nbytes(self) -> int:
         """Host bytes this snapshot holds (the cache blob and the marks' sliding-window blocks)."""
         return len(self.blob) + sum(len(m.swa) for m in self.text_marks if m.swa is not None)
-
-
-@dataclass
-class _Txn:
-    """Where the current turn started (see the module docstring)."""
-
-    marks: CacheMarks
-    messages: list
-    n_reports: int
-    counts: tuple[int, float, int, float]
-    history: tuple = ("", ())   # CachedText.state()
-    stash: bytes | ctypes.Array | None = None  # the blob compaction read (its ctypes buffer, no copy)
-    swa: bytes | None = None   # iSWA models: the sliding-window block at the start (see _swa_checkpoint)
 
 
 class Session:
@@ -130,15 +116,14 @@ class Session:
         self._closed = False
         self._turns = TurnGuard(model.set_abort)   # the running turn's cancel token (runtime/turn.py)
         self._turn_thread = 0
-        self._txn: _Txn | None = None
+        self.txns = Transactions(self)   # the running turn's rollback point (runtime/transaction.py)
         self._answer = Answer()
         try:
             self.cache = CompressedCache(model)
         except BaseException:
             self.close()
             raise
-        self._answer_txn: _Txn | None = None   # the turn whose answer is being generated (see chat)
-        self._prefill = Prefiller(self.cache, self.window, self._make_room, self._turns, progress,
+        self.prefiller = Prefiller(self.cache, self.window, self._make_room, self._turns, progress,
                                   on_media_chunk=self._after_media_chunk)
         # Streaming prefill (edgekv.runtime.streaming): called as hook(session, n_tokens) after every media
         # chunk, e.g. to compact each frame/image as soon as it is in the cache. None: compact at the end.
@@ -147,32 +132,22 @@ class Session:
         self.reports: list[CompactionReport] = []
         self.clear()
 
-    # --- the cache's bookkeeping, under the names callers know ---------------------------------
-    kind = property(lambda self: self.cache.kind, lambda self, v: setattr(self.cache, "kind", v))
-    media = property(lambda self: self.cache.media, lambda self, v: setattr(self.cache, "media", v))
-    n_past = property(lambda self: self.cache.n_past, lambda self, v: setattr(self.cache, "n_past", v))
-    n_media = property(lambda self: self.cache.n_media, lambda self, v: setattr(self.cache, "n_media", v))
-    _window_q = property(lambda self: self.cache.window_q, lambda self, v: setattr(self.cache, "window_q", v))
-    _window_rows = property(lambda self: self.cache.window_rows,
-                            lambda self, v: setattr(self.cache, "window_rows", v))
-    _logits = property(lambda self: self.cache.logits, lambda self, v: setattr(self.cache, "logits", v))
-
     @property
     def progress(self) -> Progress | None:
-        return self._prefill.progress
+        return self.prefiller.progress
 
     @progress.setter
     def progress(self, fn: Progress | None) -> None:
-        self._prefill.progress = fn
+        self.prefiller.progress = fn
 
     @property
     def prompt_tokens(self) -> int:
         """Prefilled tokens (media included) of the whole conversation; answers are not counted."""
-        return self._prefill.total_tokens
+        return self.prefiller.total_tokens
 
     @property
     def prompt_seconds(self) -> float:
-        return self._prefill.total_seconds
+        return self.prefiller.total_seconds
 
     @property
     def n_cells(self) -> int:
@@ -181,6 +156,10 @@ class Session:
     @property
     def logits(self) -> np.ndarray:
         return self.cache.current_logits()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -194,20 +173,13 @@ class Session:
         self.messages: list[dict] = []
         self.history = CachedText()   # the text the cache holds (runtime/history.py)
         self.reports.clear()
-        self._prefill.set_counts((0, 0.0, 0, 0.0))
+        self.prefiller.set_counts((0, 0.0, 0, 0.0))
         self.generation_tokens = 0      # answer tokens kept in the cache, whole conversation
         self.generation_seconds = 0.0
 
     def state_blob(self) -> bytes:
         self._check_usable()
         return self.cache.state_blob()
-
-    def _set_state(self, blob: bytes) -> bool:
-        self._check_usable()
-        return self.cache.set_state(blob)
-
-    def _parse(self, blob: bytes) -> SeqState:
-        return self.cache.parse(blob)
 
     def kv_bytes(self) -> int:
         """K+V bytes the sequence holds in all cache blocks."""
@@ -224,7 +196,8 @@ class Session:
 
     def restore(self, snap: SessionSnapshot) -> None:
         """Put the cache and bookkeeping back as `snapshot()` saw them."""
-        if not self._set_state(snap.blob):
+        self._check_usable()
+        if not self.cache.set_state(snap.blob):
             raise CompactionError(f"llama.cpp refused the saved state:\n{lib.recent_log()}")
         self.cache.set_marks(CacheMarks(snap.n_past, snap.kind, snap.media, snap.n_media, snap.window_q,
                                         snap.window_rows, snap.logits, pos=snap.pos))
@@ -270,54 +243,6 @@ class Session:
         if self._turns.is_set():
             raise Cancelled(CANCELLED_MESSAGE)
 
-    def _swa_checkpoint(self, expect: int | None) -> bytes | None:
-        """On an iSWA model (Gemma 3), the sliding-window block as the turn starts. Decoding overwrites
-        cells that are masked for the newest position (llama.cpp's find_slot takes them), and blobs leave
-        them out, so after dropping the turn's tail the first positions could no longer see the window
-        they need. A single token cannot lose a cell the next token at its position would see, so
-        teacher forcing one token at a time needs no checkpoint. expect: cells the turn adds, if known."""
-        if not self.model.layout.iswa or not self.cache.n_cells or (expect is not None and expect <= 1):
-            return None
-        return self.cache.swa_state()
-
-    @contextlib.contextmanager
-    def _transaction(self, expect: int | None = None) -> Iterator[_Txn]:
-        """Roll the cache and bookkeeping back to here if the body raises (nested calls join the outer).
-        expect: how many cells the body adds, when known."""
-        with self.turn():   # raises if another thread runs a turn
-            if self._txn is not None:
-                yield self._txn
-                return
-            self._txn = txn = _Txn(self.cache.marks(), [dict(m) for m in self.messages],
-                                   len(self.reports), self._prefill.counts(), self.history.state(),
-                                   swa=self._swa_checkpoint(expect))
-            try:
-                yield txn
-            except BaseException:
-                self._rollback(txn)
-                raise
-            finally:
-                self._txn = None
-
-    def _rollback(self, t: _Txn) -> None:
-        if self._closed or self.model.closed:
-            return
-        c = self.cache
-        if t.stash is not None and not c.set_state(t.stash):
-            self.clear()
-            raise CompactionError("could not roll the failed turn back; the conversation was cleared:\n"
-                                  + lib.recent_log())
-        c.drop_tail(t.marks.n_past, t.marks.kind.shape[0])
-        if t.swa is not None and not c.set_swa_state(t.swa):
-            self.clear()
-            raise CompactionError("could not roll the sliding-window cache back; the conversation was "
-                                  f"cleared:\n{lib.recent_log()}")
-        c.set_marks(t.marks)
-        self.messages = t.messages
-        self.history.set_state(t.history)
-        del self.reports[t.n_reports:]
-        self._prefill.set_counts(t.counts)
-
     # --- prefill --------------------------------------------------------------------------------
     def _make_room(self, n: int) -> None:
         """Compact pending media early if `n` more cells would not fit, then check again."""
@@ -334,8 +259,8 @@ class Session:
         tokens = list(tokens)
         if not tokens:
             return None
-        with self._transaction(expect=len(tokens)):
-            return self._prefill.tokens_in(tokens, compressible, logits_all, capture)
+        with self.txns.scope(expect=len(tokens)):
+            return self.prefiller.tokens_in(tokens, compressible, logits_all, capture)
 
     def append_text(self, text: str, *, compressible: bool = False, special: bool = True) -> None:
         add_bos = self.cache.n_past == 0 and self.model.add_bos
@@ -355,8 +280,8 @@ class Session:
             return self.append_text(text)
         if self.model.mtmd is None:
             raise MediaError("this model was loaded without an mmproj (--mmproj): it cannot read images")
-        with self._transaction():
-            self._prefill.media_prompt(text, images, check_all_fits=not self.early_compact, mergeable=mergeable)
+        with self.txns.scope():
+            self.prefiller.media_prompt(text, images, check_all_fits=not self.early_compact, mergeable=mergeable)
 
     def _after_media_chunk(self, n_tokens: int) -> None:
         self.history.forget_marks()
@@ -384,22 +309,6 @@ class Session:
         stops its probe decode)."""
         with self.turn():
             return policy.compact(self, method, budget, early, policy.check_probe(self.probe if probe is None else probe))
-
-    def lone_chunk(self, cand: np.ndarray) -> tuple[int, int, int, int] | None:
-        """The last media chunk, when the candidates are that chunk alone (CompressedCache.chunk_range) and
-        rolling the current turn back (dropping its tail) undoes a rewrite of it: it was added in this
-        turn. Then compacting it alone needs no rollback blob. None: the whole-cache path. (For the
-        compaction policy here and in runtime/probe.py.)"""
-        chunk = self.cache.chunk_range(cand)
-        t = self._txn or self._answer_txn
-        return chunk if chunk is not None and (t is None or t.marks.n_past <= chunk[0]) else None
-
-    def stash(self, blob: bytes | ctypes.Array) -> None:
-        """Keep `blob` (the whole cache just read) as the running turn's rollback point, unless it has one:
-        a compaction is about to rewrite the cache. Outside a turn, nothing."""
-        t = self._txn or self._answer_txn
-        if t is not None and t.stash is None:
-            t.stash = blob  # the turn's rollback point once the cache is rewritten (_Txn)
 
     # --- chat & generation ----------------------------------------------------------------------
     def format_chat(self, messages: list[dict], add_assistant: bool = True) -> str:
@@ -433,10 +342,10 @@ class Session:
 
             content = "".join(f"{VIDEO_MARKER}\n" for _ in videos) + content
         with self.turn(cancel):
-            with self._transaction() as txn:
+            with self.txns.scope() as txn:
                 self.messages.append({"role": "user", "content": content})
                 full = self.format_chat(self.messages, add_assistant=True)
-                start = self.history.sync(full, self.cache, self.stash)
+                start = self.history.sync(full, self.cache, self.txns.stash)
                 if videos:
                     from edgekv.runtime.streaming import append_prompt_with_videos
 
@@ -450,7 +359,7 @@ class Session:
                 self.history.mark(self.cache)     # the answer starts here: the next render may trim it
             # The answer: kept (whole or partial) unless generation itself fails, which undoes the turn.
             answer = []
-            self._answer_txn = txn
+            self.txns.answering = txn
             try:
                 with contextlib.closing(self._stream(gen)) as records:
                     for r in records:
@@ -460,10 +369,10 @@ class Session:
                 self._commit_answer("".join(answer))
                 raise
             except BaseException:
-                self._rollback(txn)
+                self.txns.rollback(txn)
                 raise
             finally:
-                self._answer_txn = None
+                self.txns.answering = None
             self._commit_answer("".join(answer))
 
     def append_history(self, messages: list[dict], images: list[ImageInput] = ()) -> bool:
@@ -474,9 +383,9 @@ class Session:
         self._check_usable()
         msgs = self.messages + [dict(m) for m in messages]
         full = self.format_chat(msgs, add_assistant=False)
-        with self._transaction():
+        with self.txns.scope():
             try:
-                start = self.history.sync(full, self.cache, self.stash)
+                start = self.history.sync(full, self.cache, self.txns.stash)
             except SessionError:
                 return False
             self.append_prompt(full[start:], list(images))
@@ -505,7 +414,7 @@ class Session:
             if gen.get("seed") is None:
                 gen["seed"] = self.seed
             self._answer = answer = Answer()
-            records = stream(self.cache, answer, self._turns, prompt=self._prefill.take_counts(), **gen)
+            records = stream(self.cache, answer, self._turns, prompt=self.prefiller.take_counts(), **gen)
             try:
                 yield from records
             finally:
@@ -524,7 +433,7 @@ class Session:
         from edgekv.runtime import saved
 
         self._check_usable()
-        if self._txn is not None:
+        if self.txns.current is not None:
             raise SessionError("cannot save in the middle of a turn")
         return saved.save(self, path)
 
@@ -555,14 +464,14 @@ class Session:
         header, blob, arrays = saved.read(path)
         saved.check_compatible(header, self.model, path)
         before = self.snapshot()
-        reports, counts = list(self.reports), self._prefill.counts()
+        reports, counts = list(self.reports), self.prefiller.counts()
         gen = (self.generation_tokens, self.generation_seconds)
         try:
             saved.restore_into(self, header, blob, arrays, path)
         except BaseException:
             self.restore(before)
             self.reports[:] = reports
-            self._prefill.set_counts(counts)
+            self.prefiller.set_counts(counts)
             self.generation_tokens, self.generation_seconds = gen
             raise
 

@@ -318,7 +318,7 @@ def _append_full(session, video: Video) -> VideoStats:
     finally:
         session.after_media_chunk = hook
     stats.prefill_seconds = time.perf_counter() - t0
-    stats.media_tokens = int((session.kind == 1).sum())  # PENDING: every media cell, none compacted
+    stats.media_tokens = int((session.cache.kind == 1).sum())  # PENDING: every media cell, none compacted
     stats.peak_cells = state_cells(session)
     stats.error = video.error
     return stats
