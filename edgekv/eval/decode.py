@@ -89,6 +89,7 @@ class _Bench:
         """A session holding n_cells random compressible cells + a real `window`-token question."""
         from edgekv.kv.codec import KVBlock, LayerKV, SeqState, parse_state, serialize_state
         from edgekv.runtime import Session
+        from edgekv.runtime.cache import CacheMarks
         from edgekv.runtime.session import PENDING, SessionSnapshot
 
         s = Session(self.model, method=method, budget=1.0, window=self.window, auto_compact=False)
@@ -108,8 +109,8 @@ class _Bench:
                         v_trans=tmpl.v_trans, layers=layers)
         blob = serialize_state(SeqState(0, [block], False))
         del layers, block
-        s.restore(SessionSnapshot(blob, kind=np.full(n, PENDING, np.int8), media=np.full(n, -1, np.int32), n_past=n,
-                                  n_media=0, window_q=None, window_rows=0, logits=None, messages=(), in_cache_text=""))
+        s.restore(SessionSnapshot(blob, CacheMarks(n, np.full(n, PENDING, np.int8), np.full(n, -1, np.int32), n_media=0,
+                                                   window_q=None, window_rows=0, logits=None)))
         s.append_tokens(self.tokens(self.window), compressible=False)   # the question: captured window
         return s
 

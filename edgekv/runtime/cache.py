@@ -32,7 +32,7 @@ CANCELLED_MESSAGE = "cancelled; the conversation is as it was before this turn"
 
 @dataclass(frozen=True)
 class CacheMarks:
-    """The bookkeeping of a CompressedCache at one moment (not the cells' bytes)."""
+    """The ledger of a CompressedCache at one moment (not the cells' bytes): the cache part of a SessionSnapshot."""
 
     n_past: int
     kind: np.ndarray

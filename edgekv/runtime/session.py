@@ -17,6 +17,7 @@ position, which the turn's start still needs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 from dataclasses import dataclass
@@ -46,25 +47,19 @@ __all__ = ["Session", "SessionSnapshot", "CancelToken", "CompactionReport", "Gen
 
 @dataclass(frozen=True)
 class SessionSnapshot:
-    """Everything a Session needs to return to an earlier point: the cache bytes and the bookkeeping."""
+    """Everything a Session needs to return to an earlier point (the one snapshot type): the cache's bytes,
+    its ledger (`CacheMarks`), the messages and the text the cache holds (`CachedText.state()`)."""
 
     blob: bytes
-    kind: np.ndarray
-    media: np.ndarray
-    n_past: int
-    n_media: int
-    window_q: np.ndarray | None
-    window_rows: int
-    logits: np.ndarray | None
-    messages: tuple
-    in_cache_text: str
-    text_marks: tuple = ()   # where the text's prefills started (Session._sync_text); iSWA: with window blocks
-    pos: np.ndarray | None = None   # each cell's position (the ledger); None: learnt at the next parse
+    marks: CacheMarks
+    messages: tuple = ()
+    history: tuple = ("", ())
 
-    @property
-    def nbytes(self) -> int:
-        """Host bytes this snapshot holds (the cache blob and the marks' sliding-window blocks)."""
-        return len(self.blob) + sum(len(m.swa) for m in self.text_marks if m.swa is not None)
+    def without_logits(self) -> "SessionSnapshot":
+        """For keeping between requests: the next turn prefills a new message first, which recomputes the
+        logits and the query window (n_vocab floats, 1 MB on Gemma 3, for nothing otherwise)."""
+        return dataclasses.replace(self, marks=dataclasses.replace(self.marks, logits=None, window_q=None,
+                                                                   window_rows=0))
 
 
 class Session:
@@ -188,21 +183,17 @@ class Session:
 
     def snapshot(self) -> SessionSnapshot:
         """The cache and bookkeeping as they are now (e.g. to try several methods on one prefill)."""
-        c = self.cache
-        return SessionSnapshot(self.state_blob(), c.kind.copy(), c.media.copy(), c.n_past, c.n_media,
-                               c.window_q, c.window_rows, c.logits,
-                               tuple(dict(m) for m in self.messages), self.history.text,
-                               self.history.state()[1], c.pos.copy())
+        return SessionSnapshot(self.state_blob(), self.cache.marks(), tuple(dict(m) for m in self.messages),
+                               self.history.state())
 
     def restore(self, snap: SessionSnapshot) -> None:
         """Put the cache and bookkeeping back as `snapshot()` saw them."""
         self._check_usable()
         if not self.cache.set_state(snap.blob):
             raise CompactionError(f"llama.cpp refused the saved state:\n{lib.recent_log()}")
-        self.cache.set_marks(CacheMarks(snap.n_past, snap.kind, snap.media, snap.n_media, snap.window_q,
-                                        snap.window_rows, snap.logits, pos=snap.pos))
+        self.cache.set_marks(snap.marks)
         self.messages = [dict(m) for m in snap.messages]
-        self.history.set_state((snap.in_cache_text, snap.text_marks))
+        self.history.set_state(snap.history)
 
     # --- transactions and cancel ----------------------------------------------------------------
     def cancel(self) -> None:

@@ -27,23 +27,22 @@ class Kept:
     nbytes: int
 
 
-def snapshot_nbytes(snap: Any) -> int:
-    """Host bytes a snapshot holds: the state blob, the numpy bookkeeping (logits, query window, ledger),
-    the conversation text and the text marks' sliding-window blocks (runtime/history.py)."""
-    from edgekv.runtime.history import TextMark
-
-    n = 0
-    for f in dataclasses.fields(snap):
-        v = getattr(snap, f.name)
-        if isinstance(v, (bytes, bytearray)):
-            n += len(v)
-        elif isinstance(v, np.ndarray):
-            n += v.nbytes
-        elif isinstance(v, str):
-            n += len(v.encode())
-        elif isinstance(v, tuple):   # messages, text marks
-            n += sum(len(m.swa or b"") + 16 if isinstance(m, TextMark) else len(str(m).encode()) for m in v)
-    return n
+def snapshot_nbytes(obj: Any) -> int:
+    """Host bytes a snapshot holds, walked through: the state blob, the ledger's arrays (logits, query
+    window, kinds, positions), the messages and cached text, the text marks' sliding-window blocks."""
+    if isinstance(obj, (bytes, bytearray)):
+        return len(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, str):
+        return len(obj.encode())
+    if isinstance(obj, (tuple, list)):
+        return sum(snapshot_nbytes(v) for v in obj)
+    if isinstance(obj, dict):
+        return sum(snapshot_nbytes(v) for v in obj.values())
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return sum(snapshot_nbytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    return 0
 
 
 class ConversationCache:

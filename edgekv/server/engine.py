@@ -7,7 +7,6 @@ conversation or starts empty, never from a half turn."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import math
 import queue
@@ -342,7 +341,7 @@ class Engine:
         t_done = time.perf_counter()
         # The next turn always prefills a new message first, which recomputes the logits and the query
         # window: keeping them would cost n_vocab floats (1 MB for Gemma 3) per conversation for nothing.
-        snap = dataclasses.replace(s.snapshot(), logits=None, window_q=None, window_rows=0)
+        snap = s.snapshot().without_logits()
         kept = self.cache.put(new_key, snap, n_tokens, replaces=new_key[:reused] if reused else None,
                               tenant=job.tenant)
         self._live = (job.tenant, new_key) if kept else None
