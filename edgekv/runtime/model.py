@@ -141,6 +141,7 @@ class Model:
     abort_flag: object | None = field(default=None, repr=False)  # 2-byte buffer, see abort_callback()
     template_name: str | None = None   # --chat-template: a llama.cpp built-in name instead of the model's
     _template_warned: bool = field(default=False, repr=False)
+    identity: dict | None = field(default=None, repr=False)   # saved.model_identity's, computed once
     _closed: bool = field(default=False, repr=False)
     _session: object | None = field(default=None, repr=False)    # the one live Session
 
@@ -286,6 +287,13 @@ class Model:
             return self.template_name
         t = llama_cpp.llama_model_chat_template(self.model, None)
         return t.decode("utf-8", "replace") if t else None
+
+    def template_warning(self) -> str | None:
+        """Why prompts fall back to ChatML, the first time it is asked (to say it once), else None."""
+        if self._template_warned:
+            return None
+        self._template_warned = True
+        return self.template_fallback() or "no usable chat template"
 
     def template_fallback(self) -> str | None:
         """Why prompts are formatted as ChatML instead of the model's template (None: they are not)."""

@@ -41,7 +41,7 @@ def file_identity(path: Path | None) -> dict | None:
 
 def model_identity(model) -> dict:
     """What must match for a saved cache to mean the same thing on this model (computed once per model)."""
-    ident = getattr(model, "_identity", None)
+    ident = model.identity
     if ident is None:
         import llama_cpp
 
@@ -50,7 +50,7 @@ def model_identity(model) -> dict:
         ident = {"model": file_identity(model.path), "mmproj": file_identity(model.mmproj_path),
                  "arch": model.layout.arch, "cache_type_k": model.cache_type_k, "cache_type_v": model.cache_type_v,
                  "flash_attn": model.flash_attn, "llama_cpp_python": llama_cpp.__version__, "edgekv": __version__}
-        model._identity = ident
+        model.identity = ident
     return ident
 
 

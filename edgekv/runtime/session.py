@@ -308,9 +308,9 @@ class Session:
         out = template.apply(self.model.chat_template(), messages, add_assistant)
         if out is not None:
             return out
-        if not self.model._template_warned:
-            self.model._template_warned = True
-            template.warn_fallback(self.model.template_fallback() or "no usable chat template")
+        reason = self.model.template_warning()
+        if reason is not None:
+            template.warn_fallback(reason)
         return template.chatml(messages, add_assistant)
 
     def chat(self, prompt: str, images: list[ImageInput] = (), videos: list = (), *,
