@@ -18,20 +18,22 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 from edgekv.runtime import CancelToken, GenerationResponse, Model, Session  # noqa: F401 (edgekv.CancelToken)
+from edgekv.runtime.options import ModelOptions
+
+APP_DEFAULTS = ModelOptions(n_ctx=8192)   # an app's conversation: room for a few images and turns
 from edgekv.runtime.media import ImageInput
 
 Progress = Callable[[str, int, int], None]   # (stage: "prefill" | "image", done, total)
 
 
 def load_model(model: str | os.PathLike | None = None, mmproj: str | os.PathLike | None = None, *,
-               hf: str | None = None, offline: bool | None = None, n_ctx: int = 8192, n_batch: int = 512,
-               threads: int | None = None, n_gpu_layers: int = 0, flash_attn: str = "auto",
-               cache_type_k: str = "f16", cache_type_v: str = "f16",
-               image_max_tokens: int | None = None, chat_template: str | None = None) -> Model:
+               hf: str | None = None, offline: bool | None = None, options: ModelOptions | None = None,
+               **changes) -> Model:
     """Load a GGUF model (+ projector) once; share it between chats one after another.
 
     hf: 'owner/repo[:QUANT]' or a short name from `edgekv models`, downloaded once into the Hugging Face
-    cache. Raises `edgekv.EdgeKVError` (a subclass) with a message you can show the user."""
+    cache. options / keywords: `edgekv.runtime.options.ModelOptions` (n_ctx 8192 unless given, n_batch,
+    threads, n_gpu_layers, flash_attn, cache_type_k/v, image_max_tokens, chat_template). Raises `edgekv.EdgeKVError` (a subclass) with a message you can show the user."""
     if hf is not None:
         from edgekv.runtime.hub import resolve
 
@@ -41,9 +43,7 @@ def load_model(model: str | os.PathLike | None = None, mmproj: str | os.PathLike
         from edgekv.errors import ModelLoadError
 
         raise ModelLoadError("no model: pass a GGUF path or hf='owner/repo'")
-    return Model.load(model, mmproj, n_ctx=n_ctx, n_batch=n_batch, threads=threads, n_gpu_layers=n_gpu_layers,
-                      flash_attn=flash_attn, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
-                      image_max_tokens=image_max_tokens, chat_template=chat_template)
+    return Model.load(model, mmproj, (options or APP_DEFAULTS).with_(**changes))
 
 
 @dataclass(frozen=True)

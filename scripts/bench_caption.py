@@ -32,10 +32,11 @@ SYSTEM = ("You are an image captioning assistant for a text-to-image training da
 def worker(args) -> None:
     """One configuration in this process; prints a JSON line."""
     from edgekv.caption.captioner import CaptionConfig, Captioner
+    from edgekv.runtime.options import ModelOptions
     from edgekv.runtime.session import peak_rss_mb
 
     images = sorted(Path(args.image_dir).glob("*.png"))[: args.images]
-    cfg = CaptionConfig(model=args.model, mmproj=args.mmproj, n_ctx=args.ctx, threads=args.threads,
+    cfg = CaptionConfig(model=args.model, mmproj=args.mmproj, model_options=ModelOptions(n_ctx=args.ctx, threads=args.threads),
                         max_tokens=args.max_tokens, method=args.method, system=args.system or None,
                         reuse_prefix=args.mode != "naive")
     t0 = time.perf_counter()

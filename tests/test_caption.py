@@ -45,9 +45,12 @@ def folder(tmp_path) -> Path:
 
 
 def cfg(pair, **kw) -> CaptionConfig:
+    from edgekv.runtime.options import ModelOptions
+
     model, mmproj = pair
-    base = dict(model=str(model), mmproj=str(mmproj), n_ctx=N_CTX, n_batch=512, threads=THREADS, max_tokens=8,
-                method="snapkv", budget=0.25, flash_attn="off")
+    opts = ModelOptions(n_ctx=N_CTX, n_batch=512, threads=THREADS, flash_attn="off")
+    opts = opts.with_(**{k: kw.pop(k) for k in list(kw) if k in ModelOptions.names()})
+    base = dict(model=str(model), mmproj=str(mmproj), model_options=opts, max_tokens=8, method="snapkv", budget=0.25)
     base.update(kw)
     return CaptionConfig(**base)
 

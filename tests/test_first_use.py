@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgekv.cli.main import cli
+from edgekv.runtime.options import ModelOptions
 
 from conftest import THREADS
 
@@ -205,8 +206,8 @@ def test_an_image_renamed_mp4_is_refused_as_a_video(tiny_pairs, tmp_path):
     assert error_lines(r.output) == [
         f"Error: not a video: {image} is an image (png); attach images with --image (/image in chat)"], r.output
     assert "video(s) stay attached" not in r.output and "media tokens 0" in r.output
-    with Captioner(CaptionConfig(model=str(model), mmproj=str(mmproj), threads=THREADS, max_tokens=2,
-                                 flash_attn="off")) as c:
+    with Captioner(CaptionConfig(model=str(model), mmproj=str(mmproj), max_tokens=2,
+                                 model_options=ModelOptions(threads=THREADS, flash_attn="off"))) as c:
         assert c.caption(fake)["error"] == (f"not a video: {fake} is an image (png); attach images with --image "
                                             "(/image in chat)")
 
@@ -219,11 +220,12 @@ def test_caption_record_counts_every_compaction(tiny_pairs, tmp_path):
     from edgekv.caption.captioner import CaptionConfig, Captioner
 
     model, mmproj, image = tiny_pairs["llava-tiles"]
-    base = dict(model=str(model), mmproj=str(mmproj), threads=THREADS, max_tokens=2, flash_attn="off", n_batch=2048)
-    with Captioner(CaptionConfig(**base, n_ctx=4096, method="full")) as full:
+    opts = ModelOptions(threads=THREADS, flash_attn="off", n_batch=2048)
+    base = dict(model=str(model), mmproj=str(mmproj), max_tokens=2)
+    with Captioner(CaptionConfig(**base, model_options=opts.with_(n_ctx=4096), method="full")) as full:
         ref = full.caption(image)
     assert ref["kv_cells_before"] == ref["kv_cells_after"] > 2560
-    with Captioner(CaptionConfig(**base, max_kv_cells=600, budget=0.1, method="snapkv")) as c:
+    with Captioner(CaptionConfig(**base, model_options=opts, max_kv_cells=600, budget=0.1, method="snapkv")) as c:
         rec = c.caption(image)
         methods = {r.method for r in c.session.reports}
         n_reports = len(c.session.reports)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from edgekv.caption.inputs import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, kind_of
 from edgekv.errors import ContextOverflowError, EdgeKVError, MediaError
+from edgekv.runtime.options import ModelOptions
 
 DEFAULT_PROMPT = "Write a one-paragraph caption for this image."
 DEFAULT_VIDEO_PROMPT = "Write a one-paragraph caption for this video."
@@ -46,15 +47,7 @@ class CaptionConfig:
 
     model: str
     mmproj: str | None = None
-    n_ctx: int = 4096
-    n_batch: int = 512
-    n_gpu_layers: int = 0
-    flash_attn: str = "auto"
-    cache_type_k: str = "f16"
-    cache_type_v: str = "f16"
-    threads: int | None = None
-    image_max_tokens: int | None = None
-    chat_template: str | None = None     # a llama.cpp built-in template name (--chat-template)
+    model_options: ModelOptions = field(default_factory=ModelOptions)   # -c, -b, -t, -fa, -ctk/-ctv, ...
     method: str = "auto"
     budget: float | int | str = 0.25
     compress: str = "media"
@@ -73,6 +66,10 @@ class CaptionConfig:
     video_fps: float | None = 1.0
     video_max_frames: int | None = 64
     max_kv_cells: int | None = None   # cap the cache for every input (chat's --max-kv-cells)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model_options, dict):   # to_dict()'s form, as it reaches a Ray actor
+            self.model_options = ModelOptions(**self.model_options)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,12 +105,9 @@ class Captioner:
 
         self.config = c = config
         self.session = None
-        self.base_ctx = c.max_kv_cells or c.n_ctx
-        self.model = Model.load(c.model, c.mmproj, n_ctx=self.base_ctx, n_batch=c.n_batch,
-                                n_gpu_layers=c.n_gpu_layers, threads=c.threads, flash_attn=c.flash_attn,
-                                cache_type_k=c.cache_type_k, cache_type_v=c.cache_type_v,
-                                image_max_tokens=c.image_max_tokens, capture_queries=uses_queries(c.method),
-                                chat_template=c.chat_template)
+        self.base_ctx = c.max_kv_cells or c.model_options.n_ctx
+        self.model = Model.load(c.model, c.mmproj, c.model_options, n_ctx=self.base_ctx,
+                                capture_queries=uses_queries(c.method))
         self.ctx_cells = self.base_ctx   # the n_ctx asked for last (llama.cpp may round it up)
         try:
             if self.model.mtmd is None:

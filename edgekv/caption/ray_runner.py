@@ -5,8 +5,9 @@ For Ray users who build their own pipeline:
     import ray
     from edgekv.caption.captioner import CaptionConfig
     from edgekv.caption.ray_runner import RayCaptioner
+    from edgekv.runtime.options import ModelOptions
 
-    cfg = CaptionConfig(model="model.gguf", mmproj="mmproj.gguf", threads=4).to_dict()
+    cfg = CaptionConfig(model="model.gguf", mmproj="mmproj.gguf", model_options=ModelOptions(threads=4)).to_dict()
     ds = ray.data.from_items([{"path": p} for p in paths])
     ds = ds.map_batches(RayCaptioner, fn_constructor_kwargs={"config": cfg}, batch_size=1,
                         concurrency=4, num_gpus=1)      # one model per actor, one actor per GPU

@@ -48,8 +48,7 @@ def _ray_address(ctx, param, value):
 @click.option("--concurrency", type=click.IntRange(1), default=1, show_default=True,
               help="Ray: number of actors (one loaded model each).")
 @click.option("--num-gpus", type=click.FloatRange(0), default=0, show_default=True, help="Ray: GPUs per actor.")
-def caption(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash_attn, cache_type_k, cache_type_v,
-            threads, image_max_tokens, chat_template, method, budget, compress, video_fps, video_max_frames, max_kv_cells, inputs,
+def caption(model, mmproj, hf_repo, offline, model_opts, method, budget, compress, video_fps, video_max_frames, max_kv_cells, inputs,
             recursive, output, caption_extension, errors_file, overwrite, prompt, prompt_file, prefix, max_tokens,
             temperature, top_p, top_k, min_p, stops, seed, no_progress,
             ray_address, concurrency, num_gpus):
@@ -93,13 +92,10 @@ def caption(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash
                           unit="files" if any(kind_of(p) == "video" for p in images) else "images")
         if todo:
             model_path, mmproj_path = _resolve_model(model, mmproj, hf_repo, offline)
-            if ray_address is not None and threads is None:
-                threads = max(1, (os.cpu_count() or 1) // concurrency)
+            if ray_address is not None and model_opts.threads is None:
+                model_opts = model_opts.with_(threads=max(1, (os.cpu_count() or 1) // concurrency))
             cfg = CaptionConfig(model=str(model_path), mmproj=str(mmproj_path) if mmproj_path else None,
-                                n_ctx=n_ctx, n_batch=n_batch, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
-                                cache_type_k=cache_type_k, cache_type_v=cache_type_v, threads=threads,
-                                image_max_tokens=image_max_tokens, chat_template=chat_template, method=method,
-                                budget=budget, compress=compress,
+                                model_options=model_opts, method=method, budget=budget, compress=compress,
                                 prompt=prompt or DEFAULT_PROMPT, prefix=prefix, max_tokens=max_tokens,
                                 temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                                 stop=list(stops), seed=seed, video_prompt=prompt or DEFAULT_VIDEO_PROMPT,
@@ -162,5 +158,5 @@ def _run_ray(cfg, todo, sink, summary, show_progress: bool, address: str, concur
             bar.update(1)
 
         caption_with_ray(todo, cfg.to_dict(), concurrency=concurrency, num_gpus=num_gpus,
-                         num_cpus=cfg.threads if not num_gpus else None, on_record=on_record)
+                         num_cpus=cfg.model_options.threads if not num_gpus else None, on_record=on_record)
     summary.seconds += time.perf_counter() - t0

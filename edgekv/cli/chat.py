@@ -32,8 +32,7 @@ HELP = ("commands: /image PATH, /video PATH (attach to the next message), /save 
 @click.option("-p", "--prompt", help="One-shot prompt; without it, an interactive chat.")
 @sampling_options
 @click.option("--no-report", is_flag=True, help="Do not print the memory/speed report.")
-def chat(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash_attn, cache_type_k, cache_type_v,
-         threads, image_max_tokens, chat_template, method, budget, compress, images, videos, video_fps,
+def chat(model, mmproj, hf_repo, offline, model_opts, method, budget, compress, images, videos, video_fps,
          video_max_frames, max_kv_cells, prompt, max_tokens, temperature, top_p, top_k, min_p, stops, seed, no_report):
     """Chat about images and videos with a compressed KV cache."""
     from edgekv.methods import uses_queries
@@ -41,7 +40,7 @@ def chat(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash_at
     from edgekv.runtime.streaming import Video, streaming
 
     clips = [Video(p, fps=video_fps, max_frames=video_max_frames) for p in videos]  # bad clips fail here
-    floor = 0
+    floor, n_ctx = 0, model_opts.n_ctx
     if max_kv_cells is not None:
         n_ctx = max_kv_cells
     elif clips:
@@ -51,11 +50,8 @@ def chat(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash_at
 
     # A query-agnostic method never reads the question window: skip capturing it (one Python callback
     # per graph node otherwise, 0.3-1.5 % of decode time, and the window's own prefill batch).
-    m = load_model_from_options(model, mmproj, hf_repo, offline, n_ctx=n_ctx, n_batch=n_batch,
-                                n_gpu_layers=n_gpu_layers, threads=threads, flash_attn=flash_attn,
-                                cache_type_k=cache_type_k, cache_type_v=cache_type_v,
-                                image_max_tokens=image_max_tokens, capture_queries=uses_queries(method),
-                                chat_template=chat_template)
+    m = load_model_from_options(model, mmproj, hf_repo, offline, model_opts, n_ctx=n_ctx,
+                                capture_queries=uses_queries(method))
     if images and m.mtmd is None:
         raise EdgeKVError("--image needs a multimodal projector: pass --mmproj (or a -hf repo that has one)")
     if clips and m.mtmd is None:

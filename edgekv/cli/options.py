@@ -89,7 +89,19 @@ def model_options(f):
                      help="One of llama.cpp's built-in chat templates (chatml, gemma, llama3, ...) instead of "
                           "the model's own; models without one are formatted as ChatML."),
     ]
-    return functools.reduce(lambda acc, o: o(acc), reversed(opts), f)
+
+    @functools.wraps(f)
+    def with_options(**kw):   # the context knobs arrive as one ModelOptions: `model_opts`
+        from edgekv.runtime.options import ModelOptions
+
+        return f(model_opts=ModelOptions(**{k: kw.pop(k) for k in MODEL_OPTION_NAMES}), **kw)
+
+    return functools.reduce(lambda acc, o: o(acc), reversed(opts), with_options)
+
+
+# the model_options flags that make up a ModelOptions (capture_queries is the command's to decide)
+MODEL_OPTION_NAMES = ("n_ctx", "n_batch", "n_gpu_layers", "flash_attn", "cache_type_k", "cache_type_v", "threads",
+                      "image_max_tokens", "chat_template")
 
 
 def method_options(f):
@@ -144,11 +156,11 @@ def resolve_model_paths(model, mmproj, hf_repo, offline) -> tuple[Path, Path | N
     return Path(model), (Path(mmproj) if mmproj else None)
 
 
-def load_model_from_options(model, mmproj, hf_repo, offline, **kw):
-    """Resolve -hf, then Model.load with the context options."""
+def load_model_from_options(model, mmproj, hf_repo, offline, options, **changes):
+    """Resolve -hf, then Model.load with the ModelOptions (keywords change single options)."""
     from edgekv.runtime import Model
 
-    return Model.load(*resolve_model_paths(model, mmproj, hf_repo, offline), **kw)
+    return Model.load(*resolve_model_paths(model, mmproj, hf_repo, offline), options, **changes)
 
 
 def video_options(f):

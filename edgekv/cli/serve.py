@@ -76,8 +76,7 @@ def _is_loopback(host: str) -> bool:
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True,
               help="Sampling seed when a request sets none.")
 @click.option("--no-webui", is_flag=True, help="Do not serve the chat page at / (the API only).")
-def serve(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash_attn, cache_type_k, cache_type_v,
-          threads, image_max_tokens, chat_template, method, budget, compress, host, port, aliases, api_keys,
+def serve(model, mmproj, hf_repo, offline, model_opts, method, budget, compress, host, port, aliases, api_keys,
           allowed_hosts, cors_origins, read_timeout, idle_timeout, max_request_mb, max_image_pixels, max_request_pixels,
           max_images, local_dirs, cache_mib, queue_size, max_tokens, seed, no_webui):
     """OpenAI-compatible server: /v1/chat/completions, /v1/models, /health, and a chat page at /."""
@@ -101,11 +100,7 @@ def serve(model, mmproj, hf_repo, offline, n_ctx, n_batch, n_gpu_layers, flash_a
                    err=True)
     # Query capture is on unless the default method is query-agnostic (then a request asking for a
     # query-aware method gets 400: capture cannot be switched on without reloading).
-    m = load_model_from_options(model, mmproj, hf_repo, offline, n_ctx=n_ctx, n_batch=n_batch,
-                                n_gpu_layers=n_gpu_layers, threads=threads, flash_attn=flash_attn,
-                                cache_type_k=cache_type_k, cache_type_v=cache_type_v,
-                                image_max_tokens=image_max_tokens, capture_queries=uses_queries(method),
-                                chat_template=chat_template)
+    m = load_model_from_options(model, mmproj, hf_repo, offline, model_opts, capture_queries=uses_queries(method))
     model_id = hf_repo or m.path.stem
     engine = Engine(m, model_id=model_id, method=method, budget=budget, compress=compress, seed=seed,
                     queue_size=queue_size, cache_bytes=int(cache_mib * (1 << 20)),

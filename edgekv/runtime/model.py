@@ -14,6 +14,7 @@ from edgekv.kv.codec import GGML_TYPES, TYPE_IDS
 from edgekv.kv.rotation import KVRotation, kv_rotation
 from edgekv.runtime import lib
 from edgekv.runtime.lib import llama_cpp, mtmd_cpp
+from edgekv.runtime.options import ModelOptions
 
 FlashAttn = Literal["auto", "on", "off"]
 CACHE_TYPES = ("f16", "bf16", "q8_0", "q4_0", "f32")
@@ -146,16 +147,17 @@ class Model:
     _session: object | None = field(default=None, repr=False)    # the one live Session
 
     @classmethod
-    def load(cls, model_path: str | os.PathLike, mmproj_path: str | os.PathLike | None = None, *,
-             n_ctx: int = 4096, n_batch: int = 512, n_gpu_layers: int = 0, threads: int | None = None,
-             flash_attn: FlashAttn = "auto", cache_type_k: str = "f16", cache_type_v: str = "f16",
-             capture_queries: bool = True, image_max_tokens: int | None = None,
-             chat_template: str | None = None) -> "Model":
-        """Load model (+ mmproj). Raises ModelLoadError with a clear message on any problem.
-        chat_template: one of llama.cpp's built-in template names (runtime/template.py) to use instead of
-        the model's own."""
+    def load(cls, model_path: str | os.PathLike, mmproj_path: str | os.PathLike | None = None,
+             options: ModelOptions | None = None, **changes) -> "Model":
+        """Load model (+ mmproj) with `options` (runtime/options.py; keywords change single options, e.g.
+        `Model.load(path, n_ctx=2048)`). Raises ModelLoadError with a clear message on any problem."""
         from edgekv.runtime import template
         from edgekv.runtime.capture import QueryCapture
+
+        o = (options or ModelOptions()).with_(**changes)
+        n_ctx, n_batch, n_gpu_layers, threads = o.n_ctx, o.n_batch, o.n_gpu_layers, o.threads
+        flash_attn, cache_type_k, cache_type_v = o.flash_attn, o.cache_type_k, o.cache_type_v
+        capture_queries, image_max_tokens, chat_template = o.capture_queries, o.image_max_tokens, o.chat_template
 
         path = check_gguf(model_path, "model")
         mm = check_gguf(mmproj_path, "mmproj") if mmproj_path else None
