@@ -188,3 +188,34 @@ def _json_default(o):
     if isinstance(o, np.generic):
         return o.item()
     raise TypeError(f"cannot save {type(o).__name__} in a conversation header")
+
+
+def load_session(cls, model, path, **session_kwargs):
+    """A new `cls` session on `model` holding the conversation saved at `path` (Session.load)."""
+    header, blob, arrays = read(path)
+    check_compatible(header, model, path)
+    session = cls(model, **{**header.get("settings", {}), **session_kwargs})
+    try:
+        restore_into(session, header, blob, arrays, path)
+    except BaseException:
+        session.close()
+        raise
+    return session
+
+
+def replace_conversation(session, path) -> None:
+    """Session.load_conversation: the saved conversation replaces the session's; on any error the session's
+    own is put back as it was."""
+    header, blob, arrays = read(path)
+    check_compatible(header, session.model, path)
+    before = session.snapshot()
+    reports, counts = list(session.reports), session.prefiller.counts()
+    gen = (session.generation_tokens, session.generation_seconds)
+    try:
+        restore_into(session, header, blob, arrays, path)
+    except BaseException:
+        session.restore(before)
+        session.reports[:] = reports
+        session.prefiller.set_counts(counts)
+        session.generation_tokens, session.generation_seconds = gen
+        raise

@@ -435,16 +435,7 @@ class Session:
         llama-cpp-python version is a SaveFormatError (nothing reaches llama.cpp)."""
         from edgekv.runtime import saved
 
-        header, blob, arrays = saved.read(path)
-        saved.check_compatible(header, model, path)
-        kwargs = {**header.get("settings", {}), **session_kwargs}
-        session = cls(model, **kwargs)
-        try:
-            saved.restore_into(session, header, blob, arrays, path)
-        except BaseException:
-            session.close()
-            raise
-        return session
+        return saved.load_session(cls, model, path, **session_kwargs)
 
     def load_conversation(self, path: str | os.PathLike) -> None:
         """Replace this session's conversation with the one saved at `path` (this session's settings stay).
@@ -452,19 +443,7 @@ class Session:
         from edgekv.runtime import saved
 
         self._check_usable()
-        header, blob, arrays = saved.read(path)
-        saved.check_compatible(header, self.model, path)
-        before = self.snapshot()
-        reports, counts = list(self.reports), self.prefiller.counts()
-        gen = (self.generation_tokens, self.generation_seconds)
-        try:
-            saved.restore_into(self, header, blob, arrays, path)
-        except BaseException:
-            self.restore(before)
-            self.reports[:] = reports
-            self.prefiller.set_counts(counts)
-            self.generation_tokens, self.generation_seconds = gen
-            raise
+        saved.replace_conversation(self, path)
 
     # --- lifetime -------------------------------------------------------------------------------
     def close(self) -> None:
