@@ -32,7 +32,7 @@ class Checking:
         self.hook(s, n)
         after = blocks(s)
         r = s.reports[-1]
-        assert r.info.get("chunk_only"), r.method
+        assert r.chunk_only, r.method
         H = s.model.layout.n_head_kv
         i0 = before.n_cells - n
         assert after.n_cells == s.n_cells == i0 + r.cells_after - (r.cells_before - n)
@@ -133,7 +133,7 @@ def test_a_refused_chunk_write_puts_the_chunk_back(tiny_pairs, monkeypatch):
         assert same and np.array_equal(s.cache.kind, kind)
         monkeypatch.undo()
         r = s.compact(early=True)
-        assert r.info.get("chunk_only") and s.n_cells < len(kind)
+        assert r.chunk_only and s.n_cells < len(kind)
         s.close()
 
 

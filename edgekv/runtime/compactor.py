@@ -147,6 +147,7 @@ class LastChunk:
     """The last media chunk alone, (pos lo, pos hi, cell lo, cell hi): see the module docstring."""
 
     chunk_only = True
+    cap = True   # the context is sized for the budget: never more cells than it
 
     def __init__(self, cache, chunk: tuple[int, int, int, int]) -> None:
         self.cache = cache
@@ -213,6 +214,7 @@ class LastChunk:
     def keep_as_is(self) -> None:
         self.release()
         self.cache.kind[self.i0:self.i1] = PACKED
+        self.cache.last_chunk = None
 
     def settle(self, src: np.ndarray, pos: np.ndarray) -> None:
         # Every cell of the chunk is settled, its last (pos_max) cell included: later chunks do not
@@ -221,9 +223,15 @@ class LastChunk:
         c.kind = np.concatenate([c.kind[:i0], np.full(len(src), PACKED, np.int8), c.kind[i1:]])
         c.media = np.concatenate([c.media[:i0], c.media[i0:i1][src], c.media[i1:]])
         c.pos = np.concatenate([c.pos[:i0], pos.astype(np.int64), c.pos[i1:]])
+        c.last_chunk = None
 
+    # bytes from cell counts: the rest of the cache is never read
     def counts(self) -> tuple[int, int]:
-        return self.i1 - self.i0 - 1, 0   # bytes: from cell counts (the rest of the cache is never read)
+        return self.i1 - self.i0 - 1, self.cache.n_cells * self.cache.model.cell_bytes
+
+    @property
+    def bytes_after(self) -> int:
+        return self.cache.n_cells * self.cache.model.cell_bytes
 
     def release(self) -> None:
         llama_cpp.llama_memory_seq_rm(self.mem, SCRATCH_SEQ, -1, -1)
@@ -264,7 +272,7 @@ def compact(cache, meth: Method, region, budget_cells: int, *, use_queries: bool
         t1 = time.perf_counter()
         with planning_threads(model.threads):
             plan = meth.plan(view, slots) if region.wants_plan(meth, slots, view.n_candidates) else None
-        if plan is not None and (region.chunk_only or getattr(region, "cap", False)):
+        if plan is not None and region.cap:
             plan = plan.capped(slots)   # a context sized for the budget: never more cells than it
         plan_s = time.perf_counter() - t1
         n_candidates, bytes_before = region.counts()
@@ -279,21 +287,15 @@ def compact(cache, meth: Method, region, budget_cells: int, *, use_queries: bool
     except BaseException:
         region.release()
         raise
-    cache.last_chunk = None if region.chunk_only else cache.last_chunk
-    per_cell = model.cell_bytes
-    r = CompactionReport(
+    return CompactionReport(
         resolved=meth.name, auto=auto, early=early, chunk_only=region.chunk_only, budget_cells=budget_cells,
         n_candidates=n_candidates, cells_before=cells_before, cells_after=cache.n_cells,
-        bytes_before=bytes_before if not region.chunk_only else cells_before * per_cell,
-        bytes_after=region.bytes_after if not region.chunk_only else cache.n_cells * per_cell,
+        bytes_before=bytes_before, bytes_after=region.bytes_after,
         seconds=time.perf_counter() - t0, plan_seconds=plan_s,
         nominal_mean=float(plan.nominal.mean()) if plan is not None else float(budget_cells),
         nominal_max=int(plan.nominal.max()) if plan is not None else budget_cells,
         merged=plan is not None and plan.merge_to is not None, window=window,
         info=dict(plan.info) if plan is not None else {})
-    if region.chunk_only:
-        r.info["chunk_only"] = True   # planned on the chunk's cells alone
-    return r
 
 
 def method_view(meth: Method, base, n_kv_heads: int, cand: np.ndarray, spans: tuple[Span, ...], queries,
