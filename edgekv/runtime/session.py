@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
@@ -110,7 +109,6 @@ class Session:
         model.attach(self)
         self._closed = False
         self._turns = TurnGuard(model.set_abort)   # the running turn's cancel token (runtime/turn.py)
-        self._turn_thread = 0
         self.txns = Transactions(self)   # the running turn's rollback point (runtime/transaction.py)
         self._answer = Answer()
         try:
@@ -213,22 +211,8 @@ class Session:
         outer one, so `with session.turn(token):` puts several calls (a server request's history, then
         its question) under one token."""
         self._check_usable()
-        current = self._turns.current
-        if current is not None:
-            if self._turn_thread != threading.get_ident():
-                raise SessionError("another thread is in the middle of a turn on this session: one turn at a "
-                                   "time (cancel() is the call that is safe from any thread)")
-            if token is not None and token is not current:
-                raise SessionError("a turn is already running with another cancel token")
-            yield current
-            return
-        token = self._turns.start(token)
-        self._turn_thread = threading.get_ident()
-        try:
+        with self._turns.scope(token) as token:
             yield token
-        finally:
-            self._turn_thread = 0
-            self._turns.end(token)
 
     def _check_cancel(self) -> None:
         if self._turns.is_set():

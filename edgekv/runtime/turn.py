@@ -14,8 +14,11 @@ one lock: a cancel and a turn start can no longer interleave into a stale flag t
 """
 from __future__ import annotations
 
+import contextlib
 import threading
-from typing import Callable
+from typing import Callable, Iterator
+
+from edgekv.errors import SessionError
 
 
 class CancelToken:
@@ -50,16 +53,38 @@ class CancelToken:
 class TurnGuard:
     """The token of the turn a session is running now, and llama.cpp's abort flag kept in step with it.
 
-    `start(token)` binds a turn's token (a new one when None), `end(token)` unbinds it and clears the
-    flag; `cancel_current()` is `Session.cancel()`. All flag writes happen under one lock, and only for
-    the token that is current, so a late cancel of an ended turn never reaches the next one."""
+    `scope(token)` runs one turn under `token` (a new one when None); `cancel_current()` is
+    `Session.cancel()`. All flag writes happen under one lock, and only for the token that is current, so a
+    late cancel of an ended turn never reaches the next one."""
 
     def __init__(self, set_abort: Callable[[bool], None]) -> None:
         self._set_abort = set_abort
         self._lock = threading.RLock()
         self.current: CancelToken | None = None
+        self._thread = 0   # the thread running the current turn
 
-    def start(self, token: CancelToken | None) -> CancelToken:
+    @contextlib.contextmanager
+    def scope(self, token: CancelToken | None = None) -> Iterator[CancelToken]:
+        """One turn: binds `token` and clears the abort flag before and after. A nested scope on the same
+        thread joins the running turn; another thread starting one gets SessionError."""
+        current = self.current
+        if current is not None:
+            if self._thread != threading.get_ident():
+                raise SessionError("another thread is in the middle of a turn on this session: one turn at a "
+                                   "time (cancel() is the call that is safe from any thread)")
+            if token is not None and token is not current:
+                raise SessionError("a turn is already running with another cancel token")
+            yield current
+            return
+        token = self._start(token)
+        self._thread = threading.get_ident()
+        try:
+            yield token
+        finally:
+            self._thread = 0
+            self._end(token)
+
+    def _start(self, token: CancelToken | None) -> CancelToken:
         token = token if token is not None else CancelToken()
         with self._lock:
             self.current = token
@@ -68,7 +93,7 @@ class TurnGuard:
             self._abort(token)
         return token
 
-    def end(self, token: CancelToken) -> None:
+    def _end(self, token: CancelToken) -> None:
         token._bind(None)
         with self._lock:
             if self.current is token:
