@@ -7,6 +7,7 @@ conversation or starts empty, never from a half turn."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import queue
@@ -16,7 +17,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from edgekv.errors import (BudgetError, Cancelled, CompactionError, EdgeKVError, MediaError, ModelLoadError,
                            SaveFormatError, SessionError, StateFormatError)
@@ -278,12 +279,24 @@ class Engine:
         s = self.session
         s.probe = question_probe(job.messages[-1].text)
         try:
-            with s.turn(job.cancelled):   # history, images and question: all stopped by this job's token
-                self._serve(job)
+            # history, images and question: all stopped by this job's token
+            with s.turn(job.cancelled), self._clip_folder(job) as folder:
+                self._serve(job, folder)
         finally:
             s.probe = self.default_probe
 
-    def _serve(self, job: Job) -> None:
+    @staticmethod
+    @contextlib.contextmanager
+    def _clip_folder(job: Job) -> Iterator[Path | None]:
+        """A temporary folder for the request's clips (PyAV reads files), removed after the turn."""
+        if not job.messages[-1].videos:
+            yield None
+            return
+        with tempfile.TemporaryDirectory(prefix="edgekv-video-") as d:
+            yield Path(d)
+
+    def _serve(self, job: Job, folder: Path | None) -> None:
+        """One request's turn; `folder` holds its clips' files while they are read (None: no clip)."""
         s, msgs = self.session, job.messages
         t0 = time.perf_counter()
         keys = [m.key for m in msgs]
@@ -302,19 +315,8 @@ class Engine:
                 raise InternalError("the model's chat template renders this conversation inconsistently")
         last_images = self._decode_images([last], job)
         self._check_cancelled(job)
-        clips_dir = tempfile.TemporaryDirectory(prefix="edgekv-video-") if last.videos else None
-        try:
-            clips = [v.open(Path(clips_dir.name)) for v in last.videos]   # streamed frame by frame, compacted per chunk
-            self._turn_answer(job, s.chat(last.text, last_images, clips, cancel=job.cancelled, **job.gen), last_images,
-                              keys, reused, cached_tokens, tok0, images0, chunks0, t0, t_restored)
-        finally:
-            if clips_dir is not None:
-                clips_dir.cleanup()
-
-    def _turn_answer(self, job: Job, turn, last_images, keys, reused, cached_tokens, tok0, images0, chunks0, t0,
-                     t_restored) -> None:
-        """Stream the turn's answer to the job, then keep the conversation and emit the result."""
-        s = self.session
+        clips = [v.open(folder) for v in last.videos]   # streamed frame by frame, compacted per chunk
+        turn = s.chat(last.text, last_images, clips, cancel=job.cancelled, **job.gen)
         first = last_rec = None
         text = []
         t_first = None
