@@ -308,16 +308,17 @@ class Held:
     queue and disconnect states are exact rather than races against a fast tiny model. The holds go
     through the session's own progress callback and its chat() generator: the llama.cpp work is real."""
 
-    def __init__(self, tiny_pairs, n_ctx: int = N_CTX) -> None:
+    def __init__(self, tiny_pairs, n_ctx: int = N_CTX, engine: dict | None = None, app: dict | None = None) -> None:
+        """engine, app: keywords for Engine (default: snapkv, a queue of 1) and create_app."""
         import uvicorn
 
         from edgekv.runtime import Model
         from edgekv.server.app import create_app
         from edgekv.server.engine import Engine
 
-        model, mmproj, _ = tiny_pairs["llava"]
+        model, mmproj, self.image = tiny_pairs["llava"]
         self.model = Model.load(model, mmproj, n_ctx=n_ctx, threads=THREADS, flash_attn="off")
-        self.engine = Engine(self.model, model_id=MODEL_ID, method="snapkv", queue_size=1)
+        self.engine = Engine(self.model, model_id=MODEL_ID, **(engine or dict(method="snapkv", queue_size=1)))
         self.gate = threading.Event()
         self.hold_image = False          # hold at the first image chunk of a turn
         self.hold_after: int | None = None   # hold after this many answer records
@@ -342,11 +343,17 @@ class Held:
         s.progress, s.chat = progress, held_chat
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(self.engine), host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(create_app(self.engine, **(app or {})), host="127.0.0.1",
+                                                    port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         wait_for(lambda: self.server.started)
+
+    def hold(self, after: int | None = None, image: bool = False) -> None:
+        """Hold the worker after `after` answer records, or (image) inside an image's prefill."""
+        self.gate.clear()
+        self.holding.clear()
+        self.hold_after, self.hold_image = after, image
 
     def release(self) -> None:
         self.hold_image, self.hold_after = False, None

@@ -10,24 +10,22 @@ chromium) they fail instead. Screenshots go to tmp_path, or to $EDGEKV_WEBUI_SHO
 README: EDGEKV_WEBUI_SHOTS=docs/webui pytest tests/test_webui.py)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import socket
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import THREADS
+from test_serve import MODEL_ID, Held
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 KEY = "sk-webui-test"
-MODEL_ID = "tiny-llava"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 # Runs in the page before its own scripts: keeps what went over the wire for the test to compare with.
@@ -74,67 +72,14 @@ def wait_for(cond, timeout: float = 60, what: str = "condition"):
         time.sleep(0.02)
 
 
-class LiveServer:
-    """create_app(engine, api_key=KEY) under uvicorn in a thread. The worker can be held after a number of
-    answer records (through the session's own chat() generator; the llama.cpp work is real), so "Stop
+class LiveServer(Held):
+    """test_serve's in-process server with the API key and the page's defaults (snapkv at 0.25, 64 tokens).
+    The worker can be held after a number of answer records or inside an image's prefill, so "Stop
     mid-answer" and "the answer streams" are exact states, not races against a fast tiny model."""
 
     def __init__(self, tiny_pairs) -> None:
-        import uvicorn
-
-        from edgekv.runtime import Model
-        from edgekv.server.app import create_app
-        from edgekv.server.engine import Engine
-
-        model, mmproj, self.image = tiny_pairs["llava"]
-        self.model = Model.load(model, mmproj, n_ctx=2048, threads=THREADS, flash_attn="off")
-        self.engine = Engine(self.model, model_id=MODEL_ID, method="snapkv", budget=0.25, max_tokens=64)
-        self.gate, self.holding = threading.Event(), threading.Event()
-        self.hold_after: int | None = None   # hold after this many answer records
-        self.hold_image = False               # hold inside the prefill of an image (before any token)
-        s = self.engine.session
-        chat = s.chat
-
-        def held_chat(*args, **kw):
-            with contextlib.closing(chat(*args, **kw)) as records:
-                for i, r in enumerate(records):
-                    yield r
-                    if self.hold_after is not None and i + 1 == self.hold_after:
-                        self.holding.set()
-                        self.gate.wait(60)
-
-        count = s.progress
-
-        def progress(stage: str, done: int, total: int) -> None:
-            count(stage, done, total)
-            if stage == "image" and self.hold_image:
-                self.holding.set()
-                self.gate.wait(60)
-
-        s.chat, s.progress = held_chat, progress
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(self.engine, api_key=KEY), host="127.0.0.1",
-                                                    port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        wait_for(lambda: self.server.started, what="uvicorn")
-
-    def hold(self, after: int | None = None, image: bool = False) -> None:
-        self.gate.clear()
-        self.holding.clear()
-        self.hold_after, self.hold_image = after, image
-
-    def release(self) -> None:
-        self.hold_after, self.hold_image = None, False
-        self.gate.set()
-
-    def close(self) -> None:
-        self.release()
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.engine.close()
-        self.model.close()
+        super().__init__(tiny_pairs, n_ctx=2048, engine=dict(method="snapkv", budget=0.25, max_tokens=64),
+                         app=dict(api_key=KEY))
 
 
 @pytest.fixture(scope="module")
