@@ -59,6 +59,28 @@ class Answer:
     seconds: float = 0.0
 
 
+@dataclass
+class Answers:
+    """A conversation's answers: what the last one left in the cache, and the answer tokens and seconds of
+    the whole conversation (Session.generation_tokens / generation_seconds)."""
+
+    last: Answer = field(default_factory=Answer)
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def stream(self, cache: CompressedCache, cancel: threading.Event, prompt: tuple[int, float],
+               gen: dict) -> Iterator[GenerationResponse]:
+        """`stream()` one answer; it becomes `last` and is counted once its stream closes."""
+        self.last = answer = Answer()
+        records = stream(cache, answer, cancel, prompt=prompt, **gen)
+        try:
+            yield from records
+        finally:
+            records.close()
+            self.tokens += len(answer.tokens)
+            self.seconds += answer.seconds
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
     try:

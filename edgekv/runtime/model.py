@@ -13,6 +13,7 @@ from edgekv.kv.codec import TYPE_IDS
 from edgekv.kv.rotation import KVRotation
 from edgekv.runtime import lib
 from edgekv.runtime.layout import ModelLayout, read_layout
+from edgekv.runtime.lifetime import Closable
 from edgekv.runtime.lib import llama_cpp, mtmd_cpp
 from edgekv.runtime.options import ModelOptions
 
@@ -67,8 +68,10 @@ def mmproj_output_dim(path: Path) -> int | None:
 
 
 @dataclass(eq=False)
-class Model:
+class Model(Closable):
     """A loaded text model, its llama.cpp context, and (optionally) the mtmd projector context."""
+
+    closed_message = "the model was closed (Model.close()); load it again to continue"
 
     model: object
     ctx: object
@@ -248,14 +251,6 @@ class Model:
 
         return fallback_reason(self.chat_template())
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def check_open(self) -> None:
-        if self._closed:
-            raise SessionError("the model was closed (Model.close()); load it again to continue")
-
     def attach(self, session: object) -> None:
         """Make `session` the model's one live session. llama.cpp holds one sequence per context here
         (n_seq_max = 1), so a second session would silently clear and overwrite the first one's cache."""
@@ -284,18 +279,6 @@ class Model:
             llama_cpp.llama_free(self.ctx)
         if self.model:
             llama_cpp.llama_model_free(self.model)
-
-    def __enter__(self) -> "Model":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 def _rotation_for(layout: ModelLayout, cache_type_k: str, cache_type_v: str, capture) -> KVRotation:

@@ -1,42 +1,32 @@
 """The conversation: messages through the chat template, turns as transactions, cancel.
 
 A Session owns one CompressedCache (`cache.py`: the cells' ledger, decode, compaction through
-`compactor.py`), prefills through a Prefiller (`prefill.py`) and answers through `generate.stream`
+`compactor.py`), prefills through a Prefiller (`prefill.py`) and answers through `generate.Answers`
 (`generate.py`). What it adds is the conversation: the messages, the text the cache holds
 (`history.py`, which also cuts the cache back when a template re-renders history), when and how to
-compact (`policy.py`), and turns that either complete or leave no trace, each with its own cancel token
-(`turn.py`).
-
-Turns as transactions (docs/architecture.md, "Turns as transactions, and cancellation"): while nothing
-was compacted inside a turn, its cells are the tail of the sequence and `llama_memory_seq_rm` from the
-turn's first position drops them; the first compaction inside a turn keeps the blob it read anyway (no
-extra copy), and a rollback puts it back first. On iSWA models (Gemma 3) the sliding-window block is
-checkpointed as the turn starts and put back too: llama.cpp overwrites window cells masked for the newest
-position, which the turn's start still needs.
+compact (`policy.py`), and turns that either complete or leave no trace (`transaction.py`), each with its
+own cancel token (`turn.py`). Snapshots, save and load are in `snapshot.py`; close() and `with` in
+`lifetime.py`.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import os
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Literal
 
 import numpy as np
 
-from edgekv.errors import BudgetError, Cancelled, CompactionError, EdgeKVError, MediaError, SessionError
+from edgekv.errors import BudgetError, Cancelled, EdgeKVError, MediaError, SessionError
 from edgekv.methods import Method, Span, get_method, parse_budget
-from edgekv.runtime import lib, policy, template
-from edgekv.runtime.cache import (CANCELLED_MESSAGE, PACKED, PENDING, PROTECTED, CacheMarks, CompactionReport,
-                                  CompressedCache)
-from edgekv.runtime.generate import (FINISH_REASONS, Answer, GenerationResponse, check_gen, peak_rss_mb, sample,
-                                     stream)
+from edgekv.runtime import policy, template
+from edgekv.runtime.cache import CANCELLED_MESSAGE, PACKED, PENDING, PROTECTED, CompactionReport, CompressedCache
+from edgekv.runtime.generate import FINISH_REASONS, Answers, GenerationResponse, check_gen, peak_rss_mb, sample
 from edgekv.runtime.history import CachedText
 from edgekv.runtime.lib import mtmd_cpp
+from edgekv.runtime.lifetime import Closable
 from edgekv.runtime.media import ImageInput
 from edgekv.runtime.model import Model
 from edgekv.runtime.prefill import Prefiller, Progress
+from edgekv.runtime.snapshot import SessionSnapshot, SessionState
 from edgekv.runtime.transaction import Transactions
 from edgekv.runtime.turn import CancelToken, TurnGuard
 
@@ -44,24 +34,7 @@ __all__ = ["Session", "SessionSnapshot", "CancelToken", "CompactionReport", "Gen
            "PROTECTED", "PENDING", "PACKED", "peak_rss_mb"]
 
 
-@dataclass(frozen=True)
-class SessionSnapshot:
-    """Everything a Session needs to return to an earlier point (the one snapshot type): the cache's bytes,
-    its ledger (`CacheMarks`), the messages and the text the cache holds (`CachedText.state()`)."""
-
-    blob: bytes
-    marks: CacheMarks
-    messages: tuple = ()
-    history: tuple = ("", ())
-
-    def without_logits(self) -> "SessionSnapshot":
-        """For keeping between requests: the next turn prefills a new message first, which recomputes the
-        logits and the query window (n_vocab floats, 1 MB on Gemma 3, for nothing otherwise)."""
-        return dataclasses.replace(self, marks=dataclasses.replace(self.marks, logits=None, window_q=None,
-                                                                   window_rows=0))
-
-
-class Session:
+class Session(Closable, SessionState):
     """One conversation on a loaded `Model` (one live session per model).
 
     method:   a registered method name (`auto` picks by regime) or a Method instance.
@@ -81,6 +54,7 @@ class Session:
     """
 
     probe: str | bool = True
+    closed_message = "this session was closed"
 
     def __init__(self, model: Model, *, method: str | Method = "auto", budget: float | int | str = 0.25,
                  compress: Literal["media", "all"] = "media", window: int = 32, seed: int = 0,
@@ -110,7 +84,7 @@ class Session:
         self._closed = False
         self._turns = TurnGuard(model.set_abort)   # the running turn's cancel token (runtime/turn.py)
         self.txns = Transactions(self)   # the running turn's rollback point (runtime/transaction.py)
-        self._answer = Answer()
+        self.answers = Answers()   # the last answer and the conversation's answer counters
         try:
             self.cache = CompressedCache(model)
         except BaseException:
@@ -133,74 +107,27 @@ class Session:
     def progress(self, fn: Progress | None) -> None:
         self.prefiller.progress = fn
 
-    @property
-    def prompt_tokens(self) -> int:
-        """Prefilled tokens (media included) of the whole conversation; answers are not counted."""
-        return self.prefiller.total_tokens
-
-    @property
-    def prompt_seconds(self) -> float:
-        return self.prefiller.total_seconds
-
-    @property
-    def n_cells(self) -> int:
-        return self.cache.n_cells
-
-    @property
-    def logits(self) -> np.ndarray:
-        return self.cache.current_logits()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def _check_usable(self) -> None:
-        if self._closed:
-            raise SessionError("this session was closed")
+    def check_open(self) -> None:
+        """SessionError when this session, or its model, was closed."""
+        super().check_open()
         self.model.check_open()
 
     def clear(self) -> None:
         """Forget the conversation and empty the cache (counters and reports too)."""
-        self._check_usable()
+        self.check_open()
         self.cache.reset()
         self.messages: list[dict] = []
         self.history = CachedText()   # the text the cache holds (runtime/history.py)
         self.reports.clear()
         self.prefiller.set_counts((0, 0.0, 0, 0.0))
-        self.generation_tokens = 0      # answer tokens kept in the cache, whole conversation
-        self.generation_seconds = 0.0
-
-    def state_blob(self) -> bytes:
-        self._check_usable()
-        return self.cache.state_blob()
-
-    def kv_bytes(self) -> int:
-        """K+V bytes the sequence holds in all cache blocks."""
-        self._check_usable()
-        return self.cache.nbytes()
-
-    def snapshot(self) -> SessionSnapshot:
-        """The cache and bookkeeping as they are now (e.g. to try several methods on one prefill)."""
-        return SessionSnapshot(self.state_blob(), self.cache.marks(), tuple(dict(m) for m in self.messages),
-                               self.history.state())
-
-    def restore(self, snap: SessionSnapshot) -> None:
-        """Put the cache and bookkeeping back as `snapshot()` saw them."""
-        self._check_usable()
-        if not self.cache.set_state(snap.blob):
-            raise CompactionError(f"llama.cpp refused the saved state:\n{lib.recent_log()}")
-        self.cache.set_marks(snap.marks)
-        self.messages = [dict(m) for m in snap.messages]
-        self.history.set_state(snap.history)
+        self.generation_tokens, self.generation_seconds = 0, 0.0
 
     # --- transactions and cancel ----------------------------------------------------------------
     def cancel(self) -> None:
-        """Stop the turn running now: its prefill (it raises `Cancelled`; the conversation is as before
-        the turn) or its generation (the last record says finish_reason "cancelled"; the answer so far is
-        kept). Safe from any thread; with no turn running it does nothing. To stop a turn that may not
-        have started yet (a server request still queued), give the turn a `CancelToken` (`chat(...,
-        cancel=token)`) and call `token.cancel()`. An image's encode cannot be interrupted, its decode
-        batches can (docs/architecture.md, "Turns as transactions, and cancellation")."""
+        """Stop the turn running now, from any thread: its prefill raises `Cancelled` (the conversation is
+        as before the turn), its answer ends with finish_reason "cancelled" (the answer so far is kept).
+        No turn running: nothing. A turn not started yet: its own `CancelToken` (docs/architecture.md,
+        "Turns as transactions, and cancellation")."""
         self._turns.cancel_current()
 
     @contextlib.contextmanager
@@ -210,7 +137,7 @@ class Session:
         calls and compact() each run in one of their own; nested calls on the same thread join the
         outer one, so `with session.turn(token):` puts several calls (a server request's history, then
         its question) under one token."""
-        self._check_usable()
+        self.check_open()
         with self._turns.scope(token) as token:
             yield token
 
@@ -355,7 +282,7 @@ class Session:
         does not hold) without answering. `images` are the messages' images in order. False, and nothing
         changed, when the chat template renders the text already in the cache differently (start over
         with clear()). A transaction."""
-        self._check_usable()
+        self.check_open()
         msgs = self.messages + [dict(m) for m in messages]
         full = self.format_chat(msgs, add_assistant=False)
         with self.txns.scope():
@@ -369,7 +296,7 @@ class Session:
 
     def _commit_answer(self, text: str) -> None:
         self.messages.append({"role": "assistant", "content": text})
-        self.history.text += self._answer.text   # what the cache holds (a prefix of `text`)
+        self.history.text += self.answers.last.text   # what the cache holds (a prefix of `text`)
 
     def generate(self, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  min_p: float = 0.0, seed: int | None = None, stop: tuple[str, ...] | str = (),
@@ -380,54 +307,15 @@ class Session:
         gen = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                    seed=seed, stop=stop)
         check_gen(gen)
-        self._check_usable()
+        self.check_open()
         return self._stream(gen, cancel)
 
     def _stream(self, gen: dict, cancel: CancelToken | None = None) -> Iterator[GenerationResponse]:
         with self.turn(cancel):
-            gen = dict(gen)
-            if gen.get("seed") is None:
-                gen["seed"] = self.seed
-            self._answer = answer = Answer()
-            records = stream(self.cache, answer, self._turns, prompt=self.prefiller.take_counts(), **gen)
-            try:
-                yield from records
-            finally:
-                records.close()
-                self.generation_tokens += len(answer.tokens)
-                self.generation_seconds += answer.seconds
+            gen = {**gen, "seed": self.seed if gen.get("seed") is None else gen["seed"]}
+            yield from self.answers.stream(self.cache, self._turns, self.prefiller.take_counts(), gen)
 
-    def sample(self, logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator,
-               top_k: int = 0, min_p: float = 0.0) -> int:
-        return sample(logits, temperature, top_p, rng, top_k, min_p)
-
-    # --- save and load --------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> Path:
-        """The conversation (compacted cache, bookkeeping, messages) to one file, with a header naming the
-        model, cache types and versions (`edgekv.runtime.saved`). Not during a turn."""
-        from edgekv.runtime import saved
-
-        self._check_usable()
-        if self.txns.current is not None:
-            raise SessionError("cannot save in the middle of a turn")
-        return saved.save(self, path)
-
-    @classmethod
-    def load(cls, model: Model, path: str | os.PathLike, **session_kwargs) -> "Session":
-        """A new Session on `model` holding the conversation saved at `path`. The saved settings (method,
-        budget, window, ...) apply unless given here. Another model, projector, cache type or
-        llama-cpp-python version is a SaveFormatError (nothing reaches llama.cpp)."""
-        from edgekv.runtime import saved
-
-        return saved.load_session(cls, model, path, **session_kwargs)
-
-    def load_conversation(self, path: str | os.PathLike) -> None:
-        """Replace this session's conversation with the one saved at `path` (this session's settings stay).
-        On any error the current conversation is kept as it was."""
-        from edgekv.runtime import saved
-
-        self._check_usable()
-        saved.replace_conversation(self, path)
+    sample = staticmethod(sample)   # generate.sample: greedy at temperature 0, else top-k/top-p/min-p
 
     # --- lifetime -------------------------------------------------------------------------------
     def close(self) -> None:
@@ -438,15 +326,3 @@ class Session:
         if not getattr(self, "_closed", True):
             self._closed = True
             self.model.detach(self)
-
-    def __enter__(self) -> "Session":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
