@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from edgekv.cli.options import _template_name
+from edgekv.cli.options import template_name_option
 from edgekv.cli.report import human_bytes
 
 
@@ -21,7 +21,7 @@ def _template_row(m) -> str:
 @click.option("--mmproj", type=click.Path(dir_okay=False, path_type=Path), help="Also check this projector.")
 @click.option("-ctk", "--cache-type-k", "cache_type_k", default="f16", show_default=True)
 @click.option("-ctv", "--cache-type-v", "cache_type_v", default="f16", show_default=True)
-@click.option("--chat-template", "chat_template", metavar="NAME", default=None, callback=_template_name,
+@click.option("--chat-template", "chat_template", metavar="NAME", default=None, callback=template_name_option,
               help="Show the layout with this llama.cpp built-in chat template instead of the model's own.")
 def info(model, mmproj, cache_type_k, cache_type_v, chat_template):
     """Print a model's layout: layers, KV heads, head dim, sliding window, M-RoPE, bytes per cell."""

@@ -41,7 +41,7 @@ class ImagePath(click.ParamType):
         return p
 
 
-def _template_name(ctx, param, value):
+def template_name_option(ctx, param, value):
     """--chat-template: one of llama.cpp's built-in names, checked before anything loads."""
     if value is None:
         return None
@@ -85,7 +85,7 @@ def model_options(f):
         click.option("-t", "--threads", type=click.IntRange(1), default=None, help="CPU threads (default: cores)."),
         click.option("--image-max-tokens", type=click.IntRange(1), default=None,
                      help="Cap the tokens of one image (dynamic-resolution projectors); compression comes after."),
-        click.option("--chat-template", "chat_template", metavar="NAME", default=None, callback=_template_name,
+        click.option("--chat-template", "chat_template", metavar="NAME", default=None, callback=template_name_option,
                      help="One of llama.cpp's built-in chat templates (chatml, gemma, llama3, ...) instead of "
                           "the model's own; models without one are formatted as ChatML."),
     ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from edgekv.errors import ContextOverflowError
 from edgekv.methods import parse_budget, resolve_budget
 from edgekv.runtime.media import load_image
-from edgekv.runtime.streaming import _group_cost, plan_video
+from edgekv.runtime.streaming import group_cost, plan_video
 
 SLACK = 64  # cells for the chat template's own tokens around the prompt
 
@@ -25,7 +25,7 @@ def context_for(model, clips, images, budget, prompt: str, max_tokens: int) -> i
         text += p.text_tokens
     for im in images:
         rgb = load_image(im)
-        media, t, n_chunks = _group_cost(model, rgb.width, rgb.height, 1)
+        media, t, n_chunks = group_cost(model, rgb.width, rgb.height, 1)
         kept += resolve_budget(parse_budget(budget), media) + n_chunks
         chunk = max(chunk, media // max(1, n_chunks))
         text += t

@@ -180,10 +180,10 @@ class VideoStats:
 def frames_merge(model) -> bool:
     """Whether the projector merges two adjacent mergeable frames in time (Qwen2-VL family): tokenize two
     small mergeable frames with touching markers and count the media chunks mtmd makes."""
-    return _group_cost(model, 56, 56, 2)[2] == 1
+    return group_cost(model, 56, 56, 2)[2] == 1
 
 
-def _group_cost(model, width: int, height: int, n: int, text: str = "") -> tuple[int, int, int]:
+def group_cost(model, width: int, height: int, n: int, text: str = "") -> tuple[int, int, int]:
     """(media tokens, text tokens, media chunks) of `text` + n touching frames of this size, by mtmd_tokenize
     on blank frames (preprocessing only, nothing is encoded)."""
     marker = mtmd_cpp.mtmd_default_marker().decode()
@@ -246,7 +246,7 @@ def plan_video(model, video: Video, budget: float | int, free_cells: int | None 
         raise MediaError(f"{video.name}: sizing the context needs a clip file or an iterator with max_frames")
     group = 2 if frames_merge(model) else 1
     groups = math.ceil(n / group)
-    media, text, _ = _group_cost(model, size[0], size[1], group, format_timestamp(10 * 60 * 60.0))
+    media, text, _ = group_cost(model, size[0], size[1], group, format_timestamp(10 * 60 * 60.0))
     if media > model.n_batch:
         raise MediaError(f"{video.name}: one {'pair of frames' if group == 2 else 'frame'} is {media} tokens but "
                          f"the batch is {model.n_batch}: raise -b/--batch-size to {media} or lower "
