@@ -45,6 +45,11 @@ class SessionSnapshot:
                                                                    window_rows=0))
 
 
+def _answers_counter(name: str, doc: str) -> property:
+    return property(lambda self: getattr(self.answers, name), lambda self, v: setattr(self.answers, name, v),
+                    doc=doc)
+
+
 class SessionState:
     """The Session methods that read its state as data: counters and sizes, snapshot / restore (memory),
     save / load (a file, which keeps the counters too)."""
@@ -75,22 +80,9 @@ class SessionState:
     def logits(self) -> np.ndarray:
         return self.cache.current_logits()
 
-    @property
-    def generation_tokens(self) -> int:
-        """Answer tokens kept in the cache, whole conversation."""
-        return self.answers.tokens
-
-    @generation_tokens.setter
-    def generation_tokens(self, n: int) -> None:
-        self.answers.tokens = n
-
-    @property
-    def generation_seconds(self) -> float:
-        return self.answers.seconds
-
-    @generation_seconds.setter
-    def generation_seconds(self, seconds: float) -> None:
-        self.answers.seconds = seconds
+    # the whole conversation's answer counters (generate.Answers), writable: clear() and saved.py set them
+    generation_tokens = _answers_counter("tokens", "Answer tokens kept in the cache, whole conversation.")
+    generation_seconds = _answers_counter("seconds", "Seconds spent answering, whole conversation.")
 
     def state_blob(self) -> bytes:
         self.check_open()
