@@ -16,7 +16,7 @@ from typing import Iterator, Literal
 import numpy as np
 
 from edgekv.errors import BudgetError, Cancelled, EdgeKVError, MediaError, SessionError
-from edgekv.methods import Method, Span, get_method, parse_budget
+from edgekv.methods import Method, get_method, parse_budget
 from edgekv.runtime import policy, template
 from edgekv.runtime.cache import CANCELLED_MESSAGE, PACKED, PENDING, PROTECTED, CompactionReport, CompressedCache
 from edgekv.runtime.generate import FINISH_REASONS, Answers, GenerationResponse, check_gen, peak_rss_mb, sample
@@ -194,9 +194,6 @@ class Session(Closable, SessionState):
     def candidates(self) -> np.ndarray:
         """[cells] bool: what the next compaction may evict."""
         return self.cache.candidates(self.compress)
-
-    def _spans(self) -> tuple[Span, ...]:
-        return self.cache.spans()
 
     def compact(self, method: str | Method | None = None, budget: float | int | str | None = None,
                 early: bool = False, probe: str | bool | None = None) -> CompactionReport | None:
