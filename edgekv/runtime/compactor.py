@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgekv.errors import CompactionError, EdgeKVError
-from edgekv.kv.codec import SeqState, state_buffer
+from edgekv.kv.codec import SeqState, parse_state, state_buffer
 from edgekv.kv.packer import layer_floats, pack_block
 from edgekv.methods import KVView, Method, Span
 from edgekv.methods.parallel import planning_threads
@@ -31,6 +31,7 @@ from edgekv.runtime import lib
 from edgekv.runtime.lib import llama_cpp
 
 PROTECTED, PENDING, PACKED = 0, 1, 2
+COVERED, FROZEN = -1, -2   # a packed slot's cell id: its originals are in the recall store / are not
 SCRATCH_SEQ = 1  # marks one media chunk for LastChunk (the context has 2 sequences, one cell pool)
 EARLY = " (early, before the question)"
 
@@ -58,6 +59,14 @@ class CompactionReport:
     early: bool = False        # before the question (media still coming in)
     probe: str | None = None   # the window was a probe: "question" (known in advance) or "generic"
     chunk_only: bool = False   # the last media chunk alone (LastChunk)
+    # recall (docs/recall.md): the store after this compaction, and what a re-selection did
+    store_cells: int = 0       # cells whose originals the store holds
+    store_bytes: int = 0
+    store_where: str | None = None   # "RAM" or the file; None: recall off
+    reselect: bool = False     # chose among every cell, in the context and in the store (Universe)
+    recalled: int = 0          # cells brought back from the store (into at least one layer and head)
+    rewritten: bool = True     # False: the chosen set was the context's, nothing was written
+    reprefill_tokens: int = 0  # the question's tokens prefilled again after cells came back
 
     @property
     def method(self) -> str:
@@ -85,10 +94,32 @@ class CompactionReport:
         return cls(**d)
 
 
-class WholeSequence:
-    """Every cell of sequence 0; `cand` says which may go."""
+def spans_of(kind: np.ndarray, media: np.ndarray) -> tuple[Span, ...]:
+    """Runs of cells of one kind: text, one media index, or packed slots."""
+    spans, start, n = [], 0, len(kind)
+    key = np.where(kind == PACKED, -2, media)
+    for i in range(1, n + 1):
+        if i == n or key[i] != key[start]:
+            m = int(media[start])
+            spans.append(Span(start, i, "media" if m >= 0 else "text", m))
+            start = i
+    return tuple(spans)
+
+
+class _Region:
+    """What every region shares: a new packed block always differs from the cells it replaces."""
 
     chunk_only = False
+
+    def recalled(self, new_base, src: np.ndarray, plan) -> int:
+        return 0
+
+    def unchanged(self, new_base) -> bool:
+        return False
+
+
+class WholeSequence(_Region):
+    """Every cell of sequence 0; `cand` says which may go."""
 
     def __init__(self, cache, cand: np.ndarray, cap: bool, plan_as_chunk: bool) -> None:
         self.cache, self.cand, self.cap, self.plan_as_chunk = cache, cand, cap, plan_as_chunk
@@ -130,11 +161,18 @@ class WholeSequence:
         self.cache.kind[self.cand] = PACKED
         self.bytes_after = self.state.nbytes
 
+    def store_originals(self) -> None:
+        c = self.cache
+        if c.store is not None:
+            idx = np.flatnonzero(self.cand & (c.cid >= 0))
+            c.store.add(self.state.blocks[0], idx, c.cid[idx], c.media[idx])
+
     def settle(self, src: np.ndarray, pos: np.ndarray) -> None:
         c = self.cache
         c.kind = np.where(self.cand[src], PACKED, c.kind[src]).astype(np.int8)
         c.media = c.media[src]
         c.pos = pos.astype(np.int64)
+        c.cid = np.where(self.cand[src], COVERED if c.store is not None else FROZEN, c.cid[src])
 
     def counts(self) -> tuple[int, int]:
         return int(self.cand.sum()), self.state.nbytes
@@ -143,7 +181,7 @@ class WholeSequence:
         pass
 
 
-class LastChunk:
+class LastChunk(_Region):
     """The last media chunk alone, (pos lo, pos hi, cell lo, cell hi): see the module docstring."""
 
     chunk_only = True
@@ -174,7 +212,8 @@ class LastChunk:
         if state.blocks[0].n_cells != self.i1 - self.i0 or len(state.blocks) != 1:
             self.release()
             return None
-        return state.blocks[0]
+        self.base = state.blocks[0]
+        return self.base
 
     def spans(self) -> tuple[Span, ...]:
         return (Span(0, self.i1 - self.i0, "media", int(self.cache.media[self.i0])),)
@@ -216,6 +255,13 @@ class LastChunk:
         self.cache.kind[self.i0:self.i1] = PACKED
         self.cache.last_chunk = None
 
+    def store_originals(self) -> None:
+        c = self.cache
+        if c.store is not None:
+            cid = c.cid[self.i0:self.i1]
+            idx = np.flatnonzero(self.cand & (cid >= 0))
+            c.store.add(self.base, idx, cid[idx], c.media[self.i0:self.i1][idx])
+
     def settle(self, src: np.ndarray, pos: np.ndarray) -> None:
         # Every cell of the chunk is settled, its last (pos_max) cell included: later chunks do not
         # reconsider it, so the next chunk is again the only candidates (CompressedCache.chunk_range).
@@ -223,6 +269,8 @@ class LastChunk:
         c.kind = np.concatenate([c.kind[:i0], np.full(len(src), PACKED, np.int8), c.kind[i1:]])
         c.media = np.concatenate([c.media[:i0], c.media[i0:i1][src], c.media[i1:]])
         c.pos = np.concatenate([c.pos[:i0], pos.astype(np.int64), c.pos[i1:]])
+        cid = np.where(self.cand[src], COVERED if c.store is not None else FROZEN, c.cid[i0:i1][src])
+        c.cid = np.concatenate([c.cid[:i0], cid, c.cid[i1:]])
         c.last_chunk = None
 
     # bytes from cell counts: the rest of the cache is never read
@@ -235,6 +283,184 @@ class LastChunk:
 
     def release(self) -> None:
         llama_cpp.llama_memory_seq_rm(self.mem, SCRATCH_SEQ, -1, -1)
+
+
+class Universe(_Region):
+    """Recall (docs/recall.md): every cell, in the context and in the store. The context's covered slots
+    are set aside and their originals read from the store; the universe is in prefill order (position,
+    then cell id). `cand` says which context cells may go (pending media; with compress="all" any
+    unpacked one); packed originals and every stored cell are candidates too, so each question chooses
+    among all of them. When the plan brings stored cells back and the question's text run
+    (`CompressedCache.run`) is the tail, the run's cells are left out of the written block, with the
+    sliding-window block from the run's start (iSWA), for the caller to prefill again on the new context."""
+
+    def __init__(self, cache, cand: np.ndarray, cap: bool) -> None:
+        self.cache, self.ctx_cand, self.cap = cache, cand, cap
+        self.blob = self.state = None
+        self.cut = None
+
+    def accepts(self, meth: Method, queries) -> bool:
+        return True
+
+    def read(self):
+        c = self.cache
+        self.blob = c.state_buffer()
+        self.state = c.parse(self.blob, copy=False)
+        self.ctx = ctx = self.state.blocks[0]
+        n = ctx.n_cells
+        cand = self.ctx_cand | ((c.kind == PACKED) & (c.cid >= 0))
+        cand[max(0, n - c.window_rows):] = False
+        if c.run is not None:      # the question's own text stays (and is prefilled again if cells come back)
+            cand[c.pos >= c.run.p0] = False
+        if n:
+            cand[-1] = False
+        keep = np.flatnonzero(c.cid != COVERED)        # originals and frozen slots
+        parts = [ctx.take(keep)]
+        kind = np.where((c.kind == PACKED) & (c.cid >= 0), PENDING, c.kind)   # packed originals: what they were
+        kind, media, cid, cands = [kind[keep]], [c.media[keep]], [c.cid[keep]], [cand[keep]]
+        store = c.store
+        if store is not None and store.n:
+            parts.append(store.rows())
+            kind.append(np.full(store.n, PENDING, np.int8))
+            media.append(store.media)
+            cid.append(store.cid)
+            cands.append(np.ones(store.n, bool))
+        kind, media, cid, cands = (np.concatenate(a) for a in (kind, media, cid, cands))
+        from_store = np.arange(len(kind)) >= len(keep)
+        block = _concat(parts)
+        order = np.lexsort((cid, block.pos))           # prefill order; frozen slots first at a position
+        self.kind, self.media, self.cid = kind[order], media[order], cid[order]
+        self.cand, self.from_store = cands[order], from_store[order]
+        self.base = block.take(order)
+        return self.base
+
+    def spans(self) -> tuple[Span, ...]:
+        return spans_of(self.kind, self.media)
+
+    def window_outside(self, meth: Method) -> bool:
+        return False
+
+    def slots(self, budget_cells: int) -> int:
+        return budget_cells
+
+    def wants_plan(self, meth: Method, slots: int, n_candidates: int) -> bool:
+        return slots < n_candidates or meth.name == "full"
+
+    def recalled(self, new_base, src: np.ndarray, plan) -> int:
+        """Stored cells the plan puts in a (layer, head) whose context rows do not hold them already."""
+        stored = self.from_store
+        if not stored.any():
+            return 0
+        n_heads = plan.keep.shape[1]
+        back = np.zeros(len(stored), bool)
+        for il, (old, new) in enumerate(zip(self.ctx.layers, self.base.layers)):
+            have = _head_hashes(old.k, n_heads)                  # [n_ctx, H]
+            for h in range(n_heads):
+                idx = plan.keep[il, h]
+                idx = idx[stored[idx]]
+                if idx.size:
+                    mine = _head_hashes(new.k[idx], n_heads)[:, h]
+                    back[idx[~np.isin(mine, have[:, h])]] = True
+        return int(back.sum())
+
+    def unchanged(self, new_base) -> bool:
+        old = self.ctx
+        if new_base.n_cells != old.n_cells or (new_base.pos != old.pos).any():
+            return False
+        return all(np.array_equal(a.k, b.k) and np.array_equal(a.v, b.v) for a, b in zip(old.layers, new_base.layers))
+
+    def write(self, new_base) -> None:
+        c, state = self.cache, self.state
+        run = c.run
+        tail = self.base.pos >= run.p0 if run is not None and run.tokens else None
+        if (self.recalled_n and tail is not None and int(tail.sum()) == len(run.tokens)
+                and not self.cand[tail].any() and (self.model_iswa is False or run.swa is not None)):
+            self.cut = run
+            new_base = new_base.take(np.flatnonzero(new_base.pos < run.p0))
+            rest = [parse_state(run.swa, has_ext=state.has_ext, n_blocks=1).blocks[0]] if self.model_iswa else []
+        else:
+            rest = state.blocks[1:]
+        new_state = SeqState(state.seq_id, [new_base] + rest, state.has_ext)
+        if not c.set_state(state_buffer(new_state)):
+            restored = c.set_state(self.blob)
+            raise CompactionError("llama.cpp refused the re-selected cache"
+                                  + ("; the original cache was restored" if restored
+                                     else " AND the original could not be restored: call clear()")
+                                  + f":\n{lib.recent_log()}")
+        self.bytes_after = new_state.nbytes
+
+    @property
+    def model_iswa(self) -> bool:
+        return bool(self.cache.model.layout.iswa)
+
+    def keep_as_is(self) -> None:
+        """Every candidate fits the budget: the universe goes back whole (stored cells included)."""
+        c = self.cache
+        if not self.from_store.any():
+            c.kind[self.ctx_cand | (c.kind == PACKED)] = PACKED
+            self.bytes_after = self.state.nbytes
+            return
+        self.recalled_n = int(self.from_store.sum())
+        self.store_originals()
+        self.write(self.base)
+        self.settle(np.arange(self.base.n_cells), self.base.pos)
+
+    def store_originals(self) -> None:
+        c = self.cache
+        if c.store is None:
+            return
+        idx = np.flatnonzero(self.cand & ~self.from_store & (self.cid >= 0))
+        c.store.add(self.base, idx, self.cid[idx], self.media[idx])
+
+    def settle(self, src: np.ndarray, pos: np.ndarray) -> None:
+        c = self.cache
+        c.kind = np.where(self.cand[src], PACKED, self.kind[src]).astype(np.int8)
+        c.media = self.media[src]
+        c.pos = pos.astype(np.int64)
+        c.cid = np.where(self.cand[src], COVERED, self.cid[src])
+        c.last_chunk = None
+        if self.cut is not None:    # the run's cells were left out: the caller prefills them again
+            n = len(self.cut.tokens)
+            c.forget_last(n)
+            c.n_past = self.cut.p0
+            c.window_q, c.window_rows, c.logits = None, 0, None
+            c.run = None
+
+    def counts(self) -> tuple[int, int]:
+        return int(self.cand.sum()), self.state.nbytes
+
+    def release(self) -> None:
+        pass
+
+
+def _concat(blocks: list) -> "KVBlock":
+    """Cells of several blocks (same layers and types) as one block."""
+    from edgekv.kv.codec import KVBlock, LayerKV
+
+    if len(blocks) == 1:
+        return blocks[0]
+    first = blocks[0]
+    ext = None if first.ext is None else np.concatenate([b.ext for b in blocks])
+    layers = [LayerKV(ls[0].k_type, np.concatenate([l.k for l in ls]), ls[0].v_type,
+                      np.concatenate([l.v for l in ls])) for ls in zip(*(b.layers for b in blocks))]
+    return KVBlock(pos=np.concatenate([b.pos for b in blocks]), seq_id=np.concatenate([b.seq_id for b in blocks]),
+                   ext=ext, v_trans=first.v_trans, layers=layers)
+
+
+_HASH_W = np.random.default_rng(12345).integers(1, 2**63, size=4096, dtype=np.uint64) | np.uint64(1)
+
+
+def _head_hashes(rows: np.ndarray, n_heads: int) -> np.ndarray:
+    """[n, H] uint64: a hash of each head's bytes in each row (rows equal as bytes hash equal)."""
+    n, width = rows.shape
+    hb = width // n_heads
+    pad = (-hb) % 8
+    r = np.ascontiguousarray(rows).reshape(n, n_heads, hb)
+    if pad:
+        r = np.concatenate([r, np.zeros((n, n_heads, pad), np.uint8)], axis=2)
+    words = r.view(np.uint64)                              # [n, H, (hb+pad)/8]
+    with np.errstate(over="ignore"):
+        return (words * _HASH_W[:words.shape[2]]).sum(axis=2, dtype=np.uint64)
 
 
 def compact(cache, meth: Method, region, budget_cells: int, *, use_queries: bool, seed: int,
@@ -255,6 +481,9 @@ def compact(cache, meth: Method, region, budget_cells: int, *, use_queries: bool
     base = region.read()
     if base is None:
         return None
+    store = cache.store
+    store_n0 = store.n if store is not None else 0
+    recalled, rewritten = 0, True
     try:
         if on_blob is not None and not region.chunk_only:
             on_blob(region.blob)
@@ -282,11 +511,21 @@ def compact(cache, meth: Method, region, budget_cells: int, *, use_queries: bool
             plan, merged = _cells_and_merges(meth, view, cells, plan, base, lay.n_head_kv)
             del view
             new_base, src = pack_block(base, plan, region.cand, lay.n_head_kv, merged)
-            region.write(new_base)
-            region.settle(src, new_base.pos)
+            recalled = region.recalled(new_base, src, plan)
+            region.recalled_n = recalled
+            if recalled == 0 and region.unchanged(new_base):
+                rewritten = False
+                region.release()
+            else:
+                region.store_originals()
+                region.write(new_base)
+                region.settle(src, new_base.pos)
     except BaseException:
         region.release()
+        if store is not None:
+            store.truncate(store_n0)
         raise
+    recalled = getattr(region, "recalled_n", recalled)
     return CompactionReport(
         resolved=meth.name, auto=auto, early=early, chunk_only=region.chunk_only, budget_cells=budget_cells,
         n_candidates=n_candidates, cells_before=cells_before, cells_after=cache.n_cells,
@@ -295,7 +534,11 @@ def compact(cache, meth: Method, region, budget_cells: int, *, use_queries: bool
         nominal_mean=float(plan.nominal.mean()) if plan is not None else float(budget_cells),
         nominal_max=int(plan.nominal.max()) if plan is not None else budget_cells,
         merged=plan is not None and plan.merge_to is not None, window=window,
-        info=dict(plan.info) if plan is not None else {})
+        info=dict(plan.info) if plan is not None else {},
+        store_cells=0 if store is None else store.n, store_bytes=0 if store is None else store.nbytes,
+        store_where=None if store is None else store.where, reselect=isinstance(region, Universe),
+        recalled=recalled, rewritten=rewritten,
+        reprefill_tokens=0 if getattr(region, "cut", None) is None else len(region.cut.tokens))
 
 
 def method_view(meth: Method, base, n_kv_heads: int, cand: np.ndarray, spans: tuple[Span, ...], queries,

@@ -103,7 +103,7 @@ class SessionState:
         self.check_open()
         if not self.cache.set_state(snap.blob):
             raise CompactionError(f"llama.cpp refused the saved state:\n{lib.recent_log()}")
-        self.cache.set_marks(snap.marks)
+        self.cache.set_marks(snap.marks, fork=True)
         self.messages = [dict(m) for m in snap.messages]
         self.history.set_state(snap.history)
 
