@@ -11,6 +11,7 @@ own cancel token (`turn.py`). Snapshots, save and load are in `snapshot.py`; clo
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterator, Literal
 
 import numpy as np
