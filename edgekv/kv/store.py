@@ -9,9 +9,10 @@ id, which orders the universe the next question chooses from.
 Where the rows live:
 - `ram`: a numpy array in host memory (on a unified-memory Mac or a CPU-only machine this gives part of
   the saving back; on a discrete GPU it moves the cells from VRAM to cheaper RAM);
-- `disk`: a memory-mapped file under a folder (default: a temporary one), removed when the store is
-  closed or garbage collected, and at interpreter exit. Each appended batch carries a CRC32, checked
-  when rows are read, so a file changed or cut behind our back is a `RecallStoreError`, not wrong cells.
+- `disk`: a file under a folder (default: a temporary one), written and read with plain file I/O (no
+  mapping: the rows sit in the OS page cache, which the OS reclaims, not in the process), removed when
+  the store is closed or garbage collected, and at interpreter exit. Each appended batch carries a
+  CRC32, checked when rows are read, so a file changed or cut behind our back is a `RecallStoreError`.
 
 Rows are stored in the cache's own type (bit-identical when recalled) unless `row_type` asks for f16,
 q8_0 or q4_0 (the codec's block formats; lossy for a lower type).
@@ -111,7 +112,7 @@ class RecallStore:
         self.media = np.zeros(0, np.int32)
         self.has_ext = False
         self.v_trans = False
-        self._data: np.ndarray | None = None     # [capacity, row_bytes] uint8 (an np.memmap for disk)
+        self._data: np.ndarray | None = None     # ram: [capacity, row_bytes] uint8
         self._batches: list[tuple[int, int, int]] = []   # disk: (start, stop, crc32) per append
         self._path: Path | None = None
         self._tmpdir: str | None = None
@@ -146,8 +147,11 @@ class RecallStore:
         if len(block.layers) != len(lay.k_types):
             raise EdgeKVError("internal: the recall store got rows of another layer count")
         n0, n1 = self.n, self.n + idx.size
-        self._reserve(n1)
-        out = self._data[n0:n1]
+        if self.mode == "ram":
+            self._reserve(n1)
+            out = self._data[n0:n1]
+        else:
+            out = np.empty((idx.size, lay.row_bytes), np.uint8)
         for il, (layer, (k0, k1, v0, v1)) in enumerate(zip(block.layers, lay.offsets())):
             out[:, k0:k1] = _convert(layer.k[idx], lay.k_types[il], lay.k_store[il])
             out[:, v0:v1] = _convert(layer.v[idx], lay.v_types[il], lay.v_store[il])
@@ -157,9 +161,19 @@ class RecallStore:
         if self.has_ext:
             self.ext = np.concatenate([self.ext, block.ext[idx].astype(np.int32)])
         if self.mode == "disk":
-            self._data.flush()
-            self._batches.append((n0, n1, zlib.crc32(memoryview(np.ascontiguousarray(out)))))
+            self._write(n0, out)
+            self._batches.append((n0, n1, zlib.crc32(memoryview(out))))
         self.n = n1
+
+    def _write(self, row0: int, rows: np.ndarray) -> None:
+        if self._path is None:
+            self._open_file()
+        try:
+            with open(self._path, "r+b") as f:
+                f.seek(row0 * self.layout.row_bytes)
+                f.write(memoryview(np.ascontiguousarray(rows)))
+        except OSError as e:
+            raise RecallStoreError(f"cannot write the recall store file {self._path}: {e.strerror or e}") from None
 
     def _reserve(self, n: int) -> None:
         row = self.layout.row_bytes
@@ -167,18 +181,10 @@ class RecallStore:
         if n <= cap:
             return
         new_cap = max(n, 2 * cap, 256)
-        if self.mode == "ram":
-            data = np.empty((new_cap, row), np.uint8)
-            if self._data is not None:
-                data[:self.n] = self._data[:self.n]
-            self._data = data
-            return
-        if self._path is None:
-            self._open_file()
-        self._data = None   # unmap before growing the file
-        with open(self._path, "r+b") as f:
-            f.truncate(new_cap * row)
-        self._data = np.memmap(self._path, np.uint8, "r+", shape=(new_cap, row))
+        data = np.empty((new_cap, row), np.uint8)
+        if self._data is not None:
+            data[:self.n] = self._data[:self.n]
+        self._data = data
 
     def _open_file(self) -> None:
         if self.directory is None:
@@ -216,19 +222,23 @@ class RecallStore:
             return self._data[:n]
         need = n * self.layout.row_bytes
         try:
-            size = os.stat(self._path).st_size
-        except OSError as e:
+            with open(self._path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < need:
+                    raise RecallStoreError(f"the recall store file {self._path} was cut to {size} bytes "
+                                           f"(it held {need})")
+                data = np.empty((n, self.layout.row_bytes), np.uint8)
+                f.readinto(memoryview(data))
+        except FileNotFoundError as e:
             raise RecallStoreError(f"the recall store file {self._path} is gone ({e.strerror or e})") from None
-        if size < need:
-            raise RecallStoreError(f"the recall store file {self._path} was cut to {size} bytes "
-                                   f"(it held {need})")
-        data = np.asarray(self._data[:n])
+        except OSError as e:
+            raise RecallStoreError(f"cannot read the recall store file {self._path}: {e.strerror or e}") from None
         for b0, b1, crc in self._batches:
             if b0 >= n:
                 break
             if b1 > n:   # a batch truncated away by a rollback is not read
                 continue
-            if zlib.crc32(memoryview(np.ascontiguousarray(data[b0:b1]))) != crc:
+            if zlib.crc32(memoryview(data[b0:b1])) != crc:
                 raise RecallStoreError(f"the recall store file {self._path} was changed (rows {b0}-{b1} "
                                        "fail their checksum)")
         return data
@@ -245,7 +255,16 @@ class RecallStore:
         self._batches = [b for b in self._batches if b[0] < n]
         if self._batches and self._batches[-1][1] > n:   # re-checksum the cut batch
             b0 = self._batches[-1][0]
-            self._batches[-1] = (b0, n, zlib.crc32(memoryview(np.ascontiguousarray(self._data[b0:n]))))
+            self._batches[-1] = (b0, n, zlib.crc32(memoryview(self._checked_rows(b0, n))))
+
+    def _checked_rows(self, b0: int, b1: int) -> np.ndarray:
+        if self.mode == "ram":
+            return self._data[b0:b1]
+        with open(self._path, "rb") as f:
+            f.seek(b0 * self.layout.row_bytes)
+            data = np.empty((b1 - b0, self.layout.row_bytes), np.uint8)
+            f.readinto(memoryview(data))
+        return data
 
     def fork(self, n: int) -> "RecallStore":
         """A new store holding this one's first n rows (a restored snapshot's own copy)."""
@@ -253,14 +272,16 @@ class RecallStore:
         if self.layout is None or n == 0:
             return new
         new.layout, new.has_ext, new.v_trans = self.layout, self.has_ext, self.v_trans
-        new._reserve(n)
-        new._data[:n] = self._checked(n)
+        rows = np.ascontiguousarray(self._checked(n))
+        if new.mode == "ram":
+            new._reserve(n)
+            new._data[:n] = rows
+        else:
+            new._write(0, rows)
+            new._batches = [(0, n, zlib.crc32(memoryview(rows)))]
         new.cid, new.pos, new.media = self.cid[:n].copy(), self.pos[:n].copy(), self.media[:n].copy()
         new.ext = None if self.ext is None else self.ext[:n].copy()
         new.n = n
-        if new.mode == "disk":
-            new._data.flush()
-            new._batches = [(0, n, zlib.crc32(memoryview(np.ascontiguousarray(new._data[:n]))))]
         return new
 
     def close(self) -> None:
