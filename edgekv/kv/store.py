@@ -180,7 +180,7 @@ class RecallStore:
         cap = 0 if self._data is None else self._data.shape[0]
         if n <= cap:
             return
-        new_cap = max(n, 2 * cap, 256)
+        new_cap = max(n, cap + cap // 4, 256)   # RAM held stays close to what is stored
         data = np.empty((new_cap, row), np.uint8)
         if self._data is not None:
             data[:self.n] = self._data[:self.n]

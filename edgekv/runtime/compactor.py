@@ -311,7 +311,10 @@ class Universe(_Region):
         cand = self.ctx_cand | ((c.kind == PACKED) & (c.cid >= 0))
         cand[max(0, n - c.window_rows):] = False
         if c.run is not None:      # the question's own text stays (and is prefilled again if cells come back)
-            cand[c.pos >= c.run.p0] = False
+            before = c.pos < c.run.p0
+            cand[~before] = False
+            if before.any():        # the cell before it: the pos_max the prefill again continues from
+                cand[np.flatnonzero(before)[-1]] = False
         if n:
             cand[-1] = False
         keep = np.flatnonzero(c.cid != COVERED)        # originals and frozen slots
@@ -332,6 +335,8 @@ class Universe(_Region):
         self.kind, self.media, self.cid = kind[order], media[order], cid[order]
         self.cand, self.from_store = cands[order], from_store[order]
         self.base = block.take(order)
+        # packed cells that stay whole here (the cell before the question) take one of the slots
+        self.held_back = int(((c.kind == PACKED) & (c.cid >= 0) & ~cand).sum())
         return self.base
 
     def spans(self) -> tuple[Span, ...]:
@@ -341,7 +346,7 @@ class Universe(_Region):
         return False
 
     def slots(self, budget_cells: int) -> int:
-        return budget_cells
+        return max(1, budget_cells - self.held_back)
 
     def wants_plan(self, meth: Method, slots: int, n_candidates: int) -> bool:
         return slots < n_candidates or meth.name == "full"

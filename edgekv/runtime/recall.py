@@ -3,7 +3,7 @@
 With a recall store (`Session(recall="ram"|"disk")`), compaction keeps the original rows of every cell it
 packs (`edgekv.kv.store`). When a question's window has been captured on the compacted context, the
 conversation's method scores every cell, in the context and in the store (the `Universe` region of
-runtime/compactor.py), with the budget as a share of all of them:
+runtime/compactor.py), filling as many cells as the context holds now (`slots_for`):
 
 - the chosen set is the context's: nothing is written (the report says `rewritten=False`);
 - otherwise the context is rewritten with it (cells coming back at their true positions, cells leaving
@@ -20,7 +20,7 @@ import numpy as np
 
 from edgekv.kv.store import RecallStoreError
 from edgekv.methods import resolve_budget
-from edgekv.runtime.compactor import PACKED, CompactionReport
+from edgekv.runtime.compactor import FROZEN, PACKED, CompactionReport
 
 
 def due(cache) -> bool:
@@ -28,9 +28,12 @@ def due(cache) -> bool:
     return bool(cache.store is not None and cache.reselect_due and cache.window_rows and cache.store.n)
 
 
-def n_recallable(cache, cand: np.ndarray) -> int:
-    """Cells the budget is a share of: the candidates, the stored cells and the packed originals."""
-    return int(cand.sum()) + cache.store.n + int(((cache.kind == PACKED) & (cache.cid >= 0)).sum())
+def slots_for(cache, want, cand: np.ndarray) -> int:
+    """The cells a re-selection may fill: the packed cells the context holds now (what the compactions
+    before it kept, lowered budgets included) plus the budget's share of the new candidates. The
+    context never grows: recall changes which cells it holds, not how many."""
+    held = int(((cache.kind == PACKED) & (cache.cid != FROZEN)).sum())
+    return held + (resolve_budget(want, int(cand.sum())) if cand.any() else 0)
 
 
 def reselect(session, meth, budget, cand: np.ndarray, passes: int = 1) -> CompactionReport | None:
@@ -47,7 +50,7 @@ def reselect(session, meth, budget, cand: np.ndarray, passes: int = 1) -> Compac
         want = s.budget if budget is None else budget
         run = c.run
         try:
-            r = c.compact(meth, resolve_budget(want, n_recallable(c, cand)), cand=cand, use_queries=True,
+            r = c.compact(meth, slots_for(c, want, cand), cand=cand, use_queries=True,
                           seed=s.seed, on_blob=s.txns.stash, universe=True, cap=True)
         except RecallStoreError as e:
             c.forget_store()
