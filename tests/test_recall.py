@@ -302,3 +302,27 @@ def test_on_gemma_the_question_is_removed_exactly_from_the_sliding_window(gemma_
         assert len(q_old) > 5      # the question's cells, prefilled again on the new context, differ
         assert any(not np.array_equal(a.k[q_old], b.k[q_new]) for a, b in zip(before.layers, after.layers))
         s.close()
+
+
+def test_a_question_after_a_streamed_clip_chooses_across_every_frame(tiny_pairs, tmp_path):
+    """Every frame is compacted right after its prefill (query-agnostic); its compacted cells go to the
+    store, and the question then chooses among all of them in the budget-sized context: cells of more
+    than one frame come back, and the context does not grow."""
+    from test_video import make_clip
+
+    from edgekv.runtime.streaming import Video
+
+    clip = make_clip(tmp_path / "clip.mp4", n=8, fps=4, w=224, h=224)
+    with load(tiny_pairs) as m:
+        s = Session(m, method="snapkv", budget=0.25, recall="ram", probe=False)
+        list(s.chat("What happens?", videos=[Video(clip, fps=4)], max_tokens=2))
+        early = [r for r in s.reports if r.early]
+        r = s.reports[-1]
+        assert len(early) >= 2 and not r.early and r.reselect
+        stored = s.cache.store
+        # every frame's cells (a chunk's last cell joins at the question), but the one the question follows
+        assert stored.n == sum(e.n_candidates + 1 for e in early) - 1
+        assert len(set(stored.media.tolist())) == len(early)
+        assert r.recalled > 0 and r.reprefill_tokens > 0
+        assert r.cells_after == r.cells_before                        # the context did not grow
+        s.close()

@@ -16,6 +16,7 @@ from edgekv.cli.options import (ImagePath, load_model_from_options, method_optio
                                 sampling_options, video_options)
 from edgekv.cli.report import echo_report
 from edgekv.errors import Cancelled, ContextOverflowError, EdgeKVError, MediaError, error_lines
+from edgekv.runtime.compactor import PACKED
 from edgekv.runtime.probe import question_probe
 
 HELP = ("commands: /image PATH, /video PATH (attach to the next message), /save PATH, /load PATH, /clear, /stats, /exit; "
@@ -242,7 +243,9 @@ def _repl(session, images: list[Path], gen: dict, report: bool, videos=(), sampl
                 else:
                     session.load_conversation(path)
                     pending.clear()
-                    click.echo(f"(loaded {path}: {len(session.messages)} messages, {session.n_cells} cells)",
+                    click.echo(f"(loaded {path}: {len(session.messages)} messages, {session.n_cells} cells"
+                               + ("; its compacted cells cannot be recalled: saved files do not carry the store"
+                                  if session.recall != "off" and (session.cache.kind == PACKED).any() else "") + ")",
                                err=True)
             except EdgeKVError as e:
                 _echo_error(e.under("--max-kv-cells") if fit_videos else e)

@@ -109,7 +109,8 @@ class SessionState:
 
     def save(self, path: str | os.PathLike) -> Path:
         """The conversation (compacted cache, bookkeeping, messages) to one file, with a header naming the
-        model, cache types and versions (`edgekv.runtime.saved`). Not during a turn."""
+        model, cache types and versions (`edgekv.runtime.saved`). Not during a turn. The recall store is not
+        saved: after loading, the packed cells stay as they are and cannot be recalled (docs/recall.md)."""
         from edgekv.runtime import saved
 
         self.check_open()
