@@ -67,6 +67,7 @@ class CompressedCache:
         self.model = model
         self.plan_as_chunk = False   # see compact()
         self.store = store           # the recall store (kv/store.py); None: recall off
+        self.reprefill = "question"  # recall: what is prefilled again when cells come back ("question" / "last")
         self.batch = llama_cpp.llama_batch_init(model.n_batch, 0, 1)
         self.reset()
 

@@ -376,13 +376,14 @@ class Universe(_Region):
 
     def write(self, new_base) -> None:
         c, state = self.cache, self.state
-        run = c.run
-        tail = self.base.pos >= run.p0 if run is not None and run.tokens else None
-        if (self.recalled_n and tail is not None and int(tail.sum()) == len(run.tokens)
-                and not self.cand[tail].any() and (self.model_iswa is False or run.swa is not None)):
+        run = self.question_run()
+        if self.recalled_n and run is not None:
             self.cut = run
             new_base = new_base.take(np.flatnonzero(new_base.pos < run.p0))
-            rest = [parse_state(run.swa, has_ext=state.has_ext, n_blocks=1).blocks[0]] if self.model_iswa else []
+            if run.swa is not None:     # the sliding-window block as the question's prefill began
+                rest = [parse_state(run.swa, has_ext=state.has_ext, n_blocks=1).blocks[0]]
+            else:                       # one token, or no sliding window: its cells alone go
+                rest = [b.take(np.flatnonzero(b.pos < run.p0)) for b in state.blocks[1:]]
         else:
             rest = state.blocks[1:]
         new_state = SeqState(state.seq_id, [new_base] + rest, state.has_ext)
@@ -394,9 +395,22 @@ class Universe(_Region):
                                   + f":\n{lib.recent_log()}")
         self.bytes_after = new_state.nbytes
 
-    @property
-    def model_iswa(self) -> bool:
-        return bool(self.cache.model.layout.iswa)
+    def question_run(self):
+        """What to prefill again when cells come back (CompressedCache.reprefill): the question's whole
+        text run, or its last token alone; None when the run is not the intact tail of the cache."""
+        c = self.cache
+        run = c.run
+        if run is None or not run.tokens:
+            return None
+        tail = self.base.pos >= run.p0
+        if int(tail.sum()) != len(run.tokens) or self.cand[tail].any():
+            return None
+        if c.reprefill == "last" and len(run.tokens) > 1:
+            # a single token cannot have pushed out a sliding-window cell it needs itself: exact without a checkpoint
+            return type(run)(run.p0 + len(run.tokens) - 1, None, run.tokens[-1:])
+        if self.cache.model.layout.iswa and run.swa is None:
+            return None
+        return run
 
     def keep_as_is(self) -> None:
         """Every candidate fits the budget: the universe goes back whole (stored cells included)."""
