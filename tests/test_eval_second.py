@@ -228,3 +228,21 @@ def test_video_needle_records_its_recall_setting(tmp_path, gemma_path):
     assert data["config"]["recall"] == "off"
     assert [(r["run"], r["recall"]) for r in data["records"]] == [("full", "off"), ("generic", "off")]
     assert "recall off" in (out / "video-needle.md").read_text()
+
+
+def test_second_summary_is_relative_to_full_on_the_same_samples():
+    from edgekv.eval.second import markdown_table, summary_rows
+
+    def rec(sample, method, budget, score, first):
+        return {"task": "second", "sample": sample, "method": method, "budget": budget, "score": score,
+                "first_score": first, "recall": "off"}
+
+    recs = [rec("a", "full", 1.0, 1.0, 1.0), rec("b", "full", 1.0, 0.0, 1.0),
+            rec("a", "hybridkv", 0.1, 1.0, 0.0), rec("b", "hybridkv", 0.1, 1.0, 1.0),
+            {"task": "passkey", "sample": "c", "method": "full", "budget": 1.0, "score": 0.0}]
+    rows = {(r["method"], r["budget"]): r for r in summary_rows(recs)}
+    assert set(rows) == {("full", 1.0), ("hybridkv", 0.1)}
+    h = rows[("hybridkv", 0.1)]
+    assert h["second"] == 1.0 and h["second_relative"] == 2.0       # 2 hits where full had 1
+    assert h["first"] == 0.5 and h["first_relative"] == 0.5
+    assert "| hybridkv | 0.1 | off | 1.00 (2.00) | 0.50 (0.50) | 2 |" in markdown_table(recs)

@@ -77,3 +77,47 @@ def answer_second(engine, sample: Sample, max_new_tokens: int) -> dict:
     return {"score": float(scoring.retrieval_hit(text, sample.answer)), "generated": text,
             "answer": sample.answer, "first_generated": first, "first_answer": a1,
             "first_score": float(scoring.retrieval_hit(first, a1)), **engine.followup_info()}
+
+
+def summary_rows(records: list[dict]) -> list[dict]:
+    """Per (method, budget) of the `second` records: the second answer's accuracy and its ratio to the full
+    cache on the same samples, and the same for the first answer (asked, not scored)."""
+    recs = [r for r in records if r.get("task") == "second" and "error" not in r]
+    full = {r["sample"]: r for r in recs if r["method"] == "full"}
+    groups: dict[tuple, list[dict]] = {}
+    for r in recs:
+        groups.setdefault((r["method"], r["budget"]), []).append(r)
+    rows = []
+    for (method, budget), rs in groups.items():
+        row = {"method": method, "budget": budget, "n": len(rs), "recall": sorted({r.get("recall", "off") for r in rs})}
+        for name, key in (("second", "score"), ("first", "first_score")):
+            own = sum(r[key] for r in rs)
+            ref = sum(full[r["sample"]][key] for r in rs if r["sample"] in full)
+            row[name] = own / len(rs)
+            row[f"{name}_relative"] = own / ref if ref else None
+        rows.append(row)
+    rows.sort(key=lambda r: (r["method"] != "full", r["method"], -r["budget"]))
+    return rows
+
+
+def markdown_table(records: list[dict]) -> str:
+    rows = summary_rows(records)
+
+    def cell(r, name):
+        rel = r[f"{name}_relative"]
+        return f"{r[name]:.2f} ({'–' if rel is None else format(rel, '.2f')})"
+
+    out = ["| method | budget | recall | second question: accuracy (relative to full) | first question | n |",
+           "|---|---|---|---|---|---|"]
+    out += [f"| {r['method']} | {r['budget']:g} | {', '.join(r['recall'])} | {cell(r, 'second')} | "
+            f"{cell(r, 'first')} | {r['n']} |" for r in rows]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":   # python -m edgekv.eval.second OUT...: the table of each eval folder
+    import sys
+
+    from edgekv.eval.runner import load_records
+
+    for d in sys.argv[1:]:
+        print(f"{d}\n\n{markdown_table(load_records(d))}\n")
