@@ -183,11 +183,6 @@ class RuntimeEngine(Engine):
         self._snap = s.snapshot()
         return seconds
 
-    def _restore(self) -> None:
-        if self._snap is None:
-            raise RuntimeError("prefill() first")
-        self.sess.restore(self._snap)
-
     def compact(self, method: str, budget: float, window: int) -> CompactInfo:
         """`method` may carry a regime: `name` (question after the document: compact with the question's
         window), `name@before` (compact before the question, which is not known: generic probe for
