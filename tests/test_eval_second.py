@@ -245,4 +245,4 @@ def test_second_summary_is_relative_to_full_on_the_same_samples():
     h = rows[("hybridkv", 0.1)]
     assert h["second"] == 1.0 and h["second_relative"] == 2.0       # 2 hits where full had 1
     assert h["first"] == 0.5 and h["first_relative"] == 0.5
-    assert "| hybridkv | 0.1 | off | 1.00 (2.00) | 0.50 (0.50) | 2 |" in markdown_table(recs)
+    assert "| hybridkv | 0.1 | off | 1.00 [0.34, 1.00] (2.00) | 0.50 [0.09, 0.91] (0.50) | 2 |" in markdown_table(recs)

@@ -103,11 +103,14 @@ def summary_rows(records: list[dict]) -> list[dict]:
 def markdown_table(records: list[dict]) -> str:
     rows = summary_rows(records)
 
+    from edgekv.eval.report import wilson
+
     def cell(r, name):
         rel = r[f"{name}_relative"]
-        return f"{r[name]:.2f} ({'–' if rel is None else format(rel, '.2f')})"
+        lo, hi = wilson(r[name] * r["n"], r["n"])
+        return f"{r[name]:.2f} [{lo:.2f}, {hi:.2f}] ({'–' if rel is None else format(rel, '.2f')})"
 
-    out = ["| method | budget | recall | second question: accuracy (relative to full) | first question | n |",
+    out = ["| method | budget | recall | second question: accuracy [95 % Wilson] (relative to full) | first question | n |",
            "|---|---|---|---|---|---|"]
     out += [f"| {r['method']} | {r['budget']:g} | {', '.join(r['recall'])} | {cell(r, 'second')} | "
             f"{cell(r, 'first')} | {r['n']} |" for r in rows]
