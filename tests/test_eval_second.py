@@ -154,35 +154,58 @@ def test_second_question_is_a_followup_turn_after_the_first_answer(gemma_path):
         eng.close()
 
 
+def _fresh_vs_reused(eng, s) -> tuple[list, list]:
+    """Each run (compact + both turns) with the reused session, then with a fresh Session per run."""
+    from edgekv.eval.second import answer_second
+
+    eng.prefill(s, 32)
+    runs = [("hybridkv", 0.25), ("hybridkv@before", 0.1), ("full", 1.0)]
+
+    def each():
+        out = []
+        for m, b in runs:
+            info = eng.compact(m, b, 32)
+            rec = answer_second(eng, s, 8)
+            out.append((info.cells_after, rec, eng.sess.state_blob(), id(eng.sess), eng.sess.method_name))
+        return out
+
+    reused = each()
+    eng.fresh_sessions = True
+    fresh = each()
+    for a, b in zip(reused, fresh):
+        assert a[:3] == b[:3]                                    # cells, answers and the cache's bytes
+    assert len({x[3] for x in reused}) == 1                      # reused: one session
+    assert [x[4] for x in fresh] == ["hybridkv", "hybridkv", "full"]   # fresh: the run's own method
+    return reused, fresh
+
+
 @pytest.mark.gemma
 def test_a_fresh_session_per_run_restores_like_the_reused_one(gemma_path):
     """The path every recall run takes (a new Session per compressed run, the prefill's snapshot restored
     into it), checked with recall off against the reused session: the same answers and caches."""
     from edgekv.eval.engine import RuntimeEngine
-    from edgekv.eval.second import answer_second
     from edgekv.eval.tasks import TaskSpec, build_samples
 
     eng = RuntimeEngine(gemma_path, n_ctx=768, threads=THREADS)
     try:
         s = build_samples(eng.tokenizer, TaskSpec(tasks=("second",), lengths=(512,), depths=(0.8,), samples=1))[0]
-        eng.prefill(s, 32)
-        runs = [("hybridkv", 0.25), ("hybridkv@before", 0.1), ("full", 1.0)]
-
-        def each():
-            out = []
-            for m, b in runs:
-                info = eng.compact(m, b, 32)
-                out.append((info.cells_after, answer_second(eng, s, 8), id(eng.sess), eng.sess.method_name))
-            return out
-
-        reused = each()
-        eng.fresh_sessions = True
-        fresh = each()
-        for (c0, r0, _, _), (c1, r1, _, _) in zip(reused, fresh):
-            assert c0 == c1 and r0 == r1
-        assert len({x[2] for x in reused[:2]}) == 1               # reused: one session
-        assert [x[3] for x in fresh] == ["hybridkv", "hybridkv", "full"]   # fresh: the run's own method
+        reused, _ = _fresh_vs_reused(eng, s)
         assert reused[2][1]["score"] == 1.0                      # the full cache answers the follow-up
+    finally:
+        eng.close()
+
+
+def test_a_fresh_session_per_run_restores_media_cells(tiny_pairs):
+    """The same on the media path (the document as images, tiny llava pair): image cells restored into a
+    new Session compact and answer as in the reused one."""
+    from edgekv.eval.engine import RuntimeEngine
+    from edgekv.eval.tasks import TaskSpec, build_samples
+
+    eng = RuntimeEngine(tiny_pairs["llava"][0], n_ctx=1024, threads=THREADS, media=True)
+    try:
+        s = build_samples(eng.tokenizer, TaskSpec(tasks=("second",), lengths=(384,), depths=(0.5,), samples=1))[0]
+        reused, _ = _fresh_vs_reused(eng, s)
+        assert eng.n_context % 256 == 0 and reused[0][0] < reused[2][0]   # image cells, compacted
     finally:
         eng.close()
 
