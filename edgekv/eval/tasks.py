@@ -21,8 +21,8 @@ import numpy as np
 from edgekv.errors import EdgeKVError
 from edgekv.eval import corpus
 
-TASKS = ("passkey", "kv", "continuation", "word", "pair")
-DEFAULT_TASKS = ("passkey", "kv", "continuation")   # `word` and `pair` on request (--tasks)
+TASKS = ("passkey", "kv", "continuation", "word", "pair", "second")
+DEFAULT_TASKS = ("passkey", "kv", "continuation")   # `word`, `pair` and `second` on request (--tasks)
 RETRIEVAL = ("passkey", "kv", "word", "pair")
 # Filler sources for haystacks; sample i uses FILLERS[i % len(FILLERS)], so --samples 2 covers both.
 FILLERS = ("docs", "license")
@@ -50,6 +50,7 @@ class Sample:
     target: tuple[int, ...] = ()  # continuation: the real next tokens (teacher forced)
     source: str = ""
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+    followup: tuple[int, ...] = ()  # task `second`: the follow-up question, asked after the first answer
 
     @property
     def key(self) -> str:
@@ -63,6 +64,8 @@ class Sample:
         h = hashlib.sha1()
         for part in (self.prefix, self.context, self.question, self.target):
             h.update(np.asarray(part, dtype=np.int64).tobytes() + b"|")
+        if self.followup:  # only then: the digests of the other tasks stay as they were
+            h.update(np.asarray(self.followup, dtype=np.int64).tobytes() + b"|")
         h.update(self.answer.encode())
         return h.hexdigest()[:12]
 
@@ -333,7 +336,10 @@ def build_samples(tok: Tokenizer, spec: TaskSpec) -> list[Sample]:
             if task == "continuation":
                 out += [continuation_sample(tok, docs, spec, length, i) for i in range(spec.continuation_samples)]
                 continue
-            make = {"passkey": passkey_sample, "kv": kv_sample, "word": word_sample, "pair": pair_sample}[task]
+            if task == "second":
+                from edgekv.eval.second import second_sample as make
+            else:
+                make = {"passkey": passkey_sample, "kv": kv_sample, "word": word_sample, "pair": pair_sample}[task]
             for depth in spec.depths:
                 out += [make(tok, hays(filler_for(i)), spec, length, depth, i) for i in range(spec.samples)]
     return out
