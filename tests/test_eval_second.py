@@ -74,17 +74,16 @@ def test_second_samples_hold_both_facts_at_their_depths():
 
 def test_recall_setting_checks_and_session_kwargs():
     from edgekv.errors import EdgeKVError
-    from edgekv.eval.recall import check_recall, report_fields, runtime_has_recall, session_kwargs
+    from edgekv.eval.recall import check_recall, report_fields, session_kwargs
     from edgekv.eval.runner import GridConfig
 
     assert session_kwargs("off") == {}                        # today's Session accepts what off passes
-    assert session_kwargs("disk", "/tmp/x") == {"recall": "disk", "recall_type": "f16", "recall_dir": "/tmp/x"}
+    assert session_kwargs("disk", "/tmp/x") == {"recall": "disk", "recall_type": None, "recall_reprefill": "question",
+                                                "recall_dir": "/tmp/x"}
+    assert session_kwargs("ram-last")["recall_reprefill"] == "last"
     check_recall("off")
     with pytest.raises(EdgeKVError, match="--recall must be one of"):
         check_recall("swap")
-    if not runtime_has_recall():
-        with pytest.raises(EdgeKVError, match="needs the recall store"):
-            check_recall("ram")
     # an --out holds one recall setting: off keeps the identity of folders written before --recall
     assert "recall" not in GridConfig(methods=("snapkv",)).identity()
     assert GridConfig(methods=("snapkv",), recall="ram").identity()["recall"] == "ram"
@@ -213,7 +212,6 @@ def test_a_fresh_session_per_run_restores_media_cells(tiny_pairs):
 @pytest.mark.gemma
 def test_quick_second_eval_scores_full_and_records_recall(tmp_path, gemma_path):
     from edgekv.cli.main import cli
-    from edgekv.eval.recall import runtime_has_recall
 
     out = tmp_path / "second"
     args = ["eval", "--quick", "--tasks", "second", "--regime", "both", "--out", str(out), "--no-plots",
@@ -231,10 +229,14 @@ def test_quick_second_eval_scores_full_and_records_recall(tmp_path, gemma_path):
     assert "## second: accuracy" in (out / "results.md").read_text()
     r = CliRunner().invoke(cli, args)                            # resumes: nothing to do
     assert r.exit_code == 0 and len((out / "records.jsonl").read_text().splitlines()) == len(recs)
-    if not runtime_has_recall():
-        r = CliRunner().invoke(cli, args[:-4] + ["--recall", "ram", "--out", str(tmp_path / "ram")])
-        assert r.exit_code == 2 and "Error: --recall ram needs the recall store" in r.output
-        assert "Traceback" not in r.output and not (tmp_path / "ram").exists()
+    ram = tmp_path / "ram"
+    args[args.index(str(out))] = str(ram)
+    r = CliRunner().invoke(cli, args + ["--recall", "ram"])
+    assert r.exit_code == 0, r.output
+    recs = [json.loads(line) for line in (ram / "records.jsonl").read_text().splitlines()]
+    assert {x["recall"] for x in recs if x["method"] != "full"} == {"ram"}
+    snap = [x for x in recs if x["method"] == "snapkv"]
+    assert snap and all(x.get("store_cells", 0) > 0 for x in snap)     # the store got the compacted cells
 
 
 @pytest.mark.gemma

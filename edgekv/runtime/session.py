@@ -56,7 +56,8 @@ class Session(Closable, SessionState):
     recall:   "off", "ram" or "disk": keep the original rows of compacted cells in a store outside the
               context, and let every question choose among all of them (runtime/recall.py, docs/recall.md).
               recall_dir: the disk store's folder (default a temporary one); recall_type: store rows as
-              f16, q8_0 or q4_0 (default: the cache's own type, bit-exact).
+              f16, q8_0 or q4_0 (default: the cache's own type, bit-exact); recall_reprefill: when cells
+              come back, prefill the question's text again ("question") or its last token alone ("last").
     """
 
     probe: str | bool = True
@@ -67,7 +68,7 @@ class Session(Closable, SessionState):
                  auto_compact: bool = True, early_compact: bool = True,
                  method_kwargs: dict | None = None, progress: Progress | None = None,
                  probe: str | bool = True, recall: str = "off", recall_dir: str | os.PathLike | None = None,
-                 recall_type: str | None = None) -> None:
+                 recall_type: str | None = None, recall_reprefill: str = "question") -> None:
         self._closed = True  # until attached: close() and __del__ must not detach another session
         if compress not in ("media", "all"):
             raise EdgeKVError(f"compress must be 'media' or 'all', got {compress!r}")
@@ -102,6 +103,10 @@ class Session(Closable, SessionState):
         except BaseException:
             self.close()
             raise
+        if recall_reprefill not in ("question", "last"):
+            self.close()
+            raise EdgeKVError(f"recall_reprefill must be 'question' or 'last', got {recall_reprefill!r}")
+        self.cache.reprefill = recall_reprefill
         self.prefiller = Prefiller(self.cache, self.window, self._make_room, self._turns, progress,
                                   on_media_chunk=self._after_media_chunk)
         # Streaming prefill (edgekv.runtime.streaming): called as hook(session, n_tokens) after every media
