@@ -326,3 +326,19 @@ def test_a_question_after_a_streamed_clip_chooses_across_every_frame(tiny_pairs,
         assert r.recalled > 0 and r.reprefill_tokens > 0
         assert r.cells_after == r.cells_before                        # the context did not grow
         s.close()
+
+
+def test_a_ram_store_counts_against_the_servers_conversation_cache(tiny_pairs):
+    import dataclasses
+
+    from edgekv.server.convcache import snapshot_nbytes
+
+    _, _, img = tiny_pairs["qwen2vl"]
+    with load(tiny_pairs) as m:
+        s = Session(m, method="snapkv", budget=0.25, recall="ram")
+        list(s.chat("Describe the image.", images=[img], max_tokens=2))
+        snap = s.snapshot().without_logits()
+        bare = dataclasses.replace(snap, marks=dataclasses.replace(snap.marks, store=None, store_n=0))
+        assert s.cache.store.nbytes > 0
+        assert snapshot_nbytes(snap) - snapshot_nbytes(bare) == s.cache.store.nbytes
+        s.close()
