@@ -71,13 +71,16 @@ def run_one(model, codec, pad: int, sample, ratio: float | None, probe, frame_ga
                  name=sample.key)
     recall = "off" if ratio is None else recall   # the full-cache reference never recalls
     s = Session(model, method="auto", budget=ratio or 1.0, auto_compact=False,
-                probe=probe if probe is not None else True, **session_kwargs(recall))
+                probe=probe if probe in (True, False) or isinstance(probe, list) else True, **session_kwargs(recall))
     s.cache.plan_as_chunk = as_chunk
     try:
         t0 = time.perf_counter()
         s.append_tokens(list(sample.prefix), compressible=False)
-        stats = append_video(s, clip, budget=ratio, compact=ratio is not None)
-        s.append_tokens(list(sample.question), compressible=False, capture=recall != "off")
+        after = probe == "after"   # the whole clip prefilled, compacted once with the question (the target)
+        stats = append_video(s, clip, budget=ratio, compact=ratio is not None and not after)
+        s.append_tokens(list(sample.question), compressible=False, capture=recall != "off" or after)
+        if after:
+            s.compact()
         answer = "".join(r.text for r in s.generate(max_tokens=ANSWER_TOKENS, temperature=0.0))
         seconds = time.perf_counter() - t0
         final = state_cells(s)   # kept frames + header + timestamps + question + answer, re-read
@@ -88,7 +91,9 @@ def run_one(model, codec, pad: int, sample, ratio: float | None, probe, frame_ga
     return {"sample": sample.key, "task": sample.task, "length": sample.length, "depth": sample.depth,
             "source": sample.source, "answer": sample.answer, "generated": answer,
             "score": float(retrieval_hit(answer, sample.answer)),
-            "run": "full" if ratio is None else ("generic" if probe is True else "question") + ("-chunk" if as_chunk else ""),
+            "run": "full" if ratio is None else (("after" if probe == "after" else "generic" if probe is True
+                                                  else "agnostic" if probe is False else "question")
+                                                 + ("-chunk" if as_chunk else "")),
             "ratio": ratio, "frames": stats.frames, "seconds_of_video": stats.seconds,
             "media_tokens": stats.media_tokens, "chunk_cells": stats.chunk_cells or codec.tokens_per_image,
             "peak_cells": max(stats.peak_cells, final), "final_cells": final,
@@ -128,6 +133,8 @@ def summarize(records: list[dict]) -> list[dict]:
 
 def markdown(rows: list[dict], records: list[dict], config: dict) -> str:
     label = {"full": "full cache", "generic": "streamed, generic probe (question not known)",
+             "agnostic": "streamed, no probe (query-agnostic between frames)",
+             "after": "whole clip prefilled, compacted once with the question (full cache until then)",
              "question": "streamed, the question as probe (known in advance)",
              "generic-chunk": "streamed, generic probe, each frame planned on its own cells",
              "question-chunk": "streamed, question probe, each frame planned on its own cells"}
@@ -167,14 +174,16 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=1, help="Per (task, length, depth); filler alternates.")
     ap.add_argument("--ratios", default="0.2,0.1")
     ap.add_argument("--runs", default="generic,question",
-                    help="Streamed runs: generic and/or question probe; generic-chunk / question-chunk: the same, "
-                         "each frame planned on its own cells (as the LastChunk region).")
+                    help="Streamed runs: generic and/or question probe, or agnostic (no probe between frames); "
+                         "after: the whole clip prefilled, then compacted with the question (the target); "
+                         "generic-chunk / question-chunk: the same, each frame planned on its own cells (as the "
+                         "LastChunk region).")
     ap.add_argument("--frame-gap", type=float, default=0.5, help="Seconds between frames (timestamps).")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default=None, help="Text GGUF (default: Gemma 3 270M from the eval package).")
     ap.add_argument("--max-seconds", type=float, default=0, help="Stop starting samples after this (0: none).")
     ap.add_argument("--stop-at", type=float, default=0, help="Unix time after which no sample starts (0: none).")
-    ap.add_argument("--recall", choices=("off", "ram", "disk"), default="off",
+    ap.add_argument("--recall", choices=("off", "ram", "disk", "ram-last", "disk-last"), default="off",
                     help="Recall store of the streamed runs (issue 20); the full cache never has one.")
     ap.add_argument("--out", type=Path, default=Path("results/video-needle"))
     ap.add_argument("--render", action="store_true", help="Only rewrite the report from --out's saved records.")
@@ -230,7 +239,8 @@ def main(argv=None) -> int:
             records.append(run_one(model, codec, pad, smp, None, None, args.frame_gap))
             for ratio in ratios:
                 for run in runs:
-                    probe = True if run.startswith("generic") else list(smp.question)
+                    probe = (True if run.startswith("generic") else False if run.startswith("agnostic")
+                             else "after" if run == "after" else list(smp.question))
                     records.append(run_one(model, codec, pad, smp, ratio, probe, args.frame_gap,
                                            as_chunk=run.endswith("-chunk"), recall=args.recall))
             done = [r for r in records if r["sample"] == smp.key]
