@@ -342,3 +342,27 @@ def test_a_ram_store_counts_against_the_servers_conversation_cache(tiny_pairs):
         assert s.cache.store.nbytes > 0
         assert snapshot_nbytes(snap) - snapshot_nbytes(bare) == s.cache.store.nbytes
         s.close()
+
+
+@pytest.mark.parametrize("method", ["snapkv", "flowmm"])
+def test_choosing_again_with_the_same_window_writes_nothing(tiny_pairs, method):
+    """A re-selection reads merged slots' originals from the store, never the merged rows: with the same
+    question window the second choice is the first one, and nothing is written (flowmm merges)."""
+    from edgekv.methods import get_method
+
+    _, _, img = tiny_pairs["qwen2vl"]
+    with load(tiny_pairs) as m:
+        s = Session(m, method=method, budget=0.25, recall="ram", auto_compact=False)
+        image_turn(s, img)
+        s.compact()
+        s.append_text("\nWhat is in the bottom right corner?")
+        c = s.cache
+        c.run = None                       # no question prefill again here: the same window both times
+        held = int((c.kind == PACKED).sum())
+        r1 = c.compact(get_method(method), held, cand=s.candidates(), use_queries=True, seed=0, universe=True, cap=True)
+        blob = s.state_blob()
+        r2 = c.compact(get_method(method), held, cand=s.candidates(), use_queries=True, seed=0, universe=True, cap=True)
+        assert r1.reselect and r2.reselect and not r2.rewritten and r2.recalled == 0
+        assert s.state_blob() == blob
+        assert r1.merged == (method == "flowmm")
+        s.close()

@@ -372,7 +372,9 @@ class Universe(_Region):
         old = self.ctx
         if new_base.n_cells != old.n_cells or (new_base.pos != old.pos).any():
             return False
-        return all(np.array_equal(a.k, b.k) and np.array_equal(a.v, b.v) for a, b in zip(old.layers, new_base.layers))
+        same = all(np.array_equal(a.k, b.k) and np.array_equal(a.v, b.v) for a, b in zip(old.layers, new_base.layers))
+        self.bytes_after = self.state.nbytes
+        return same
 
     def write(self, new_base) -> None:
         c, state = self.cache, self.state
@@ -530,12 +532,13 @@ def compact(cache, meth: Method, region, budget_cells: int, *, use_queries: bool
             plan, merged = _cells_and_merges(meth, view, cells, plan, base, lay.n_head_kv)
             del view
             new_base, src = pack_block(base, plan, region.cand, lay.n_head_kv, merged)
-            recalled = region.recalled(new_base, src, plan)
-            region.recalled_n = recalled
-            if recalled == 0 and region.unchanged(new_base):
+            if region.unchanged(new_base):   # the context already holds this choice: write nothing
                 rewritten = False
+                region.recalled_n = 0
                 region.release()
             else:
+                recalled = region.recalled(new_base, src, plan)
+                region.recalled_n = recalled
                 region.store_originals()
                 region.write(new_base)
                 region.settle(src, new_base.pos)
