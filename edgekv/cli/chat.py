@@ -16,7 +16,7 @@ from edgekv.cli.options import (ImagePath, load_model_from_options, method_optio
                                 sampling_options, video_options)
 from edgekv.cli.report import echo_report
 from edgekv.errors import Cancelled, ContextOverflowError, EdgeKVError, MediaError, error_lines
-from edgekv.runtime.compactor import PACKED
+from edgekv.runtime.kinds import PACKED
 from edgekv.runtime.probe import question_probe
 
 HELP = ("commands: /image PATH, /video PATH (attach to the next message), /save PATH, /load PATH, /clear, /stats, /exit; "

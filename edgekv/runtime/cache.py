@@ -21,8 +21,10 @@ from edgekv.kv.codec import SeqState, parse_state
 from edgekv.kv.store import RecallStore
 from edgekv.methods import Method, Span
 from edgekv.runtime import compactor, lib
-from edgekv.runtime.compactor import (COVERED, FROZEN, PACKED, PENDING, PROTECTED, SCRATCH_SEQ, CompactionReport,
-                                      LastChunk, Universe, WholeSequence, spans_of)
+from edgekv.runtime.compactor import CompactionReport
+from edgekv.runtime.kinds import COVERED, FROZEN, PACKED, PENDING, PROTECTED, SCRATCH_SEQ, spans_of
+from edgekv.runtime.regions import LastChunk, WholeSequence
+from edgekv.runtime.universe import Universe
 from edgekv.runtime.lib import llama_cpp
 from edgekv.runtime.model import Model
 

@@ -20,7 +20,8 @@ import numpy as np
 
 from edgekv.kv.store import RecallStoreError
 from edgekv.methods import resolve_budget
-from edgekv.runtime.compactor import FROZEN, PACKED, CompactionReport
+from edgekv.runtime.compactor import CompactionReport
+from edgekv.runtime.kinds import FROZEN, PACKED
 
 
 def due(cache) -> bool:
