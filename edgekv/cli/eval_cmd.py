@@ -125,11 +125,12 @@ def parse_floats(value: str | None, what: str) -> tuple[float, ...] | None:
               help="after: compact once the question is there; before: compact before it (not known: generic "
                    "probe); known: before, the question known in advance (it is the probe); both = after+before; "
                    "all = the three. [default: both with --media, else after]")
-@click.option("--recall", type=click.Choice(["off", "ram", "disk", "ram-last", "disk-last"]), default="off",
+@click.option("--recall", type=click.Choice(["off", "ram", "disk", "ram-last", "disk-last", "ram-x2", "disk-x2"]),
+              default="off",
               show_default=True,
               help="Recall store of every compressed run, in every regime (docs/recall.md; the full-cache "
                    "reference never has one); -last: when cells come back, prefill the question's last token "
-                   "alone again instead of its whole text. One --out holds one setting.")
+                   "alone again instead of its whole text; -x2: choose twice per question. One --out holds one setting.")
 def eval_command(quick, methods, budgets, lengths, tasks, depths, samples, continuation_samples, target_tokens,
                  out, model, threads, window, max_new_tokens, seed, fresh, report_only, no_plots, no_progress,
                  media, regime, recall):

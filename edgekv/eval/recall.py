@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from edgekv.errors import EdgeKVError
 
-RECALL = ("off", "ram", "disk", "ram-last", "disk-last")   # -last: prefill the question's last token alone again
+# -last: prefill the question's last token alone again; -x2: choose twice per question (Session.recall_passes)
+RECALL = ("off", "ram", "disk", "ram-last", "disk-last", "ram-x2", "disk-x2")
 # CompactionReport fields the recall store adds (None when absent: runtime without recall, or recall off)
 REPORT_FIELDS = ("recalled", "store_cells", "store_bytes", "reselect_s")
 
@@ -24,8 +25,10 @@ def session_kwargs(recall: str, recall_dir: str | None = None, recall_type: str 
     """Keyword arguments for `Session(...)`: none for `off`, so a runtime without recall accepts them."""
     if recall == "off":
         return {}
-    mode, _, last = recall.partition("-")
-    kw = {"recall": mode, "recall_type": recall_type, "recall_reprefill": "last" if last else "question"}
+    mode, *opts = recall.split("-")
+    kw = {"recall": mode, "recall_type": recall_type, "recall_reprefill": "last" if "last" in opts else "question"}
+    if "x2" in opts:
+        kw["recall_passes"] = 2
     if recall_dir is not None:
         kw["recall_dir"] = recall_dir
     return kw

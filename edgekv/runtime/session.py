@@ -57,7 +57,8 @@ class Session(Closable, SessionState):
               context, and let every question choose among all of them (runtime/recall.py, docs/recall.md).
               recall_dir: the disk store's folder (default a temporary one); recall_type: store rows as
               f16, q8_0 or q4_0 (default: the cache's own type, bit-exact); recall_reprefill: when cells
-              come back, prefill the question's text again ("question") or its last token alone ("last").
+              come back, prefill the question's text again ("question") or its last token alone ("last");
+              recall_passes: choose this many times per question (each with the window re-captured).
     """
 
     probe: str | bool = True
@@ -68,7 +69,7 @@ class Session(Closable, SessionState):
                  auto_compact: bool = True, early_compact: bool = True,
                  method_kwargs: dict | None = None, progress: Progress | None = None,
                  probe: str | bool = True, recall: str = "off", recall_dir: str | os.PathLike | None = None,
-                 recall_type: str | None = None, recall_reprefill: str = "question") -> None:
+                 recall_type: str | None = None, recall_reprefill: str = "question", recall_passes: int = 1) -> None:
         self._closed = True  # until attached: close() and __del__ must not detach another session
         if compress not in ("media", "all"):
             raise EdgeKVError(f"compress must be 'media' or 'all', got {compress!r}")
@@ -90,7 +91,7 @@ class Session(Closable, SessionState):
         self.probe = policy.check_probe(probe)
         check_recall(recall, recall_type)
         self.recall = recall
-        self.recall_passes = 1   # re-selection passes per question (runtime/recall.py)
+        self.recall_passes = int(recall_passes)   # re-selection passes per question (runtime/recall.py)
         self.recall_error: str | None = None   # why the store was dropped, if it was
         model.attach(self)
         self._closed = False
