@@ -366,3 +366,23 @@ def test_choosing_again_with_the_same_window_writes_nothing(tiny_pairs, method):
         assert s.state_blob() == blob
         assert r1.merged == (method == "flowmm")
         s.close()
+
+
+@pytest.mark.parametrize("reprefill", ["question", "last"])
+def test_a_prefill_again_keeps_every_position(tiny_pairs, reprefill):
+    """Cells come back, the question (or its last token) is prefilled again at its own positions: the
+    conversation ends at the same position as without recall, with no cell twice."""
+    _, _, img = tiny_pairs["qwen2vl"]
+    ends = {}
+    with load(tiny_pairs) as m:
+        for recall in ("off", "ram"):
+            s = Session(m, method="snapkv", budget=0.25, recall=recall, recall_reprefill=reprefill)
+            list(s.chat("Describe the image.", images=[img], max_tokens=3))
+            list(s.chat("And what is in the bottom right corner, exactly?", max_tokens=3))
+            pos = parse_state(s.state_blob(), has_ext=True).blocks[0].pos
+            ends[recall] = (s.cache.n_past, s.n_cells, len(np.unique(pos)) == len(pos) or None)
+            if recall == "ram":
+                r = s.reports[-1]
+                assert r.reselect and r.reprefill_tokens == (1 if reprefill == "last" else r.reprefill_tokens) > 0
+            s.close()
+    assert ends["off"][0] == ends["ram"][0]

@@ -45,7 +45,8 @@ def reselect(session, meth, budget, cand: np.ndarray, passes: int = 1) -> Compac
     s, c = session, session.cache
     t0 = time.perf_counter()
     report: CompactionReport | None = None
-    for i in range(max(1, passes)):
+    passes = max(1, passes)
+    for i in range(passes):
         if i:
             cand = s.candidates()
         want = s.budget if budget is None else budget
@@ -67,7 +68,8 @@ def reselect(session, meth, budget, cand: np.ndarray, passes: int = 1) -> Compac
         c.reselect_due = False
         if r.reprefill_tokens:    # the question's cells were left out: prefill them on the new context
             t1 = time.perf_counter()
-            s.prefiller.tokens_in(list(run.tokens))
+            # the window is captured again only when another pass chooses with it (capture costs a decode)
+            s.prefiller.tokens_in(list(run.tokens[-r.reprefill_tokens:]), capture=i + 1 < passes)
             r.info["reprefill_s"] = round(time.perf_counter() - t1, 4)
             r.cells_after, r.bytes_after = c.n_cells, c.nbytes()
         if report is not None:    # a later pass: one report for the whole re-selection

@@ -50,23 +50,21 @@ class Universe(Region):
         if n:
             cand[-1] = False
         keep = np.flatnonzero(c.cid != COVERED)        # originals and frozen slots
-        parts = [ctx.take(keep)]
         kind = np.where((c.kind == PACKED) & (c.cid >= 0), PENDING, c.kind)   # packed originals: what they were
-        kind, media, cid, cands = [kind[keep]], [c.media[keep]], [c.cid[keep]], [cand[keep]]
+        kind, media, cid, cands, pos = [kind[keep]], [c.media[keep]], [c.cid[keep]], [cand[keep]], [ctx.pos[keep]]
         store = c.store
-        if store is not None and store.n:
-            parts.append(store.rows())
+        stored = store.rows() if store is not None and store.n else None
+        if stored is not None:
             kind.append(np.full(store.n, PENDING, np.int8))
             media.append(store.media)
             cid.append(store.cid)
             cands.append(np.ones(store.n, bool))
-        kind, media, cid, cands = (np.concatenate(a) for a in (kind, media, cid, cands))
-        from_store = np.arange(len(kind)) >= len(keep)
-        block = _concat(parts)
-        order = np.lexsort((cid, block.pos))           # prefill order; frozen slots first at a position
+            pos.append(stored.pos)
+        kind, media, cid, cands, pos = (np.concatenate(a) for a in (kind, media, cid, cands, pos))
+        order = np.lexsort((cid, pos))                 # prefill order; frozen slots first at a position
         self.kind, self.media, self.cid = kind[order], media[order], cid[order]
-        self.cand, self.from_store = cands[order], from_store[order]
-        self.base = block.take(order)
+        self.cand, self.from_store = cands[order], order >= len(keep)
+        self.base = _gather(ctx, keep, stored, order)
         # packed cells that stay whole here (the cell before the question) take one of the slots
         self.held_back = int(((c.kind == PACKED) & (c.cid >= 0) & ~cand).sum())
         return self.base
@@ -186,16 +184,29 @@ class Universe(Region):
         pass
 
 
-def _concat(blocks: list) -> "KVBlock":
-    """Cells of several blocks (same layers and types) as one block."""
-    if len(blocks) == 1:
-        return blocks[0]
-    first = blocks[0]
-    ext = None if first.ext is None else np.concatenate([b.ext for b in blocks])
-    layers = [LayerKV(ls[0].k_type, np.concatenate([l.k for l in ls]), ls[0].v_type,
-                      np.concatenate([l.v for l in ls])) for ls in zip(*(b.layers for b in blocks))]
-    return KVBlock(pos=np.concatenate([b.pos for b in blocks]), seq_id=np.concatenate([b.seq_id for b in blocks]),
-                   ext=ext, v_trans=first.v_trans, layers=layers)
+def _gather(ctx: KVBlock, keep: np.ndarray, stored: KVBlock | None, order: np.ndarray) -> KVBlock:
+    """The context's cells `keep` and the stored cells, in `order` (indices into keep + stored), copied
+    once into one block."""
+    n_ctx = len(keep)
+    src_ctx, src_store = order < n_ctx, order >= n_ctx
+    at_ctx, at_store = np.flatnonzero(src_ctx), np.flatnonzero(src_store)
+    from_ctx, from_store = keep[order[src_ctx]], order[src_store] - n_ctx
+
+    def put(a_ctx: np.ndarray, a_store: np.ndarray | None) -> np.ndarray:
+        out = np.empty((len(order),) + a_ctx.shape[1:], a_ctx.dtype)
+        out[at_ctx] = a_ctx[from_ctx]
+        if a_store is not None:
+            out[at_store] = a_store[from_store]
+        return out
+
+    layers = []
+    for il, layer in enumerate(ctx.layers):
+        sl = None if stored is None else stored.layers[il]
+        layers.append(LayerKV(layer.k_type, put(layer.k, None if sl is None else sl.k), layer.v_type,
+                              put(layer.v, None if sl is None else sl.v)))
+    ext = None if ctx.ext is None else put(ctx.ext, None if stored is None else stored.ext)
+    return KVBlock(pos=put(ctx.pos, None if stored is None else stored.pos),
+                   seq_id=np.zeros(len(order), np.int32), ext=ext, v_trans=ctx.v_trans, layers=layers)
 
 
 _HASH_W = np.random.default_rng(12345).integers(1, 2**63, size=4096, dtype=np.uint64) | np.uint64(1)
