@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import random
 
-from edgekv.errors import EdgeKVError
 from edgekv.eval import scoring
 from edgekv.eval.tasks import (KV_QUESTION, KV_RECORD, PASSKEY_NEEDLE, PASSKEY_QUESTION, WORD_NEEDLE, WORD_QUESTION,
-                               WORDS, Haystack, Sample, TaskSpec, Tokenizer, _bos, _insert, _kv_key, _rng,
+                               WORDS, Haystack, Sample, TaskSpec, Tokenizer, bos_tokens, kv_key, sample_rng, two_needles,
                                filler_for)
 
 SECOND_HEADER = ("There are two important facts hidden inside a lot of irrelevant text. "
@@ -37,7 +36,7 @@ def _fact(fmt: str, rng: random.Random) -> tuple[str, str, str]:
     if fmt == "word":
         word = rng.choice(WORDS)
         return WORD_NEEDLE.format(word=word), WORD_QUESTION, word
-    key, value = _kv_key(rng), str(rng.randint(100000, 999999))
+    key, value = kv_key(rng), str(rng.randint(100000, 999999))
     return KV_RECORD.format(key=key, value=value), KV_QUESTION.format(key=key), value
 
 
@@ -45,21 +44,18 @@ def second_sample(tok: Tokenizer, hay: Haystack, spec: TaskSpec, length: int, de
                   index: int) -> Sample:
     """`depth`: where the scored (second) fact sits; the first one is FIRST_OFFSET away. `length` counts
     the first turn's prompt (prefix + document + first question), as for the other tasks."""
-    rng = _rng(spec, "second", length, depth, index)
+    rng = sample_rng(spec, "second", length, depth, index)
     first_fmt, second_fmt = rng.sample(FORMATS, 2)   # two formats: the two questions cannot be confused
     n1_text, q1_text, a1 = _fact(first_fmt, rng)
     n2_text, q2_text, a2 = _fact(second_fmt, rng)
     first_depth = (depth + FIRST_OFFSET) % 1.0
-    prefix = _bos(tok) + tok.encode(SECOND_HEADER)
+    prefix = bos_tokens(tok) + tok.encode(SECOND_HEADER)
     question = tok.encode(q1_text)
     followup = tok.encode(q2_text)
     n1 = tok.encode(n1_text) + hay.sep
     n2 = tok.encode(n2_text) + hay.sep
-    n_fill = length - len(prefix) - len(question) - len(n1) - len(n2)
-    if n_fill < 16:
-        raise EdgeKVError(f"length {length} is too short for the second task")
-    pieces = hay.take(n_fill, rng.randrange(len(hay.paragraphs)))
-    context, starts = _insert(pieces, [(first_depth, n1), (depth, n2)])
+    context, starts = two_needles(hay, rng, length, len(prefix) + len(question), (first_depth, n1), (depth, n2),
+                                  "second")
     return Sample("second", length, index, depth, tuple(prefix), tuple(context), tuple(question),
                   answer=a2, source=filler_for(index), followup=tuple(followup),
                   meta={"needle_at": starts[1], "needle_len": len(n2), "format": second_fmt,

@@ -25,6 +25,18 @@ from edgekv.runtime.kinds import COVERED, FROZEN, PACKED, SCRATCH_SEQ
 from edgekv.runtime.lib import llama_cpp
 
 
+def write_or_restore(cache, new_state: SeqState, blob, what: str) -> int:
+    """Write `new_state` as sequence 0; when llama.cpp refuses it, put `blob` (what was read) back and
+    raise CompactionError. Returns the K+V bytes written."""
+    if not cache.set_state(state_buffer(new_state)):
+        restored = cache.set_state(blob)
+        raise CompactionError(f"llama.cpp refused the {what}"
+                              + ("; the original cache was restored" if restored
+                                 else " AND the original could not be restored: call clear()")
+                              + f":\n{lib.recent_log()}")
+    return new_state.nbytes
+
+
 class Region:
     """What every region shares: a new packed block always differs from the cells it replaces."""
 
@@ -67,15 +79,9 @@ class WholeSequence(Region):
         return slots < n_candidates or meth.name == "full"
 
     def write(self, new_base) -> None:
-        c, state = self.cache, self.state
-        new_state = SeqState(state.seq_id, [new_base] + state.blocks[1:], state.has_ext)
-        if not c.set_state(state_buffer(new_state)):
-            restored = c.set_state(self.blob)
-            raise CompactionError("llama.cpp refused the compacted cache"
-                                  + ("; the original cache was restored" if restored
-                                     else " AND the original could not be restored: call clear()")
-                                  + f":\n{lib.recent_log()}")
-        self.bytes_after = new_state.nbytes
+        state = self.state
+        self.bytes_after = write_or_restore(self.cache, SeqState(state.seq_id, [new_base] + state.blocks[1:],
+                                                                 state.has_ext), self.blob, "compacted cache")
 
     def keep_as_is(self) -> None:
         self.cache.kind[self.cand] = PACKED

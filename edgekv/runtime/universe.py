@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgekv.errors import CompactionError
-from edgekv.kv.codec import KVBlock, LayerKV, SeqState, parse_state, state_buffer
+from edgekv.kv.codec import KVBlock, LayerKV, SeqState, parse_state
 from edgekv.methods import Method, Span
-from edgekv.runtime import lib
 from edgekv.runtime.kinds import COVERED, PACKED, PENDING, spans_of
-from edgekv.runtime.regions import Region
+from edgekv.runtime.regions import Region, write_or_restore
 
 
 class Universe(Region):
@@ -118,14 +116,8 @@ class Universe(Region):
                 rest = [b.take(np.flatnonzero(b.pos < run.p0)) for b in state.blocks[1:]]
         else:
             rest = state.blocks[1:]
-        new_state = SeqState(state.seq_id, [new_base] + rest, state.has_ext)
-        if not c.set_state(state_buffer(new_state)):
-            restored = c.set_state(self.blob)
-            raise CompactionError("llama.cpp refused the re-selected cache"
-                                  + ("; the original cache was restored" if restored
-                                     else " AND the original could not be restored: call clear()")
-                                  + f":\n{lib.recent_log()}")
-        self.bytes_after = new_state.nbytes
+        self.bytes_after = write_or_restore(c, SeqState(state.seq_id, [new_base] + rest, state.has_ext), self.blob,
+                                            "re-selected cache")
 
     def question_run(self):
         """What to prefill again when cells come back (CompressedCache.reprefill): the question's whole
