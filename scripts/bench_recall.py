@@ -103,7 +103,9 @@ def run(shape: str, n_media: int, method: str, budget: float, threads: int, mode
     model = Model.load(str(path), n_ctx=n_media + 512, n_batch=512, threads=threads)
     try:
         for mode in modes:
-            s = Session(model, method=method, budget=budget, recall=mode)
+            from edgekv.eval.recall import session_kwargs
+
+            s = Session(model, method=method, budget=budget, **session_kwargs(mode))
             s.append_text("Pictures follow.")
             inject_media(s, n_media)
             t_q1, r1 = first_token_s(s, Q1, compact=True)
@@ -156,7 +158,8 @@ def main() -> None:
     ap.add_argument("--media", type=int, default=16384)
     ap.add_argument("--method", default="snapkv")
     ap.add_argument("--budget", type=float, default=0.25)
-    ap.add_argument("--recall", default="off,ram,disk")
+    ap.add_argument("--recall", default="off,ram,ram-last,disk",
+                    help="Settings as `edgekv eval --recall` names them (ram-last: the question's last token again).")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("results/recall/cost"))
     a = ap.parse_args()
