@@ -99,7 +99,8 @@ def child(args: dict) -> dict:
     n_ctx = (plan.media_tokens + plan.text_tokens if ratio >= 1 else plan.n_ctx) + text_cells
     m.resize_context(n_ctx)
     base_rss = rss_mb()
-    s = Session(m, method=args["method"], budget=ratio if ratio < 1 else 1.0, auto_compact=False)
+    recall = args.get("recall", "off") if ratio < 1 else "off"
+    s = Session(m, method=args["method"], budget=ratio if ratio < 1 else 1.0, auto_compact=False, recall=recall)
     s.append_text("<|im_start|>user\n")
     t0 = time.perf_counter()
     stats = append_video(s, video, compact=ratio < 1)
@@ -116,7 +117,9 @@ def child(args: dict) -> dict:
            "kv_alloc_bytes": m.n_ctx * per_cell, "kv_peak_bytes": max(stats.peak_cells, final) * per_cell,
            "prefill_s": prefill_s, "frames_per_s": stats.frames / prefill_s, "compact_s": stats.compact_seconds,
            "baseline_rss_mb": base_rss, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "picked": picked, "answer": answer}
+           "picked": picked, "answer": answer, "recall": recall,
+           "store_mb": (s.cache.store.nbytes / 2**20) if s.cache.store is not None else 0.0,
+           "reselect_s": sum(r.seconds for r in s.reports if r.reselect)}
     s.close()
     m.close()
     return out
@@ -149,6 +152,8 @@ def main(argv=None) -> int:
     ap.add_argument("--flash-attn", default="auto", choices=["auto", "on", "off"],
                     help="As `edgekv chat -fa` (auto: on where llama.cpp supports it, as on CPU).")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--recall", default="off", help="Recall stores of the streamed runs, comma-separated "
+                    "(off,disk,ram): each ratio runs once per setting; the question re-selects (docs/recall.md).")
     ap.add_argument("--out", type=Path, default=Path("results/video"))
     ap.add_argument("--baseline-tree", type=Path, help="Also run the streamed configs with this checkout's code.")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -164,15 +169,15 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     load0 = os.getloadavg()
     runs = []
-    jobs = [(1.0, None)]
+    jobs = [(1.0, None, "off")]
     for x in a.ratios.split(","):
-        jobs += [(float(x), a.baseline_tree)] if a.baseline_tree else []
-        jobs += [(float(x), None)]
-    for ratio, tree in jobs:
-        r = run_child({**base, "ratio": ratio}, tree=tree)
+        jobs += [(float(x), a.baseline_tree, "off")] if a.baseline_tree else []
+        jobs += [(float(x), None, rc) for rc in a.recall.split(",")]
+    for ratio, tree, rc in jobs:
+        r = run_child({**base, "ratio": ratio, **({"recall": rc} if rc != "off" else {})}, tree=tree)
         r["tree"] = None if tree is None else str(tree)
         runs.append(r)
-        print(f"ratio {ratio}{' (baseline tree)' if tree else ''}: peak cells {r['peak_cells']}, n_ctx {r['n_ctx']}, peak RSS "
+        print(f"ratio {ratio}{' (baseline tree)' if tree else ''} recall {rc}: peak cells {r['peak_cells']}, n_ctx {r['n_ctx']}, peak RSS "
               f"{max(r['peak_rss_mb'], r['polled_peak_rss_mb']):.0f} MB, {r['frames_per_s']:.2f} frames/s", flush=True)
     cmd = "python scripts/bench_video.py " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"command": cmd, "model": str(model), "shape": a.shape, "weight_type": a.weight_type, "threads": a.threads,
@@ -205,6 +210,9 @@ def report(meta: dict, runs: list[dict]) -> str:
         name = "full cache" if r["ratio"] >= 1 else f"streamed, {pick or r['method']} @ {r['ratio']:g}"
         if r.get("tree"):
             name += f" (baseline: {meta.get('baseline', r['tree'])})"
+        if r.get("recall", "off") != "off":
+            name += (f", recall {r['recall']} (store {r['store_mb']:.0f} MiB, re-selection "
+                     f"{r['reselect_s']:.1f} s)")
         saving = (full["kv_alloc_bytes"] - r["kv_alloc_bytes"]) / 2**20
         bc = "" if r["ratio"] >= 1 else f"{r['final_cells']} + {r['chunk']} = {r['final_cells'] + r['chunk']}"
         lines.append(

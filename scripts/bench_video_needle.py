@@ -3,7 +3,7 @@
 
     OMP_WAIT_POLICY=PASSIVE flock /tmp/edgekv-bench.lock python scripts/bench_video_needle.py \
         [--tasks passkey,word] [--lengths 1024,2048] [--depths 0.1,0.5,0.9] [--samples 1] \
-        [--ratios 0.2,0.1] [--threads 2] [--out results/video-needle]
+        [--ratios 0.2,0.1] [--threads 2] [--recall off|ram|disk] [--out results/video-needle]
 
 The real Gemma 3 270M reads each eval needle sample (`edgekv.eval.tasks`: real filler, a pass key or a
 secret word at a depth) as a clip: the document's tokens as 256-token text-in-pixels frames
@@ -15,6 +15,8 @@ after its prefill, `auto` between frames) at each ratio with (a) the generic pro
 the full cache with n and a 95 % Wilson interval, peak KV cells re-read from llama.cpp's state against the
 cells kept at the end (B) + the largest chunk (C), and seconds. The media tokens are text tokens: this
 measures whether a fact inside a frame survives compaction, not how redundant natural video is.
+--recall (issue 20): the streamed runs' Sessions get that recall store (never the full cache), and their
+question is prefilled with its queries captured so the store can bring cells back; recorded per record.
 Writes video-needle.{json,md}.
 """
 from __future__ import annotations
@@ -53,12 +55,13 @@ def samples(model, tasks, lengths, depths, n: int, seed: int = 0):
 
 
 def run_one(model, codec, pad: int, sample, ratio: float | None, probe, frame_gap: float = 0.5,
-            as_chunk: bool = False) -> dict:
+            as_chunk: bool = False, recall: str = "off") -> dict:
     """One sample as a clip: header (text), the document as frames with timestamps, the question (text),
     greedy answer. ratio None: the full cache; else streamed compaction at that per-frame ratio with
     `probe` (True: generic, a token list: the question). as_chunk: plan each frame on its own cells with
     the probe window outside the view, as the LastChunk region does on non-iSWA models (Gemma 3 is
     iSWA, so its streamed compaction reads the whole cache; this measures chunk-only planning on it)."""
+    from edgekv.eval.recall import report_fields, session_kwargs
     from edgekv.eval.scoring import retrieval_hit
     from edgekv.runtime import Session
     from edgekv.runtime.streaming import Video, append_video, state_cells
@@ -66,29 +69,36 @@ def run_one(model, codec, pad: int, sample, ratio: float | None, probe, frame_ga
     frames = codec.encode(sample.context, pad=pad)
     clip = Video([(i * frame_gap, f) for i, f in enumerate(frames)], fps=None, max_frames=None, max_side=None,
                  name=sample.key)
+    recall = "off" if ratio is None else recall   # the full-cache reference never recalls
     s = Session(model, method="auto", budget=ratio or 1.0, auto_compact=False,
-                probe=probe if probe is not None else True)
+                probe=probe if probe in (True, False) or isinstance(probe, list) else True, **session_kwargs(recall))
     s.cache.plan_as_chunk = as_chunk
     try:
         t0 = time.perf_counter()
         s.append_tokens(list(sample.prefix), compressible=False)
-        stats = append_video(s, clip, budget=ratio, compact=ratio is not None)
-        s.append_tokens(list(sample.question), compressible=False, capture=False)
+        after = probe == "after"   # the whole clip prefilled, compacted once with the question (the target)
+        stats = append_video(s, clip, budget=ratio, compact=ratio is not None and not after)
+        s.append_tokens(list(sample.question), compressible=False, capture=recall != "off" or after)
+        if after:
+            s.compact()
         answer = "".join(r.text for r in s.generate(max_tokens=ANSWER_TOKENS, temperature=0.0))
         seconds = time.perf_counter() - t0
         final = state_cells(s)   # kept frames + header + timestamps + question + answer, re-read
         methods = sorted({r.method for r in s.reports})
+        recalled = report_fields(s.reports)
     finally:
         s.close()
     return {"sample": sample.key, "task": sample.task, "length": sample.length, "depth": sample.depth,
             "source": sample.source, "answer": sample.answer, "generated": answer,
             "score": float(retrieval_hit(answer, sample.answer)),
-            "run": "full" if ratio is None else ("generic" if probe is True else "question") + ("-chunk" if as_chunk else ""),
+            "run": "full" if ratio is None else (("after" if probe == "after" else "generic" if probe is True
+                                                  else "agnostic" if probe is False else "question")
+                                                 + ("-chunk" if as_chunk else "")),
             "ratio": ratio, "frames": stats.frames, "seconds_of_video": stats.seconds,
             "media_tokens": stats.media_tokens, "chunk_cells": stats.chunk_cells or codec.tokens_per_image,
             "peak_cells": max(stats.peak_cells, final), "final_cells": final,
             "prefill_s": stats.prefill_seconds, "compact_s": stats.compact_seconds, "seconds": seconds,
-            "methods": methods}
+            "methods": methods, "recall": recall, **recalled}
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -123,6 +133,8 @@ def summarize(records: list[dict]) -> list[dict]:
 
 def markdown(rows: list[dict], records: list[dict], config: dict) -> str:
     label = {"full": "full cache", "generic": "streamed, generic probe (question not known)",
+             "agnostic": "streamed, no probe (query-agnostic between frames)",
+             "after": "whole clip prefilled, compacted once with the question (full cache until then)",
              "question": "streamed, the question as probe (known in advance)",
              "generic-chunk": "streamed, generic probe, each frame planned on its own cells",
              "question-chunk": "streamed, question probe, each frame planned on its own cells"}
@@ -131,7 +143,7 @@ def markdown(rows: list[dict], records: list[dict], config: dict) -> str:
              f"{len(config['samples'])} samples: tasks {', '.join(config['tasks'])}, lengths "
              f"{', '.join(map(str, config['lengths']))} tokens, depths {', '.join(map(str, config['depths']))}; "
              "256 tokens a frame, one frame every "
-             f"{config['frame_gap']} s; {config['total_s']:.0f} s in all. "
+             f"{config['frame_gap']} s; recall {config.get('recall', 'off')}; {config['total_s']:.0f} s in all. "
              f"{'PARTIAL: ' + config['partial'] if config.get('partial') else ''}", "",
              "| task | run | ratio | accuracy [95 % Wilson] | relative to full | n | peak KV cells (max; mean) | "
              "end cells B (mean) + chunk C | peak <= B + C | s per sample (compaction) |",
@@ -162,13 +174,17 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=1, help="Per (task, length, depth); filler alternates.")
     ap.add_argument("--ratios", default="0.2,0.1")
     ap.add_argument("--runs", default="generic,question",
-                    help="Streamed runs: generic and/or question probe; generic-chunk / question-chunk: the same, "
-                         "each frame planned on its own cells (as the LastChunk region).")
+                    help="Streamed runs: generic and/or question probe, or agnostic (no probe between frames); "
+                         "after: the whole clip prefilled, then compacted with the question (the target); "
+                         "generic-chunk / question-chunk: the same, each frame planned on its own cells (as the "
+                         "LastChunk region).")
     ap.add_argument("--frame-gap", type=float, default=0.5, help="Seconds between frames (timestamps).")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default=None, help="Text GGUF (default: Gemma 3 270M from the eval package).")
     ap.add_argument("--max-seconds", type=float, default=0, help="Stop starting samples after this (0: none).")
     ap.add_argument("--stop-at", type=float, default=0, help="Unix time after which no sample starts (0: none).")
+    ap.add_argument("--recall", choices=("off", "ram", "disk", "ram-last", "disk-last"), default="off",
+                    help="Recall store of the streamed runs (issue 20); the full cache never has one.")
     ap.add_argument("--out", type=Path, default=Path("results/video-needle"))
     ap.add_argument("--render", action="store_true", help="Only rewrite the report from --out's saved records.")
     args = ap.parse_args(argv)
@@ -180,6 +196,14 @@ def main(argv=None) -> int:
         (args.out / "video-needle.md").write_text(markdown(data["summary"], data["records"], data["config"]))
         return 0
 
+    from edgekv.errors import EdgeKVError
+    from edgekv.eval.recall import check_recall
+
+    try:
+        check_recall(args.recall)
+    except EdgeKVError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 2
     tasks = [t for t in args.tasks.split(",") if t]
     lengths = [int(x) for x in args.lengths.split(",")]
     depths = [float(x) for x in args.depths.split(",")]
@@ -195,7 +219,7 @@ def main(argv=None) -> int:
         """Results so far (rewritten after every sample, so a run stopped early leaves labelled numbers)."""
         rows = summarize(records)
         config = {"command": command, "tasks": tasks, "lengths": lengths, "depths": depths, "ratios": ratios,
-                  "runs": runs, "frame_gap": args.frame_gap, "threads": args.threads,
+                  "runs": runs, "frame_gap": args.frame_gap, "threads": args.threads, "recall": args.recall,
                   "samples": sorted({r["sample"] for r in records}), "planned_samples": len(todo),
                   "partial": partial, "total_s": time.perf_counter() - t_start}
         args.out.mkdir(parents=True, exist_ok=True)
@@ -215,9 +239,10 @@ def main(argv=None) -> int:
             records.append(run_one(model, codec, pad, smp, None, None, args.frame_gap))
             for ratio in ratios:
                 for run in runs:
-                    probe = True if run.startswith("generic") else list(smp.question)
+                    probe = (True if run.startswith("generic") else False if run.startswith("agnostic")
+                             else "after" if run == "after" else list(smp.question))
                     records.append(run_one(model, codec, pad, smp, ratio, probe, args.frame_gap,
-                                           as_chunk=run.endswith("-chunk")))
+                                           as_chunk=run.endswith("-chunk"), recall=args.recall))
             done = [r for r in records if r["sample"] == smp.key]
             print(f"{smp.key}: " + " ".join(f"{r['run']}@{r['ratio'] or 1}={r['score']:g}" for r in done)
                   + f" ({time.perf_counter() - t_start:.0f} s)", flush=True)

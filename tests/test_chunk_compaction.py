@@ -111,7 +111,7 @@ def test_a_turn_rolled_back_after_a_chunk_compaction_is_as_before(tiny_pairs):
 
 def test_a_refused_chunk_write_puts_the_chunk_back(tiny_pairs, monkeypatch):
     from edgekv.runtime import Model, Session
-    from edgekv.runtime.compactor import LastChunk
+    from edgekv.runtime.regions import LastChunk
 
     model_path, mmproj, image = tiny_pairs["llava"]
     with Model.load(model_path, mmproj, n_ctx=1024, n_batch=512, threads=THREADS, flash_attn="off") as m:

@@ -121,7 +121,7 @@ def test_multi_turn_reuses_compacted_cache(tiny_pairs):
 
 def test_failed_restore_recovers_original_cache(tiny_pairs, monkeypatch):
     """llama.cpp refuses a blob that does not match the live cache; the session puts the original back."""
-    import edgekv.runtime.compactor as session_mod  # the compaction pipeline packs
+    import edgekv.runtime.regions as session_mod  # the regions write the packed state
 
     image = tiny_pairs["llava"][2]
     probe = None

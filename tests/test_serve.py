@@ -500,3 +500,38 @@ def test_a_video_turn_streams_the_clip_and_a_follow_up_reuses_it(server, client,
                                              + base64.b64encode(_png(8, 8)).decode()}}
     r = post(server, {"model": MODEL_ID, "messages": [{"role": "user", "content": [png]}], "max_tokens": 2})
     assert_error(r, 400, "invalid_video")
+
+
+def test_recall_keeps_a_conversations_store_and_drops_it_with_the_conversation(tiny_pairs, tmp_path):
+    """With --recall disk each kept conversation keeps its store: its follow-up chooses again among every
+    compacted cell (edgekv.recall), and a conversation
+    that is not kept leaves no file behind once the session moves on."""
+    import openai
+
+    folder = tmp_path / "recall"
+    for cache_bytes, kept in ((1 << 30, True), (0, False)):
+        h = Held(tiny_pairs, engine=dict(method="snapkv", queue_size=1, recall="disk", recall_dir=str(folder),
+                                         cache_bytes=cache_bytes))
+        try:
+            c = openai.OpenAI(base_url=h.url + "/v1", api_key="x", max_retries=0, timeout=120)
+            msgs = [{"role": "user", "content": [{"type": "text", "text": "describe"},
+                                                 {"type": "image_url", "image_url": {"url": data_url(h.image.read_bytes())}}]}]
+            r1 = c.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=2)
+            e1 = ext(r1)
+            assert e1["kept"] is kept and e1["recall"]["mode"] == "disk" and e1["recall"]["store_cells"] > 0
+            assert e1["recall"]["store_cells"] >= e1["cells_before"] - e1["cells_after"]   # every evicted cell
+            if kept:
+                msgs += [{"role": "assistant", "content": r1.choices[0].message.content},
+                         {"role": "user", "content": "and the top left corner, in detail?"}]
+                e2 = ext(c.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=2))
+                assert e2["cache"] == "hit" and e2["recall"]["reselected"] and e2["recall"]["error"] is None
+                assert e2["recall"]["store_cells"] >= e1["recall"]["store_cells"]
+            else:
+                files = set(folder.iterdir())
+                assert len(files) == 1                      # the live conversation's store
+                other = [{"role": "user", "content": "hello there"}]
+                c.chat.completions.create(model=MODEL_ID, messages=other, max_tokens=2)
+                assert not (files & set(folder.iterdir()))   # the first one's file went with it
+        finally:
+            h.close()
+    assert not list(folder.iterdir())                       # closing the server removed the rest

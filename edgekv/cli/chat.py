@@ -12,10 +12,11 @@ from pathlib import Path
 
 import click
 
-from edgekv.cli.options import (ImagePath, load_model_from_options, method_options, model_options, sampling_options,
-                                video_options)
+from edgekv.cli.options import (ImagePath, load_model_from_options, method_options, model_options, recall_options,
+                                sampling_options, video_options)
 from edgekv.cli.report import echo_report
 from edgekv.errors import Cancelled, ContextOverflowError, EdgeKVError, MediaError, error_lines
+from edgekv.runtime.kinds import PACKED
 from edgekv.runtime.probe import question_probe
 
 HELP = ("commands: /image PATH, /video PATH (attach to the next message), /save PATH, /load PATH, /clear, /stats, /exit; "
@@ -25,6 +26,7 @@ HELP = ("commands: /image PATH, /video PATH (attach to the next message), /save 
 @click.command()
 @model_options
 @method_options
+@recall_options
 @click.option("--image", "images", type=ImagePath(), multiple=True, help="Image to attach (repeatable).")
 @click.option("--video", "videos", type=click.Path(path_type=Path), multiple=True,
               help="Video to attach (repeatable): frames streamed into a context sized for the budget.")
@@ -32,7 +34,8 @@ HELP = ("commands: /image PATH, /video PATH (attach to the next message), /save 
 @click.option("-p", "--prompt", help="One-shot prompt; without it, an interactive chat.")
 @sampling_options
 @click.option("--no-report", is_flag=True, help="Do not print the memory/speed report.")
-def chat(model, mmproj, hf_repo, offline, model_opts, method, budget, compress, images, videos, video_fps,
+def chat(model, mmproj, hf_repo, offline, model_opts, method, budget, compress, recall, recall_dir, recall_type,
+         images, videos, video_fps,
          video_max_frames, max_kv_cells, prompt, max_tokens, temperature, top_p, top_k, min_p, stops, seed, no_report):
     """Chat about images and videos with a compressed KV cache."""
     from edgekv.methods import uses_queries
@@ -66,8 +69,12 @@ def chat(model, mmproj, hf_repo, offline, model_opts, method, budget, compress, 
             m.close()
             raise
     # one-shot: the question is known before the images are read, so early compaction probes with it
-    session = Session(m, method=method, budget=budget, compress=compress, seed=seed,
-                      probe=question_probe(prompt))
+    try:
+        session = Session(m, method=method, budget=budget, compress=compress, seed=seed,
+                          probe=question_probe(prompt), recall=recall, recall_dir=recall_dir, recall_type=recall_type)
+    except BaseException:
+        m.close()
+        raise
     if clips or max_kv_cells is not None:
         streaming(session)  # every image / frame chunk compacted right after its prefill
     fit = max_kv_cells is not None
@@ -236,7 +243,9 @@ def _repl(session, images: list[Path], gen: dict, report: bool, videos=(), sampl
                 else:
                     session.load_conversation(path)
                     pending.clear()
-                    click.echo(f"(loaded {path}: {len(session.messages)} messages, {session.n_cells} cells)",
+                    click.echo(f"(loaded {path}: {len(session.messages)} messages, {session.n_cells} cells"
+                               + ("; its compacted cells cannot be recalled: saved files do not carry the store"
+                                  if session.recall != "off" and (session.cache.kind == PACKED).any() else "") + ")",
                                err=True)
             except EdgeKVError as e:
                 _echo_error(e.under("--max-kv-cells") if fit_videos else e)

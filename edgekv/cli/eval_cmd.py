@@ -99,7 +99,8 @@ def parse_floats(value: str | None, what: str) -> tuple[float, ...] | None:
               "reference. name@before / name@known / name@after: that regime only, whatever --regime says.")
 @click.option("--budgets", help="Comma-separated ratios of the context kept. [default: 0.5,0.25,0.1,0.05]")
 @click.option("--lengths", help="Prompt lengths in tokens, e.g. 1k,2k,4k,8k. [default: 1k,2k,4k,8k]")
-@click.option("--tasks", help="passkey, kv, continuation (comma-separated). [default: all three]")
+@click.option("--tasks", help="passkey, kv, continuation, word, pair, second (comma-separated; second: two facts, "
+              "the second asked as a follow-up turn and scored). [default: passkey,kv,continuation]")
 @click.option("--depths", help="Needle depths in [0, 1] for passkey and kv. [default: 0.1,0.5,0.9]")
 @click.option("--samples", type=click.IntRange(1), help="Samples per (task, length, depth). [default: 1]")
 @click.option("--continuation-samples", type=click.IntRange(1), help="Continuation samples per length. [default: 2]")
@@ -124,9 +125,15 @@ def parse_floats(value: str | None, what: str) -> tuple[float, ...] | None:
               help="after: compact once the question is there; before: compact before it (not known: generic "
                    "probe); known: before, the question known in advance (it is the probe); both = after+before; "
                    "all = the three. [default: both with --media, else after]")
+@click.option("--recall", type=click.Choice(["off", "ram", "disk", "ram-last", "disk-last", "ram-x2", "disk-x2"]),
+              default="off",
+              show_default=True,
+              help="Recall store of every compressed run, in every regime (docs/recall.md; the full-cache "
+                   "reference never has one); -last: when cells come back, prefill the question's last token "
+                   "alone again instead of its whole text; -x2: choose twice per question. One --out holds one setting.")
 def eval_command(quick, methods, budgets, lengths, tasks, depths, samples, continuation_samples, target_tokens,
                  out, model, threads, window, max_new_tokens, seed, fresh, report_only, no_plots, no_progress,
-                 media, regime):
+                 media, regime, recall):
     """Measure every method x budget on a real model: passkey and key-value retrieval at several
     depths and lengths, and teacher-forced continuation (KL, top-1 vs the full cache). Writes
     records.jsonl, results.csv, summary.json, results.md and plots into --out."""
@@ -155,6 +162,9 @@ def eval_command(quick, methods, budgets, lengths, tasks, depths, samples, conti
     if bad:
         raise EdgeKVError(f"unknown task(s) {', '.join(sorted(bad))}; choose from {', '.join(TASKS)}")
     spec = TaskSpec(**spec_kw)
+    from edgekv.eval.recall import check_recall
+
+    check_recall(recall)
     meths = parse_methods(methods) or base.get("methods") or tuple(m for m in METHODS if m != "full")
     buds = parse_budgets(budgets) or base.get("budgets", (0.5, 0.25, 0.1, 0.05))
     regime = regime or ("both" if media else "after")
@@ -168,9 +178,10 @@ def eval_command(quick, methods, budgets, lengths, tasks, depths, samples, conti
         model = gemma_path()
     n_ctx = max(spec.lengths) + max(max_new_tokens, spec.target_tokens) + 16
     n_ctx += (256 if media else 0) + (64 if regimes != ("after",) else 0)  # last image's padding, the probe
+    n_ctx += (64 + max_new_tokens) if "second" in spec.tasks else 0         # the follow-up turn and its answer
     n_ctx = (n_ctx + 255) // 256 * 256
     cfg = GridConfig(methods=meths, budgets=buds, spec=spec, window=window, max_new_tokens=max_new_tokens,
-                     model=str(model), n_ctx=n_ctx, media=media)
+                     model=str(model), n_ctx=n_ctx, media=media, recall=recall)
 
     if fresh and out.exists():
         for name in (RECORDS, "config.json", "commands.txt"):
@@ -184,14 +195,16 @@ def eval_command(quick, methods, budgets, lengths, tasks, depths, samples, conti
         f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')}  {' '.join(argv)}\n")
 
     t0 = time.perf_counter()
-    engine = RuntimeEngine(model, n_ctx=n_ctx, threads=threads, flash_attn="off", seed=seed, media=media)
+    engine = RuntimeEngine(model, n_ctx=n_ctx, threads=threads, flash_attn="off", seed=seed, media=media,
+                           recall=recall)
     try:
         records = run_grid(engine, cfg, out, progress=not no_progress,
                            log=lambda m: click.echo(f"warning: {m}", err=True))
         (out / "engine.json").write_text(json.dumps(engine.describe(), indent=2))
     finally:
         engine.close()
-    paths = write_reports(out, plots=not no_plots)
+    title = "edgekv eval" + (f" (recall {recall})" if recall != "off" else "")
+    paths = write_reports(out, plots=not no_plots, title=title)
     click.echo(f"{len(records)} records in {time.perf_counter() - t0:.1f} s -> {out}")
     md = paths["md"].read_text()
     # the headline tables on the terminal; the full report is in results.md

@@ -116,6 +116,21 @@ def method_options(f):
     return functools.reduce(lambda acc, o: o(acc), reversed(opts), f)
 
 
+def recall_options(f):
+    """--recall, --recall-dir, --recall-type (docs/recall.md): where compacted cells' originals wait for the
+    next question, which chooses among all of them."""
+    opts = [
+        click.option("--recall", type=click.Choice(["off", "ram", "disk"]), default="disk", show_default=True,
+                     help="Keep compacted cells outside the context so each question can bring back what "
+                          "it needs: in a temporary file (disk), in RAM, or not at all (off)."),
+        click.option("--recall-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Folder of the --recall disk file (default: a temporary folder, removed at exit)."),
+        click.option("--recall-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default=None,
+                     help="Store recalled rows as this type (default: the cache's own type, exact)."),
+    ]
+    return functools.reduce(lambda acc, o: o(acc), reversed(opts), f)
+
+
 SEED_MAX = 2**32 - 1  # llama.cpp's samplers take a uint32 seed
 
 

@@ -40,6 +40,8 @@ def format_report(session, last=None, reports=None, media: int | None = None) ->
         lines.append(f"KV bytes    {human_bytes(r.bytes_before)} -> {human_bytes(r.bytes_after)} "
                      f"({100 * r.ratio:.0f}%)")
         lines.append(f"compaction  {1000 * r.seconds:.1f} ms (plan {1000 * r.plan_seconds:.1f} ms)")
+        if r.store_where is not None:
+            lines.append(recall_line(r))
     if not reports:
         lines.append("KV cells    " + f"{session.n_cells} ("
                      + ("nothing compacted this turn)" if this_turn and session.reports else "not compacted)"))
@@ -49,6 +51,17 @@ def format_report(session, last=None, reports=None, media: int | None = None) ->
                      f"decode {last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s")
         lines.append(f"peak RSS    {last.peak_memory_mb:.0f} MB")
     return "\n".join(lines)
+
+
+def recall_line(r) -> str:
+    """The recall store after a compaction, and what this question's re-selection did."""
+    where = "in RAM" if r.store_where == "RAM" else "on disk"
+    line = f"recall      store {r.store_cells} cells, {human_bytes(r.store_bytes)} {where}"
+    if r.reselect:
+        line += (f"; this question brought back {r.recalled} cells"
+                 + (f", {r.reprefill_tokens} question tokens prefilled again" if r.reprefill_tokens else "")
+                 if r.rewritten else "; this question kept the context's cells (nothing rewritten)")
+    return line
 
 
 def echo_report(session, last=None, reports=None, media: int | None = None) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from edgekv.cli.options import load_model_from_options, method_options, model_options
+from edgekv.cli.options import load_model_from_options, method_options, model_options, recall_options
 from edgekv.errors import EdgeKVError
 
 
@@ -39,6 +39,7 @@ def _is_loopback(host: str) -> bool:
 @click.command()
 @model_options
 @method_options
+@recall_options
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind; anything but loopback exposes the model to the network.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
@@ -76,7 +77,8 @@ def _is_loopback(host: str) -> bool:
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True,
               help="Sampling seed when a request sets none.")
 @click.option("--no-webui", is_flag=True, help="Do not serve the chat page at / (the API only).")
-def serve(model, mmproj, hf_repo, offline, model_opts, method, budget, compress, host, port, aliases, api_keys,
+def serve(model, mmproj, hf_repo, offline, model_opts, method, budget, compress, recall, recall_dir, recall_type,
+          host, port, aliases, api_keys,
           allowed_hosts, cors_origins, read_timeout, idle_timeout, max_request_mb, max_image_pixels, max_request_pixels,
           max_images, local_dirs, cache_mib, queue_size, max_tokens, seed, no_webui):
     """OpenAI-compatible server: /v1/chat/completions, /v1/models, /health, and a chat page at /."""
@@ -104,7 +106,8 @@ def serve(model, mmproj, hf_repo, offline, model_opts, method, budget, compress,
     model_id = hf_repo or m.path.stem
     engine = Engine(m, model_id=model_id, method=method, budget=budget, compress=compress, seed=seed,
                     queue_size=queue_size, cache_bytes=int(cache_mib * (1 << 20)),
-                    max_image_pixels=max_image_pixels, max_tokens=max_tokens)
+                    max_image_pixels=max_image_pixels, max_tokens=max_tokens, recall=recall,
+                    recall_dir=recall_dir, recall_type=recall_type)
     hosts = None if "*" in allowed_hosts else (
         host, *allowed_hosts, *(("localhost", "127.0.0.1", "::1") if _is_loopback(host) or host in ("0.0.0.0", "::")
                                  else ()))
@@ -115,7 +118,7 @@ def serve(model, mmproj, hf_repo, offline, model_opts, method, budget, compress,
                      webui=not no_webui)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     click.echo(f"edgekv serve: {model_id} on http://{host}:{port}/v1 (method {method}, budget {budget}, "
-               f"conversation cache {cache_mib:g} MiB)", err=True)
+               f"conversation cache {cache_mib:g} MiB, recall {recall})", err=True)
     if not no_webui:
         click.echo(f"chat page: http://{host}:{port}/", err=True)
     try:

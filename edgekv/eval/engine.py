@@ -11,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
+from edgekv.eval.recall import report_fields as recall_fields
 from edgekv.eval.tasks import Sample, Tokenizer
 
 
@@ -47,6 +48,14 @@ class Engine(ABC):
     def eval_logits(self, ids: Sequence[int]) -> np.ndarray:
         """Teacher forcing: [len(ids), n_vocab] logits; row i predicts ids[i] (row 0 comes from the
         cache alone, i.e. the logits after the last prompt token)."""
+
+    def ask(self, tokens: Sequence[int]) -> None:
+        """A follow-up user turn (task `second`): prefill `tokens` after the answer in the cache."""
+        raise NotImplementedError(f"{self.name} has no follow-up turns")
+
+    def followup_info(self) -> dict:
+        """What the runtime reported about the follow-up turn (recall: cells brought back, its cost)."""
+        return {}
 
     def describe(self) -> dict:
         return {"engine": self.name}
@@ -88,14 +97,19 @@ class RuntimeEngine(Engine):
     its tail is the observation window); the state blob and the session's bookkeeping are snapshotted.
     compact(): restores the snapshot, compacts, then appends the question's last token, so that every
     answer token (the first one too) is computed from the compacted cache.
+    recall (issue 20, edgekv/eval/recall.py): off, or the store every compressed run's Session gets (a
+    fresh Session per run, so no run inherits another's store); the full-cache reference never has one.
     """
 
     name = "edgekv.runtime"
 
     def __init__(self, model_path, *, n_ctx: int, threads: int = 2, n_batch: int = 512,
                  flash_attn: str = "off", cache_type_k: str = "f16", cache_type_v: str = "f16", seed: int = 0,
-                 media: bool = False):
+                 media: bool = False, recall: str = "off"):
+        from edgekv.eval.recall import check_recall
         from edgekv.runtime import Model
+
+        check_recall(recall)
 
         self.model_path = str(model_path)
         self.media = media
@@ -113,7 +127,12 @@ class RuntimeEngine(Engine):
         self.settings = {"n_ctx": self.model.n_ctx, "threads": threads, "n_batch": n_batch,
                          "flash_attn": flash_attn, "cache_type_k": cache_type_k, "cache_type_v": cache_type_v,
                          "media": media}
+        self.recall = recall
+        self.fresh_sessions = recall != "off"   # one Session per compressed run (a store of its own)
+        self.turns: list[tuple[str, int]] = []  # (role, tokens) of the conversation since compact()
+        self._n_reports = 0
         self.sess = None
+        self._session_for = None
         self._snap = None
         self._snap_before = None
         self._question: list[int] = []
@@ -121,14 +140,22 @@ class RuntimeEngine(Engine):
         self.media_prefill_s = 0.0
         self.n_context = 0
 
-    def _session(self, window: int):
+    def _session(self, window: int, method: str = "full", budget: float = 1.0):
+        """The plain Session (prefill, full cache, recall off), reused; with fresh_sessions a new one for
+        each compressed run, made with its method, budget and recall setting. The one live session per
+        model is closed first; the caller restores a snapshot into it."""
+        from edgekv.eval.recall import session_kwargs
         from edgekv.runtime import Session
 
-        if self.sess is None or self.sess.window != window:
+        fresh = self.fresh_sessions and method != "full"
+        want = (window, method, budget) if fresh else (window, "full", 1.0)
+        if self.sess is None or fresh or self._session_for != want:
             if self.sess is not None:
                 self.sess.close()
-            self.sess = Session(self.model, method="full", budget=1.0, window=window, seed=self.seed,
-                                auto_compact=False)
+            kw = session_kwargs(self.recall) if fresh else {}
+            self.sess = Session(self.model, method=want[1], budget=want[2], window=window, seed=self.seed,
+                                auto_compact=False, **kw)
+            self._session_for = want
         return self.sess
 
     def prefill(self, sample: Sample, window: int = 32) -> float:
@@ -156,23 +183,15 @@ class RuntimeEngine(Engine):
         self._snap = s.snapshot()
         return seconds
 
-    def _restore(self) -> None:
-        if self._snap is None:
-            raise RuntimeError("prefill() first")
-        self.sess.restore(self._snap)
-
     def compact(self, method: str, budget: float, window: int) -> CompactInfo:
         """`method` may carry a regime: `name` (question after the document: compact with the question's
         window), `name@before` (compact before the question, which is not known: generic probe for
         query-aware methods), `name@known` (before the question, known in advance: it is the probe)."""
         method, regime = split_regime(method)
-        s = self.sess
-        if regime == "after":
-            self._restore()
-        else:
-            if self._snap_before is None:
-                raise RuntimeError("prefill() first")
-            s.restore(self._snap_before)
+        if self._snap is None:
+            raise RuntimeError("prefill() first")
+        s = self._session(self.sess.window, method, budget) if self.fresh_sessions else self.sess
+        s.restore(self._snap if regime == "after" else self._snap_before)
         n_cells = s.n_cells
         r = None
         if method != "full":
@@ -187,17 +206,34 @@ class RuntimeEngine(Engine):
                                 "n_candidates": r.n_candidates, "window_rows": r.window,
                                 "merged": r.merged, "resolved": r.method,
                                 **{k: v for k, v in r.info.items() if k.startswith("probe")}})
+            info.extra.update(recall_fields([r]))
         bpc = self.model.cell_bytes
         info.extra.update(block_bytes_before=info.cells_before * bpc, block_bytes_after=info.cells_after * bpc,
                           media_prefill_s=round(self.media_prefill_s, 4), regime=regime,
                           n_context=self.n_context)
         tail = self._last if regime == "after" else self._question
         if tail:
-            s.append_tokens(tail, compressible=False, capture=False)
+            # before: with a recall store the question's queries are captured, so that it can choose again
+            capture = regime != "after" and r is not None and self.recall != "off"
+            s.append_tokens(tail, compressible=False, capture=capture)
+        self.turns = [("user", len(self._question))]
         return info
 
     def generate(self, max_tokens: int) -> str:
-        return "".join(r.text for r in self.sess.generate(max_tokens=max_tokens, temperature=0.0))
+        n = self.sess.generation_tokens
+        text = "".join(r.text for r in self.sess.generate(max_tokens=max_tokens, temperature=0.0))
+        self.turns.append(("assistant", self.sess.generation_tokens - n))
+        return text
+
+    def ask(self, tokens: Sequence[int]) -> None:
+        """The follow-up question after the answer the cache holds, with its queries captured (a
+        runtime with a recall store re-selects the cells for it before the next token is sampled)."""
+        self._n_reports = len(self.sess.reports)
+        self.sess.append_tokens(list(tokens), compressible=False, capture=True)
+        self.turns.append(("user", len(tokens)))
+
+    def followup_info(self) -> dict:
+        return recall_fields(self.sess.reports[self._n_reports:])
 
     def eval_logits(self, ids: Sequence[int]) -> np.ndarray:
         ids = list(ids)

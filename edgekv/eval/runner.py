@@ -37,6 +37,7 @@ class GridConfig:
     model: str = ""
     n_ctx: int = 0              # 0: sized from the longest sample
     media: bool = False         # the document delivered as text-in-pixels images
+    recall: str = "off"         # the compressed runs' recall store (issue 20); one setting per --out
 
     # Fields that change what a sample or a score means: a run may only resume with the same values.
     def identity(self) -> dict:
@@ -44,7 +45,8 @@ class GridConfig:
         return {"seed": s.seed, "target_tokens": s.target_tokens, "spec_window": s.window,
                 "window": self.window, "max_new_tokens": self.max_new_tokens,
                 "model": Path(self.model).name if self.model else "",
-                **({"media": True} if self.media else {})}
+                **({"media": True} if self.media else {}),
+                **({"recall": self.recall} if self.recall != "off" else {})}
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -160,6 +162,7 @@ def _run_sample(engine, cfg, sample, runs, store, bar, log) -> None:
     for method, budget in runs:
         rec = _base_record(sample, method, budget)
         rec["prefill_s"] = round(prefill_s, 4)
+        rec["recall"] = "off" if method == FULL else cfg.recall   # the reference never recalls
         t0 = time.perf_counter()
         try:
             info = engine.compact(method, budget, cfg.window)
@@ -172,6 +175,10 @@ def _run_sample(engine, cfg, sample, runs, store, bar, log) -> None:
                 else:
                     logits = engine.eval_logits(sample.target)
                 rec.update(scoring.continuation_scores(ref, logits, sample.target))
+            elif sample.task == "second":
+                from edgekv.eval.second import answer_second
+
+                rec.update(answer_second(engine, sample, cfg.max_new_tokens))
             else:
                 text = engine.generate(cfg.max_new_tokens)
                 hit = scoring.retrieval_hit(text, sample.answer)

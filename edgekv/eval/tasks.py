@@ -21,8 +21,8 @@ import numpy as np
 from edgekv.errors import EdgeKVError
 from edgekv.eval import corpus
 
-TASKS = ("passkey", "kv", "continuation", "word", "pair")
-DEFAULT_TASKS = ("passkey", "kv", "continuation")   # `word` and `pair` on request (--tasks)
+TASKS = ("passkey", "kv", "continuation", "word", "pair", "second")
+DEFAULT_TASKS = ("passkey", "kv", "continuation")   # `word`, `pair` and `second` on request (--tasks)
 RETRIEVAL = ("passkey", "kv", "word", "pair")
 # Filler sources for haystacks; sample i uses FILLERS[i % len(FILLERS)], so --samples 2 covers both.
 FILLERS = ("docs", "license")
@@ -50,6 +50,7 @@ class Sample:
     target: tuple[int, ...] = ()  # continuation: the real next tokens (teacher forced)
     source: str = ""
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+    followup: tuple[int, ...] = ()  # task `second`: the follow-up question, asked after the first answer
 
     @property
     def key(self) -> str:
@@ -63,6 +64,8 @@ class Sample:
         h = hashlib.sha1()
         for part in (self.prefix, self.context, self.question, self.target):
             h.update(np.asarray(part, dtype=np.int64).tobytes() + b"|")
+        if self.followup:  # only then: the digests of the other tasks stay as they were
+            h.update(np.asarray(self.followup, dtype=np.int64).tobytes() + b"|")
         h.update(self.answer.encode())
         return h.hexdigest()[:12]
 
@@ -113,7 +116,7 @@ COLORS = ("red", "blue", "green", "yellow", "white", "black")
 _HEX = "0123456789abcdef"
 
 
-def _rng(spec: TaskSpec, *parts) -> random.Random:
+def sample_rng(spec: TaskSpec, *parts) -> random.Random:
     return random.Random("/".join(map(str, (spec.seed, *parts))))  # str seeds hash stably (sha512)
 
 
@@ -172,6 +175,17 @@ def _insert(pieces: list[list[int]], inserts: Sequence[tuple[float, list[int]]])
     return out, starts
 
 
+def two_needles(hay: "Haystack", rng: random.Random, length: int, used: int, first: tuple[float, list[int]],
+                second: tuple[float, list[int]], task: str) -> tuple[list[int], list[int]]:
+    """Filler for a `length`-token sample of which `used` tokens are prompt, with two needles (depth,
+    tokens) inserted."""
+    n_fill = length - used - len(first[1]) - len(second[1])
+    if n_fill < 16:
+        raise EdgeKVError(f"length {length} is too short for the {task} task")
+    pieces = hay.take(n_fill, rng.randrange(len(hay.paragraphs)))
+    return _insert(pieces, [first, second])
+
+
 def filler_for(index: int) -> str:
     return FILLERS[index % len(FILLERS)]
 
@@ -190,14 +204,14 @@ class Haystacks:
         return self._by[source]
 
 
-def _bos(tok: Tokenizer) -> list[int]:
+def bos_tokens(tok: Tokenizer) -> list[int]:
     return [] if tok.bos_id is None else [tok.bos_id]
 
 
 def _one_needle(tok: Tokenizer, hay: Haystack, task: str, length: int, depth: float, index: int,
                 rng: random.Random, header: str, needle_text: str, question_text: str, answer: str) -> Sample:
     """header + filler with one needle at `depth` + question: the passkey and word tasks' shared layout."""
-    prefix = _bos(tok) + tok.encode(header)
+    prefix = bos_tokens(tok) + tok.encode(header)
     question = tok.encode(question_text)
     needle = tok.encode(needle_text) + hay.sep
     n_fill = length - len(prefix) - len(question) - len(needle)
@@ -212,13 +226,13 @@ def _one_needle(tok: Tokenizer, hay: Haystack, task: str, length: int, depth: fl
 
 def passkey_sample(tok: Tokenizer, hay: Haystack, spec: TaskSpec, length: int, depth: float,
                    index: int) -> Sample:
-    rng = _rng(spec, "passkey", length, depth, index)
+    rng = sample_rng(spec, "passkey", length, depth, index)
     key = str(rng.randint(10000, 99999))
     return _one_needle(tok, hay, "passkey", length, depth, index, rng, PASSKEY_HEADER,
                        PASSKEY_NEEDLE.format(key=key), PASSKEY_QUESTION, key)
 
 
-def _kv_key(rng: random.Random) -> str:
+def kv_key(rng: random.Random) -> str:
     return "".join(rng.choice(_HEX) for _ in range(8))
 
 
@@ -226,18 +240,18 @@ def kv_sample(tok: Tokenizer, hay: Haystack, spec: TaskSpec, length: int, depth:
               index: int) -> Sample:
     """RULER-style key-value retrieval: many random records spread through the real filler,
     the question asks for the record nearest `depth`."""
-    rng = _rng(spec, "kv", length, depth, index)
+    rng = sample_rng(spec, "kv", length, depth, index)
     n_pairs = max(4, length // KV_TOKENS_PER_PAIR)
     keys: list[str] = []
     while len(keys) < n_pairs:
-        k = _kv_key(rng)
+        k = kv_key(rng)
         if k not in keys:
             keys.append(k)
     values = [str(rng.randint(100000, 999999)) for _ in keys]
     records = [tok.encode(KV_RECORD.format(key=k, value=v)) + hay.sep for k, v in zip(keys, values)]
     depths = [(j + 0.5) / n_pairs for j in range(n_pairs)]
     target = min(range(n_pairs), key=lambda j: abs(depths[j] - depth))
-    prefix = _bos(tok) + tok.encode(KV_HEADER)
+    prefix = bos_tokens(tok) + tok.encode(KV_HEADER)
     question = tok.encode(KV_QUESTION.format(key=keys[target]))
     n_fill = length - len(prefix) - len(question) - sum(map(len, records))
     if n_fill < 16:
@@ -268,7 +282,7 @@ def continuation_sample(tok: Tokenizer, docs: DocumentTokens, spec: TaskSpec, le
                         index: int) -> Sample:
     """Context = `length` real tokens of one document, target = its next `target_tokens` tokens.
     The last `window` context tokens stay protected (the observation window)."""
-    prefix = _bos(tok)
+    prefix = bos_tokens(tok)
     need = length - len(prefix) + spec.target_tokens
     n = len(docs.documents)
     for step in range(n):  # document index cycles with the sample index; skip ones that are too short
@@ -278,7 +292,7 @@ def continuation_sample(tok: Tokenizer, docs: DocumentTokens, spec: TaskSpec, le
             break
     else:
         raise EdgeKVError(f"no continuation document has {need} tokens")
-    rng = _rng(spec, "continuation", length, index)
+    rng = sample_rng(spec, "continuation", length, index)
     off = rng.randrange(len(ids) - need + 1)
     body = ids[off: off + length - len(prefix)]
     w = min(spec.window, len(body) // 2)
@@ -291,7 +305,7 @@ def continuation_sample(tok: Tokenizer, docs: DocumentTokens, spec: TaskSpec, le
 def word_sample(tok: Tokenizer, hay: Haystack, spec: TaskSpec, length: int, depth: float,
                 index: int) -> Sample:
     """A secret word (letters, not digits) inside the filler."""
-    rng = _rng(spec, "word", length, depth, index)
+    rng = sample_rng(spec, "word", length, depth, index)
     word = rng.choice(WORDS)
     return _one_needle(tok, hay, "word", length, depth, index, rng,
                        PASSKEY_HEADER.replace("pass key", "secret word"), WORD_NEEDLE.format(word=word),
@@ -302,19 +316,15 @@ def pair_sample(tok: Tokenizer, hay: Haystack, spec: TaskSpec, length: int, dept
                 index: int) -> Sample:
     """Two competing needles of the same form (two doors, two keys); the question asks for the one at
     `depth`, the other sits 0.4 of the context away. Answering with the other key is a miss."""
-    rng = _rng(spec, "pair", length, depth, index)
+    rng = sample_rng(spec, "pair", length, depth, index)
     c1, c2 = rng.sample(COLORS, 2)
     k1, k2 = str(rng.randint(10000, 99999)), str(rng.randint(10000, 99999))
     other = (depth + 0.4) % 1.0
-    prefix = _bos(tok) + tok.encode(PASSKEY_HEADER.replace("an important pass key", "two pass keys"))
+    prefix = bos_tokens(tok) + tok.encode(PASSKEY_HEADER.replace("an important pass key", "two pass keys"))
     question = tok.encode(PAIR_QUESTION.format(color=c1))
     n1 = tok.encode(PAIR_NEEDLE.format(color=c1, key=k1)) + hay.sep
     n2 = tok.encode(PAIR_NEEDLE.format(color=c2, key=k2)) + hay.sep
-    n_fill = length - len(prefix) - len(question) - len(n1) - len(n2)
-    if n_fill < 16:
-        raise EdgeKVError(f"length {length} is too short for the pair task")
-    pieces = hay.take(n_fill, rng.randrange(len(hay.paragraphs)))
-    context, starts = _insert(pieces, [(depth, n1), (other, n2)])
+    context, starts = two_needles(hay, rng, length, len(prefix) + len(question), (depth, n1), (other, n2), "pair")
     return Sample("pair", length, index, depth, tuple(prefix), tuple(context), tuple(question),
                   answer=k1, source=filler_for(index),
                   meta={"needle_at": starts[0], "needle_len": len(n1), "distractor": k2})
@@ -333,7 +343,10 @@ def build_samples(tok: Tokenizer, spec: TaskSpec) -> list[Sample]:
             if task == "continuation":
                 out += [continuation_sample(tok, docs, spec, length, i) for i in range(spec.continuation_samples)]
                 continue
-            make = {"passkey": passkey_sample, "kv": kv_sample, "word": word_sample, "pair": pair_sample}[task]
+            if task == "second":
+                from edgekv.eval.second import second_sample as make
+            else:
+                make = {"passkey": passkey_sample, "kv": kv_sample, "word": word_sample, "pair": pair_sample}[task]
             for depth in spec.depths:
                 out += [make(tok, hays(filler_for(i)), spec, length, depth, i) for i in range(spec.samples)]
     return out

@@ -18,10 +18,13 @@ import numpy as np
 
 from edgekv.errors import Cancelled, ContextOverflowError, EdgeKVError, StateFormatError
 from edgekv.kv.codec import SeqState, parse_state
+from edgekv.kv.store import RecallStore
 from edgekv.methods import Method, Span
 from edgekv.runtime import compactor, lib
-from edgekv.runtime.compactor import (PACKED, PENDING, PROTECTED, SCRATCH_SEQ, CompactionReport, LastChunk,
-                                      WholeSequence)
+from edgekv.runtime.compactor import CompactionReport
+from edgekv.runtime.kinds import COVERED, FROZEN, PACKED, PENDING, PROTECTED, SCRATCH_SEQ, spans_of
+from edgekv.runtime.regions import LastChunk, WholeSequence
+from edgekv.runtime.universe import Universe
 from edgekv.runtime.lib import llama_cpp
 from edgekv.runtime.model import Model
 
@@ -43,14 +46,30 @@ class CacheMarks:
     logits: np.ndarray | None
     after_media: bool = False
     pos: np.ndarray | None = None   # per cell; None: not known (learnt at the next parse)
+    cid: np.ndarray | None = None   # per cell; None: not known (a file saved before cell ids)
+    store: RecallStore | None = None  # the recall store and how many of its rows are this moment's
+    store_n: int = 0
+
+
+@dataclass
+class TextRun:
+    """Recall: the text prefilled since the last media chunk or answer in this turn (the question), from
+    position p0; swa is the sliding-window block at p0 (iSWA models). A re-selection that brings cells
+    back removes these cells exactly and prefills the tokens again, so they see the new context."""
+
+    p0: int
+    swa: bytes | None
+    tokens: list
 
 
 class CompressedCache:
     """Sequence 0 of the model's context, its cells' kinds and positions, decode and compaction."""
 
-    def __init__(self, model: Model) -> None:
+    def __init__(self, model: Model, store: RecallStore | None = None) -> None:
         self.model = model
         self.plan_as_chunk = False   # see compact()
+        self.store = store           # the recall store (kv/store.py); None: recall off
+        self.reprefill = "question"  # recall: what is prefilled again when cells come back ("question" / "last")
         self.batch = llama_cpp.llama_batch_init(model.n_batch, 0, 1)
         self.reset()
 
@@ -62,27 +81,68 @@ class CompressedCache:
         self.kind = np.zeros(0, np.int8)        # per cell, blob order: PROTECTED / PENDING / PACKED
         self.media = np.zeros(0, np.int32)      # per cell: media index or -1
         self.pos = np.zeros(0, np.int64)        # per cell: its position, -1 until a parse has seen it
+        self.cid = np.zeros(0, np.int64)        # per cell: its id (prefill order), COVERED or FROZEN slots
+        self.next_cid = 0
+        self.run: TextRun | None = None          # recall: the text prefilled since the last media/answer
+        self.reselect_due = False                # recall: a question window was captured, not yet chosen with
         self.n_media = 0
         self.window_q: np.ndarray | None = None  # captured queries of the last prompt tokens [L, H, W, d]
         self.window_rows = 0
         self.logits: np.ndarray | None = None    # after the last decoded token
         self.logits_after_media = False          # True: the prompt ends with media (no logits there)
         self.last_chunk: tuple[int, int, int, int] | None = None  # (pos lo, pos hi, cell lo, cell hi)
+        if self.store is not None:   # a new conversation: a new store (snapshots may hold the old one)
+            self.store = RecallStore(self.store.mode, self.store.directory, self.store.row_type)
 
     @property
     def n_cells(self) -> int:
         return int(self.kind.shape[0])
 
+    @property
+    def recall(self) -> bool:
+        return self.store is not None
+
     def marks(self) -> CacheMarks:
         return CacheMarks(self.n_past, self.kind.copy(), self.media.copy(), self.n_media, self.window_q,
-                          self.window_rows, self.logits, self.logits_after_media, self.pos.copy())
+                          self.window_rows, self.logits, self.logits_after_media, self.pos.copy(), self.cid.copy(),
+                          self.store, 0 if self.store is None else self.store.n)
 
-    def set_marks(self, m: CacheMarks) -> None:
+    def set_marks(self, m: CacheMarks, fork: bool = False) -> None:
+        """Return to `m`. The recall store goes back to m's rows: cut (a failed turn: its rows were this
+        turn's) or, with fork, copied when rows after m's exist (a restored snapshot: another branch of
+        the conversation may own those rows)."""
         self.n_past, self.kind, self.media, self.n_media = m.n_past, m.kind.copy(), m.media.copy(), m.n_media
         self.window_q, self.window_rows, self.logits = m.window_q, m.window_rows, m.logits
         self.logits_after_media = m.after_media
         self.pos = m.pos.copy() if m.pos is not None else np.full(len(m.kind), -1, np.int64)
+        if m.cid is not None:
+            self.cid = m.cid.copy()
+        else:   # no ids saved: originals get new ones, packed slots are frozen (no originals to recall)
+            self.cid = np.where(m.kind == PACKED, FROZEN, np.arange(len(m.kind))).astype(np.int64)
+        self.next_cid = int(max(self.cid.max(initial=-1), -1)) + 1
         self.last_chunk = None
+        self.run = None
+        self.reselect_due = False
+        if self.store is None:
+            self.cid[self.cid == COVERED] = FROZEN   # recall off here: nothing to recall those from
+            return
+        if m.store is None:   # the moment had no store (recall was off, or a loaded file)
+            self.store = RecallStore(self.store.mode, self.store.directory, self.store.row_type)
+            self.cid[self.cid == COVERED] = FROZEN
+        elif m.store.n > m.store_n and fork:
+            self.store = m.store.fork(m.store_n)
+        else:
+            self.store = m.store
+            self.store.truncate(m.store_n)
+        if self.store.n:
+            self.next_cid = max(self.next_cid, int(self.store.cid.max()) + 1)
+
+    def forget_store(self) -> None:
+        """The store cannot be read (file gone or changed): keep the conversation, without recall of what
+        it held (its slots stay as they are, never recalled)."""
+        if self.store is not None:
+            self.store = RecallStore(self.store.mode, self.store.directory, self.store.row_type)
+        self.cid[self.cid == COVERED] = FROZEN
 
     def add_cells(self, n: int, kind: int, media: int = -1) -> None:
         """Record the last n decoded cells: text at positions n_past-n.. (one each), media at positions
@@ -91,17 +151,22 @@ class CompressedCache:
         self.kind = np.concatenate([self.kind, np.full(n, kind, np.int8)])
         self.media = np.concatenate([self.media, np.full(n, media, np.int32)])
         self.pos = np.concatenate([self.pos, pos])
+        self.cid = np.concatenate([self.cid, np.arange(self.next_cid, self.next_cid + n, dtype=np.int64)])
+        self.next_cid += n
 
     def forget_last(self, n: int) -> None:
         """Take the last n cells out of the ledger (the caller removed them from llama.cpp's cache)."""
-        self.kind, self.media, self.pos = self.kind[:-n], self.media[:-n], self.pos[:-n]
+        if n:
+            self.kind, self.media, self.pos, self.cid = self.kind[:-n], self.media[:-n], self.pos[:-n], self.cid[:-n]
 
     def drop_tail(self, n_past: int, n_cells: int) -> None:
         """Remove every cell at position >= n_past: the last cells, when nothing was compacted since."""
         llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.model.ctx), 0, n_past, -1)
         self.n_past = n_past
         self.last_chunk = None
+        self.run = None
         self.kind, self.media, self.pos = self.kind[:n_cells], self.media[:n_cells], self.pos[:n_cells]
+        self.cid = self.cid[:n_cells]
 
     def swa_state(self) -> bytes:
         """The sliding-window block alone (LLAMA_STATE_SEQ_FLAGS_SWA_ONLY: the cells the current last
@@ -254,14 +319,7 @@ class CompressedCache:
         return cand
 
     def spans(self) -> tuple[Span, ...]:
-        spans, start = [], 0
-        key = np.where(self.kind == PACKED, -2, self.media)
-        for i in range(1, self.n_cells + 1):
-            if i == self.n_cells or key[i] != key[start]:
-                m = int(self.media[start])
-                spans.append(Span(start, i, "media" if m >= 0 else "text", m))
-                start = i
-        return tuple(spans)
+        return spans_of(self.kind, self.media)
 
     def note_chunk(self, p0: int, p1: int, n: int) -> None:
         """The media chunk just decoded at positions [p0, p1) is the last n cells."""
@@ -280,18 +338,29 @@ class CompressedCache:
             return None
         return p0, p1, i0, i1
 
+    def start_run(self) -> None:
+        """Recall: text prefill begins; remember where (see TextRun), unless a run is going on."""
+        if self.store is not None and self.run is None:
+            swa = self.swa_state() if self.model.layout.iswa and self.n_cells else None
+            self.run = TextRun(self.n_past, swa, [])
+
     def compact(self, meth: Method, budget_cells: int, *, cand: np.ndarray | None = None,
                 chunk: tuple[int, int, int, int] | None = None, use_queries: bool, seed: int, early: bool = False,
-                on_blob: Callable[[ctypes.Array], None] | None = None, cap: bool = False
-                ) -> CompactionReport | None:
+                on_blob: Callable[[ctypes.Array], None] | None = None, cap: bool = False,
+                universe: bool = False) -> CompactionReport | None:
         """Compact the candidate cells `cand` of the whole sequence, or with `chunk` (see chunk_range) the
         last media chunk alone; one pipeline either way (runtime/compactor.py). None: the chunk path cannot
         serve this method, nothing changed. cap: keep at most budget_cells slots (Plan.capped), for a
         context sized for the budget. With `plan_as_chunk` set (benchmarks), a method that can plans on
         the candidates alone with the window outside the view, as a chunk plans, so that planning is
-        measured where the chunk path cannot run (iSWA models)."""
-        region = (LastChunk(self, chunk) if chunk is not None
-                  else WholeSequence(self, cand, cap, self.plan_as_chunk))
+        measured where the chunk path cannot run (iSWA models). universe: (recall) choose among every cell,
+        in the context and in the store (the `Universe` region); `cand` then says which context cells may
+        go, and the question's text run is prefilled again when cells come back."""
+        if universe:
+            region = Universe(self, cand, cap)
+        else:
+            region = (LastChunk(self, chunk) if chunk is not None
+                      else WholeSequence(self, cand, cap, self.plan_as_chunk))
         return compactor.compact(self, meth, region, budget_cells, use_queries=use_queries, seed=seed,
                                  early=early, on_blob=on_blob)
 

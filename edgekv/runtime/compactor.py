@@ -1,37 +1,24 @@
 """One compaction pipeline: read a region's cells, let a method plan, pack, write back, settle the ledger.
 
-A region is what one compaction rewrites (docs/architecture.md, "Compaction"):
-
-- `WholeSequence`: sequence 0's state blob, every block (an iSWA model's sliding-window block rides
-  along untouched); the candidates are any cells of it. The blob read is the rollback point: a refused
-  write puts it back.
-- `LastChunk`: the last media chunk alone, marked with the scratch sequence (`llama_memory_seq_cp`, no
-  copy) so that only its bytes are read; the packed cells go back through that sequence. llama.cpp places
-  restored cells from the freed chunk's first cell on, so cells stay in position order. Host memory is
-  one chunk, not the cache. A refused write puts the chunk's own bytes back.
-
-Both go through `compact()`: resolve `auto`, read, plan on the view the method asks for, pack
-(`edgekv.kv.packer`), write, and update the cache's bookkeeping (kind, media index, position of every
-cell). The report has typed fields; `method` is only the label people read.
+The regions (runtime/regions.py, runtime/universe.py) say what one compaction rewrites: the whole
+sequence, the last media chunk alone, or (recall) every cell in the context and in the store. All go
+through `compact()`: resolve `auto`, read, plan on the view the method asks for, pack
+(`edgekv.kv.packer`), write, and update the cache's ledger (kind, media index, position and cell id of
+every cell). The report has typed fields; `method` is only the label people read.
 """
 from __future__ import annotations
 
-import ctypes
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgekv.errors import CompactionError, EdgeKVError
-from edgekv.kv.codec import SeqState, state_buffer
+from edgekv.errors import EdgeKVError
 from edgekv.kv.packer import layer_floats, pack_block
 from edgekv.methods import KVView, Method, Span
 from edgekv.methods.parallel import planning_threads
-from edgekv.runtime import lib
-from edgekv.runtime.lib import llama_cpp
 
-PROTECTED, PENDING, PACKED = 0, 1, 2
-SCRATCH_SEQ = 1  # marks one media chunk for LastChunk (the context has 2 sequences, one cell pool)
+
 EARLY = " (early, before the question)"
 
 
@@ -58,6 +45,14 @@ class CompactionReport:
     early: bool = False        # before the question (media still coming in)
     probe: str | None = None   # the window was a probe: "question" (known in advance) or "generic"
     chunk_only: bool = False   # the last media chunk alone (LastChunk)
+    # recall (docs/recall.md): the store after this compaction, and what a re-selection did
+    store_cells: int = 0       # cells whose originals the store holds
+    store_bytes: int = 0
+    store_where: str | None = None   # "RAM" or the file; None: recall off
+    reselect: bool = False     # chose among every cell, in the context and in the store (Universe)
+    recalled: int = 0          # cells brought back from the store (into at least one layer and head)
+    rewritten: bool = True     # False: the chosen set was the context's, nothing was written
+    reprefill_tokens: int = 0  # the question's tokens prefilled again after cells came back
 
     @property
     def method(self) -> str:
@@ -84,159 +79,6 @@ class CompactionReport:
             d["chunk_only"] = bool(d.get("info", {}).get("chunk_only"))
         return cls(**d)
 
-
-class WholeSequence:
-    """Every cell of sequence 0; `cand` says which may go."""
-
-    chunk_only = False
-
-    def __init__(self, cache, cand: np.ndarray, cap: bool, plan_as_chunk: bool) -> None:
-        self.cache, self.cand, self.cap, self.plan_as_chunk = cache, cand, cap, plan_as_chunk
-        self.blob = self.state = None
-
-    def accepts(self, meth: Method, queries) -> bool:
-        return True
-
-    def read(self):
-        c = self.cache
-        self.blob = c.state_buffer()
-        self.state = c.parse(self.blob, copy=False)   # views into the blob; checks the ledger
-        return self.state.blocks[0]
-
-    def spans(self) -> tuple[Span, ...]:
-        return self.cache.spans()
-
-    def window_outside(self, meth: Method) -> bool:
-        return self.plan_as_chunk and meth.plans_on_chunk
-
-    def slots(self, budget_cells: int) -> int:
-        return budget_cells
-
-    def wants_plan(self, meth: Method, slots: int, n_candidates: int) -> bool:
-        return slots < n_candidates or meth.name == "full"
-
-    def write(self, new_base) -> None:
-        c, state = self.cache, self.state
-        new_state = SeqState(state.seq_id, [new_base] + state.blocks[1:], state.has_ext)
-        if not c.set_state(state_buffer(new_state)):
-            restored = c.set_state(self.blob)
-            raise CompactionError("llama.cpp refused the compacted cache"
-                                  + ("; the original cache was restored" if restored
-                                     else " AND the original could not be restored: call clear()")
-                                  + f":\n{lib.recent_log()}")
-        self.bytes_after = new_state.nbytes
-
-    def keep_as_is(self) -> None:
-        self.cache.kind[self.cand] = PACKED
-        self.bytes_after = self.state.nbytes
-
-    def settle(self, src: np.ndarray, pos: np.ndarray) -> None:
-        c = self.cache
-        c.kind = np.where(self.cand[src], PACKED, c.kind[src]).astype(np.int8)
-        c.media = c.media[src]
-        c.pos = pos.astype(np.int64)
-
-    def counts(self) -> tuple[int, int]:
-        return int(self.cand.sum()), self.state.nbytes
-
-    def release(self) -> None:
-        pass
-
-
-class LastChunk:
-    """The last media chunk alone, (pos lo, pos hi, cell lo, cell hi): see the module docstring."""
-
-    chunk_only = True
-    cap = True   # the context is sized for the budget: never more cells than it
-
-    def __init__(self, cache, chunk: tuple[int, int, int, int]) -> None:
-        self.cache = cache
-        self.p0, self.p1, self.i0, self.i1 = chunk
-        n = self.i1 - self.i0
-        self.cand = np.ones(n, bool)
-        self.cand[-1] = False            # the pos_max cell: copied whole
-        self.mem = llama_cpp.llama_get_memory(cache.model.ctx)
-
-    def accepts(self, meth: Method, queries) -> bool:
-        return meth.plans_on_chunk and not (meth.needs_queries and queries is None)
-
-    def read(self):
-        """The chunk's cells through the scratch sequence; None when they are not the chunk we tracked."""
-        mem = self.mem
-        llama_cpp.llama_memory_seq_rm(mem, SCRATCH_SEQ, -1, -1)   # nothing left over from an interrupted one
-        llama_cpp.llama_memory_seq_cp(mem, 0, SCRATCH_SEQ, self.p0, self.p1)
-        try:
-            self.blob = self.cache.state_buffer(SCRATCH_SEQ)
-            state = self.cache.parse(self.blob, copy=False, cells=slice(self.i0, self.i1))
-        except BaseException:
-            self.release()
-            raise
-        if state.blocks[0].n_cells != self.i1 - self.i0 or len(state.blocks) != 1:
-            self.release()
-            return None
-        return state.blocks[0]
-
-    def spans(self) -> tuple[Span, ...]:
-        return (Span(0, self.i1 - self.i0, "media", int(self.cache.media[self.i0])),)
-
-    def window_outside(self, meth: Method) -> bool:
-        return True
-
-    def slots(self, budget_cells: int) -> int:
-        return max(1, budget_cells - 1)   # + the pos_max cell = the budget
-
-    def wants_plan(self, meth: Method, slots: int, n_candidates: int) -> bool:
-        return slots < n_candidates
-
-    def write(self, new_base) -> None:
-        """The chunk leaves seq 0 (its cells stay held by the scratch sequence); set_data frees them and
-        places the packed cells from the first freed one on; then they move back to seq 0."""
-        mem, c = self.mem, self.cache
-        new_blob = state_buffer(SeqState(SCRATCH_SEQ, [new_base], c.model.layout.mrope))
-        llama_cpp.llama_memory_seq_rm(mem, 0, self.p0, self.p1)
-        if not self._set(new_blob):
-            log = lib.recent_log()
-            restored = self._set(self.blob)
-            if restored:
-                llama_cpp.llama_memory_seq_cp(mem, SCRATCH_SEQ, 0, -1, -1)
-            self.release()
-            raise CompactionError("llama.cpp refused the compacted chunk"
-                                  + ("; the original chunk was restored" if restored
-                                     else " AND the original chunk could not be restored: call clear()")
-                                  + f":\n{log}")
-        llama_cpp.llama_memory_seq_cp(mem, SCRATCH_SEQ, 0, -1, -1)
-        self.release()
-
-    def _set(self, blob: ctypes.Array) -> bool:
-        ptr = ctypes.cast(blob, ctypes.POINTER(ctypes.c_uint8))
-        return llama_cpp.llama_state_seq_set_data(self.cache.model.ctx, ptr, len(blob), SCRATCH_SEQ) == len(blob)
-
-    def keep_as_is(self) -> None:
-        self.release()
-        self.cache.kind[self.i0:self.i1] = PACKED
-        self.cache.last_chunk = None
-
-    def settle(self, src: np.ndarray, pos: np.ndarray) -> None:
-        # Every cell of the chunk is settled, its last (pos_max) cell included: later chunks do not
-        # reconsider it, so the next chunk is again the only candidates (CompressedCache.chunk_range).
-        c, i0, i1 = self.cache, self.i0, self.i1
-        c.kind = np.concatenate([c.kind[:i0], np.full(len(src), PACKED, np.int8), c.kind[i1:]])
-        c.media = np.concatenate([c.media[:i0], c.media[i0:i1][src], c.media[i1:]])
-        c.pos = np.concatenate([c.pos[:i0], pos.astype(np.int64), c.pos[i1:]])
-        c.last_chunk = None
-
-    # bytes from cell counts: the rest of the cache is never read
-    def counts(self) -> tuple[int, int]:
-        return self.i1 - self.i0 - 1, self.cache.n_cells * self.cache.model.cell_bytes
-
-    @property
-    def bytes_after(self) -> int:
-        return self.cache.n_cells * self.cache.model.cell_bytes
-
-    def release(self) -> None:
-        llama_cpp.llama_memory_seq_rm(self.mem, SCRATCH_SEQ, -1, -1)
-
-
 def compact(cache, meth: Method, region, budget_cells: int, *, use_queries: bool, seed: int,
             early: bool = False, on_blob=None) -> CompactionReport | None:
     """Plan with `meth` over the region's candidates and write the packed cells back. On any failure the
@@ -255,6 +97,9 @@ def compact(cache, meth: Method, region, budget_cells: int, *, use_queries: bool
     base = region.read()
     if base is None:
         return None
+    store = cache.store
+    store_n0 = store.n if store is not None else 0
+    recalled, rewritten = 0, True
     try:
         if on_blob is not None and not region.chunk_only:
             on_blob(region.blob)
@@ -282,11 +127,22 @@ def compact(cache, meth: Method, region, budget_cells: int, *, use_queries: bool
             plan, merged = _cells_and_merges(meth, view, cells, plan, base, lay.n_head_kv)
             del view
             new_base, src = pack_block(base, plan, region.cand, lay.n_head_kv, merged)
-            region.write(new_base)
-            region.settle(src, new_base.pos)
+            if region.unchanged(new_base):   # the context already holds this choice: write nothing
+                rewritten = False
+                region.recalled_n = 0
+                region.release()
+            else:
+                recalled = region.recalled(new_base, src, plan)
+                region.recalled_n = recalled
+                region.store_originals()
+                region.write(new_base)
+                region.settle(src, new_base.pos)
     except BaseException:
         region.release()
+        if store is not None:
+            store.truncate(store_n0)
         raise
+    recalled = getattr(region, "recalled_n", recalled)
     return CompactionReport(
         resolved=meth.name, auto=auto, early=early, chunk_only=region.chunk_only, budget_cells=budget_cells,
         n_candidates=n_candidates, cells_before=cells_before, cells_after=cache.n_cells,
@@ -295,7 +151,11 @@ def compact(cache, meth: Method, region, budget_cells: int, *, use_queries: bool
         nominal_mean=float(plan.nominal.mean()) if plan is not None else float(budget_cells),
         nominal_max=int(plan.nominal.max()) if plan is not None else budget_cells,
         merged=plan is not None and plan.merge_to is not None, window=window,
-        info=dict(plan.info) if plan is not None else {})
+        info=dict(plan.info) if plan is not None else {},
+        store_cells=0 if store is None else store.n, store_bytes=0 if store is None else store.nbytes,
+        store_where=None if store is None else store.where, reselect=region.reselect,
+        recalled=recalled, rewritten=rewritten,
+        reprefill_tokens=0 if getattr(region, "cut", None) is None else len(region.cut.tokens))
 
 
 def method_view(meth: Method, base, n_kv_heads: int, cand: np.ndarray, spans: tuple[Span, ...], queries,

@@ -5,6 +5,8 @@
 - With no question window, or before the question (`early`: media still coming in), `auto` and
   query-aware methods decode a probe window first (runtime/probe.py, docs/probe-windows.md); without
   one, a query-aware method gives way to `auto`'s query-agnostic pick.
+- With a recall store and a question window captured on the compacted context, the question chooses
+  among every cell, the store's included (runtime/recall.py).
 - Early compaction of the last media chunk alone takes the `LastChunk` region (no whole-cache read, no
   rollback copy: dropping the turn's tail undoes it); everything else the whole sequence, whose blob
   becomes the turn's rollback point.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 from edgekv.errors import EdgeKVError
 from edgekv.methods import Method, get_method, resolve_budget
+from edgekv.runtime import recall
 from edgekv.runtime.compactor import CompactionReport
 
 
@@ -22,9 +25,15 @@ def compact(session, method: str | Method | None, budget: float | int | str | No
     `session.reports`. None: nothing to compact."""
     s = session
     cand = s.candidates()
-    if not cand.any():
+    reselect = not early and recall.due(s.cache)
+    if not cand.any() and not reselect:
         return None
     meth = s.method if method is None else (get_method(method) if isinstance(method, str) else method)
+    if reselect:   # recall: the question chooses among every cell, the store's included
+        r = recall.reselect(s, meth, budget, cand, s.recall_passes)
+        if r is not None:
+            s.reports.append(r)
+        return r
     if (early or not s.cache.window_rows) and probe is not False:
         from edgekv.runtime import probe as probes
 
@@ -41,6 +50,8 @@ def compact(session, method: str | Method | None, budget: float | int | str | No
     if r is None:
         r = s.cache.compact(meth, budget_cells, cand=cand, use_queries=not early, seed=s.seed, early=early,
                             on_blob=s.txns.stash, cap=early)
+    if not early:
+        s.cache.reselect_due = False   # the question's window chose these cells
     s.reports.append(r)
     return r
 

@@ -78,6 +78,12 @@ class Prefiller:
         # Compressible tokens (a document) are never the question: the same batches, but no window, so a
         # later compaction probes for one (runtime/probe.py) instead of protecting the document's tail.
         question = not compressible
+        if c.store is not None:   # recall: the question's text, to prefill again if cells come back
+            if compressible:
+                c.run = None
+            else:
+                c.start_run()
+                c.run.tokens.extend(tokens)
         body, tail = tokens[: len(tokens) - w], tokens[len(tokens) - w:]
         outs = []
         c.window_q, c.window_rows = None, 0
@@ -96,6 +102,7 @@ class Prefiller:
             if w and question:
                 c.window_q = c.model.capture.window(c.model.layout.global_layers)
                 c.window_rows = w if c.window_q is not None else 0
+                c.reselect_due = c.store is not None and c.window_rows > 0
             self._progress("prefill", total, total)
         self._count(len(tokens), time.perf_counter() - t0)
         return np.concatenate([o for o in outs if o is not None]) if logits_all else None
@@ -172,6 +179,7 @@ class Prefiller:
         c.note_chunk(p0, c.n_past, n_tok)
         c.n_media += 1
         c.window_q, c.window_rows = None, 0
+        c.run = None
         # mtmd's image batches request no logits (its logits_last is for text chunks only): the logits
         # of the text before are stale now, and generating needs text after the image first.
         c.logits = None

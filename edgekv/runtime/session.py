@@ -11,13 +11,15 @@ own cancel token (`turn.py`). Snapshots, save and load are in `snapshot.py`; clo
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterator, Literal
 
 import numpy as np
 
 from edgekv.errors import BudgetError, Cancelled, EdgeKVError, MediaError, SessionError
 from edgekv.methods import Method, get_method, parse_budget
-from edgekv.runtime import policy, template
+from edgekv.kv.store import RecallStore, check_recall
+from edgekv.runtime import policy, recall, template
 from edgekv.runtime.cache import CANCELLED_MESSAGE, PACKED, PENDING, PROTECTED, CompactionReport, CompressedCache
 from edgekv.runtime.generate import FINISH_REASONS, Answers, GenerationResponse, check_gen, peak_rss_mb, sample
 from edgekv.runtime.history import CachedText
@@ -51,6 +53,12 @@ class Session(Closable, SessionState):
     probe:    the probe window used when compaction must happen with no question window (early compaction,
               or compact() before the user's question; runtime/probe.py): the question text when it is known
               in advance, True for a generic probe, False for none (query-agnostic `auto` pick then).
+    recall:   "off", "ram" or "disk": keep the original rows of compacted cells in a store outside the
+              context, and let every question choose among all of them (runtime/recall.py, docs/recall.md).
+              recall_dir: the disk store's folder (default a temporary one); recall_type: store rows as
+              f16, q8_0 or q4_0 (default: the cache's own type, bit-exact); recall_reprefill: when cells
+              come back, prefill the question's text again ("question") or its last token alone ("last");
+              recall_passes: choose this many times per question (each with the window re-captured).
     """
 
     probe: str | bool = True
@@ -60,7 +68,8 @@ class Session(Closable, SessionState):
                  compress: Literal["media", "all"] = "media", window: int = 32, seed: int = 0,
                  auto_compact: bool = True, early_compact: bool = True,
                  method_kwargs: dict | None = None, progress: Progress | None = None,
-                 probe: str | bool = True) -> None:
+                 probe: str | bool = True, recall: str = "off", recall_dir: str | os.PathLike | None = None,
+                 recall_type: str | None = None, recall_reprefill: str = "question", recall_passes: int = 1) -> None:
         self._closed = True  # until attached: close() and __del__ must not detach another session
         if compress not in ("media", "all"):
             raise EdgeKVError(f"compress must be 'media' or 'all', got {compress!r}")
@@ -80,16 +89,25 @@ class Session(Closable, SessionState):
         self.auto_compact = auto_compact
         self.early_compact = early_compact
         self.probe = policy.check_probe(probe)
+        check_recall(recall, recall_type)
+        self.recall = recall
+        self.recall_passes = int(recall_passes)   # re-selection passes per question (runtime/recall.py)
+        self.recall_error: str | None = None   # why the store was dropped, if it was
         model.attach(self)
         self._closed = False
         self._turns = TurnGuard(model.set_abort)   # the running turn's cancel token (runtime/turn.py)
         self.txns = Transactions(self)   # the running turn's rollback point (runtime/transaction.py)
         self.answers = Answers()   # the last answer and the conversation's answer counters
         try:
-            self.cache = CompressedCache(model)
+            self.cache = CompressedCache(model, None if recall == "off" else
+                                         RecallStore(recall, recall_dir, recall_type))
         except BaseException:
             self.close()
             raise
+        if recall_reprefill not in ("question", "last"):
+            self.close()
+            raise EdgeKVError(f"recall_reprefill must be 'question' or 'last', got {recall_reprefill!r}")
+        self.cache.reprefill = recall_reprefill
         self.prefiller = Prefiller(self.cache, self.window, self._make_room, self._turns, progress,
                                   on_media_chunk=self._after_media_chunk)
         # Streaming prefill (edgekv.runtime.streaming): called as hook(session, n_tokens) after every media
@@ -310,6 +328,9 @@ class Session(Closable, SessionState):
     def _stream(self, gen: dict, cancel: CancelToken | None = None) -> Iterator[GenerationResponse]:
         with self.turn(cancel):
             gen = {**gen, "seed": self.seed if gen.get("seed") is None else gen["seed"]}
+            if recall.due(self.cache):   # a question appended by hand: it chooses before the first token
+                self.compact()
+            self.cache.run = None        # the answer ends the question's text run
             yield from self.answers.stream(self.cache, self._turns, self.prefiller.take_counts(), gen)
 
     sample = staticmethod(sample)   # generate.sample: greedy at temperature 0, else top-k/top-p/min-p
@@ -320,6 +341,8 @@ class Session(Closable, SessionState):
         cache = getattr(self, "cache", None)
         if cache is not None:
             cache.free()
+            if cache.store is not None:
+                cache.store.close()
         if not getattr(self, "_closed", True):
             self._closed = True
             self.model.detach(self)

@@ -103,13 +103,14 @@ class SessionState:
         self.check_open()
         if not self.cache.set_state(snap.blob):
             raise CompactionError(f"llama.cpp refused the saved state:\n{lib.recent_log()}")
-        self.cache.set_marks(snap.marks)
+        self.cache.set_marks(snap.marks, fork=True)
         self.messages = [dict(m) for m in snap.messages]
         self.history.set_state(snap.history)
 
     def save(self, path: str | os.PathLike) -> Path:
         """The conversation (compacted cache, bookkeeping, messages) to one file, with a header naming the
-        model, cache types and versions (`edgekv.runtime.saved`). Not during a turn."""
+        model, cache types and versions (`edgekv.runtime.saved`). Not during a turn. The recall store is not
+        saved: after loading, the packed cells stay as they are and cannot be recalled (docs/recall.md)."""
         from edgekv.runtime import saved
 
         self.check_open()

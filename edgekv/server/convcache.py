@@ -41,8 +41,18 @@ def snapshot_nbytes(obj: Any) -> int:
     if isinstance(obj, dict):
         return sum(snapshot_nbytes(v) for v in obj.values())
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return sum(snapshot_nbytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+        return (sum(snapshot_nbytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+                + ram_store_bytes(obj))
     return 0
+
+
+def ram_store_bytes(marks: Any) -> int:
+    """A kept conversation's recall store rows in host RAM (its first store_n rows; a disk store's rows
+    are in its file, not counted against --cache-ram)."""
+    store = getattr(marks, "store", None)
+    if store is None or store.mode != "ram" or store.layout is None:
+        return 0
+    return int(marks.store_n) * store.layout.row_bytes
 
 
 class ConversationCache:

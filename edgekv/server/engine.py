@@ -93,11 +93,15 @@ class Job:
 class Engine:
     def __init__(self, model: Model, *, model_id: str, method: str = "auto", budget: float | int = 0.25,
                  compress: str = "media", seed: int = 0, queue_size: int = 8, cache_bytes: int = 1 << 30,
-                 max_image_pixels: int = 50_000_000, max_tokens: int = 1024) -> None:
+                 max_image_pixels: int = 50_000_000, max_tokens: int = 1024, recall: str = "off",
+                 recall_dir: str | None = None, recall_type: str | None = None) -> None:
         self.model, self.model_id = model, model_id
         self.default_method, self.default_budget = method, budget
         self.max_image_pixels, self.max_tokens = max_image_pixels, max_tokens
-        self.session = Session(model, method=method, budget=budget, compress=compress, seed=seed)
+        # recall: each kept conversation keeps its store (a RAM store counts against cache_bytes; an evicted
+        # conversation's store goes with it, its file removed once nothing holds it)
+        self.session = Session(model, method=method, budget=budget, compress=compress, seed=seed, recall=recall,
+                               recall_dir=recall_dir, recall_type=recall_type)
         self.default_probe = self.session.probe   # put back after every turn (see _turn)
         self.cache = ConversationCache(cache_bytes)
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
@@ -381,9 +385,23 @@ class Engine:
                 "kv_cells": s.n_cells, "kept": kept,
                 "kept_bytes": self.cache.get_nbytes(self._live[1], self._live[0]) if kept else 0,
                 "compaction_s": round(sum(r.seconds for r in reports), 6),
+                "recall": self._recall_field(reports),
                 "timings": {k + "_s": round(v, 6) for k, v in timings.items()},
             },
         }
+
+    def _recall_field(self, reports) -> dict | None:
+        """The store after this turn and what its question's re-selection did; None: recall off."""
+        s = self.session
+        store = s.cache.store
+        if store is None:
+            return None
+        re = [r for r in reports if r.reselect]
+        return {"mode": s.recall, "store_cells": store.n, "store_bytes": store.nbytes,
+                "reselected": bool(re), "rewritten": any(r.rewritten for r in re),
+                "recalled_cells": sum(r.recalled for r in re),
+                "reprefill_tokens": sum(r.reprefill_tokens for r in re),
+                "reselect_s": round(sum(r.seconds for r in re), 6), "error": s.recall_error}
 
     def stats(self) -> dict:
         return {"model": self.model_id, "busy": self.busy, "queued": self.queued,
