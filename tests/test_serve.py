@@ -505,13 +505,13 @@ def test_a_video_turn_streams_the_clip_and_a_follow_up_reuses_it(server, client,
 def test_recall_keeps_a_conversations_store_and_drops_it_with_the_conversation(tiny_pairs, tmp_path):
     """With --recall disk each kept conversation keeps its store: its follow-up chooses again among every
     compacted cell (edgekv.recall), and a conversation
-    that is not kept leaves no file behind once the session moves on."""
+    that is not kept (its store over the disk cap) leaves no file behind once the session moves on."""
     import openai
 
     folder = tmp_path / "recall"
-    for cache_bytes, kept in ((1 << 30, True), (0, False)):
+    for disk_cap, kept in ((None, True), (1, False)):    # a 1-byte --recall-disk-mb cap keeps none
         h = Held(tiny_pairs, engine=dict(method="snapkv", queue_size=1, recall="disk", recall_dir=str(folder),
-                                         cache_bytes=cache_bytes))
+                                         recall_disk_bytes=disk_cap))
         try:
             c = openai.OpenAI(base_url=h.url + "/v1", api_key="x", max_retries=0, timeout=120)
             msgs = [{"role": "user", "content": [{"type": "text", "text": "describe"},

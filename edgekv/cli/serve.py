@@ -70,6 +70,8 @@ def _is_loopback(host: str) -> bool:
               help="Accept image_url file paths under this folder (repeatable); off by default.")
 @click.option("--cache-ram", "cache_mib", type=click.FloatRange(0), default=1024.0, show_default=True,
               help="MiB of host RAM for kept conversations (compacted caches; LRU).")
+@click.option("--recall-disk-mb", "recall_disk_mib", type=click.FloatRange(0), default=4096.0, show_default=True,
+              help="MiB of disk for kept conversations' --recall disk stores (LRU, with --cache-ram).")
 @click.option("--queue-size", type=click.IntRange(1), default=8, show_default=True,
               help="Requests that may wait while one is served; more get 503.")
 @click.option("-n", "--max-tokens", type=click.IntRange(1), default=1024, show_default=True,
@@ -80,7 +82,7 @@ def _is_loopback(host: str) -> bool:
 def serve(model, mmproj, hf_repo, offline, model_opts, method, budget, compress, recall, recall_dir, recall_type,
           host, port, aliases, api_keys,
           allowed_hosts, cors_origins, read_timeout, idle_timeout, max_request_mb, max_image_pixels, max_request_pixels,
-          max_images, local_dirs, cache_mib, queue_size, max_tokens, seed, no_webui):
+          max_images, local_dirs, cache_mib, recall_disk_mib, queue_size, max_tokens, seed, no_webui):
     """OpenAI-compatible server: /v1/chat/completions, /v1/models, /health, and a chat page at /."""
     try:
         import fastapi  # noqa: F401  (only checks that the extra is installed)
@@ -107,7 +109,8 @@ def serve(model, mmproj, hf_repo, offline, model_opts, method, budget, compress,
     engine = Engine(m, model_id=model_id, method=method, budget=budget, compress=compress, seed=seed,
                     queue_size=queue_size, cache_bytes=int(cache_mib * (1 << 20)),
                     max_image_pixels=max_image_pixels, max_tokens=max_tokens, recall=recall,
-                    recall_dir=recall_dir, recall_type=recall_type)
+                    recall_dir=recall_dir, recall_type=recall_type,
+                    recall_disk_bytes=int(recall_disk_mib * (1 << 20)))
     hosts = None if "*" in allowed_hosts else (
         host, *allowed_hosts, *(("localhost", "127.0.0.1", "::1") if _is_loopback(host) or host in ("0.0.0.0", "::")
                                  else ()))

@@ -25,6 +25,7 @@ class Kept:
     snapshot: Any          # edgekv.runtime.session.SessionSnapshot
     n_tokens: int          # prompt + answer tokens the cache stands for (usage.prompt_tokens_details.cached_tokens)
     nbytes: int
+    disk_bytes: int = 0    # its recall store's rows in a file (--recall disk)
 
 
 def snapshot_nbytes(obj: Any) -> int:
@@ -46,18 +47,19 @@ def snapshot_nbytes(obj: Any) -> int:
     return 0
 
 
-def ram_store_bytes(marks: Any) -> int:
-    """A kept conversation's recall store rows in host RAM (its first store_n rows; a disk store's rows
-    are in its file, not counted against --cache-ram)."""
+def ram_store_bytes(marks: Any, mode: str = "ram") -> int:
+    """A kept conversation's recall store rows (its first store_n rows) in host RAM, or with mode="disk"
+    in its file (counted against the disk cap, not --cache-ram)."""
     store = getattr(marks, "store", None)
-    if store is None or store.mode != "ram" or store.layout is None:
+    if store is None or store.mode != mode or store.layout is None:
         return 0
     return int(marks.store_n) * store.layout.row_bytes
 
 
 class ConversationCache:
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, max_disk_bytes: int | None = None) -> None:
         self.max_bytes = max_bytes
+        self.max_disk_bytes = max_disk_bytes   # kept conversations' disk recall stores (None: no cap)
         self._entries: OrderedDict[tuple[str, tuple[MessageKey, ...]], Kept] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = self.evictions = 0
@@ -90,16 +92,19 @@ class ConversationCache:
             tenant: str = "") -> bool:
         """Keep a finished turn. Evicts least recently used conversations to stay within max_bytes; a
         snapshot larger than the whole budget is not kept. Returns whether it was kept."""
-        entry = Kept(tuple(key), tenant, snapshot, n_tokens, snapshot_nbytes(snapshot))
+        entry = Kept(tuple(key), tenant, snapshot, n_tokens, snapshot_nbytes(snapshot),
+                     ram_store_bytes(getattr(snapshot, "marks", None), "disk"))
+        disk_cap = float("inf") if self.max_disk_bytes is None else self.max_disk_bytes
         with self._lock:
             if replaces is not None:
                 self._entries.pop((tenant, tuple(replaces)), None)
-            if entry.nbytes > self.max_bytes:
+            if entry.nbytes > self.max_bytes or entry.disk_bytes > disk_cap:
                 return False
             self._entries[(tenant, entry.key)] = entry
             self._entries.move_to_end((tenant, entry.key))
-            while sum(e.nbytes for e in self._entries.values()) > self.max_bytes:
-                self._entries.popitem(last=False)
+            while (sum(e.nbytes for e in self._entries.values()) > self.max_bytes
+                   or sum(e.disk_bytes for e in self._entries.values()) > disk_cap):
+                self._entries.popitem(last=False)   # its store file goes once nothing holds it
                 self.evictions += 1
             return True
 
@@ -115,4 +120,6 @@ class ConversationCache:
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {"conversations": len(self._entries), "bytes": self.nbytes, "max_bytes": self.max_bytes,
+                    "disk_bytes": sum(e.disk_bytes for e in self._entries.values()),
+                    "max_disk_bytes": self.max_disk_bytes,
                     "hits": self.hits, "misses": self.misses, "evictions": self.evictions}

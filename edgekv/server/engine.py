@@ -94,7 +94,8 @@ class Engine:
     def __init__(self, model: Model, *, model_id: str, method: str = "auto", budget: float | int = 0.25,
                  compress: str = "media", seed: int = 0, queue_size: int = 8, cache_bytes: int = 1 << 30,
                  max_image_pixels: int = 50_000_000, max_tokens: int = 1024, recall: str = "off",
-                 recall_dir: str | None = None, recall_type: str | None = None) -> None:
+                 recall_dir: str | None = None, recall_type: str | None = None,
+                 recall_disk_bytes: int | None = None) -> None:
         self.model, self.model_id = model, model_id
         self.default_method, self.default_budget = method, budget
         self.max_image_pixels, self.max_tokens = max_image_pixels, max_tokens
@@ -103,7 +104,7 @@ class Engine:
         self.session = Session(model, method=method, budget=budget, compress=compress, seed=seed, recall=recall,
                                recall_dir=recall_dir, recall_type=recall_type)
         self.default_probe = self.session.probe   # put back after every turn (see _turn)
-        self.cache = ConversationCache(cache_bytes)
+        self.cache = ConversationCache(cache_bytes, recall_disk_bytes)
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
         self._current: Job | None = None
         self._lock = threading.Lock()
