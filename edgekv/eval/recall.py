@@ -39,6 +39,8 @@ def report_fields(reports) -> dict:
     over them, the store's cells and bytes as the last one saw them; {} when none carries any."""
     out: dict = {}
     for r in reports:
+        if hasattr(r, "store_where") and r.store_where is None:   # recall off: nothing to say
+            continue
         for name in REPORT_FIELDS:
             v = r.seconds if name == "reselect_s" and getattr(r, "reselect", False) else getattr(r, name, None)
             if v is None:
