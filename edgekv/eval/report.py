@@ -14,7 +14,18 @@ from edgekv.eval.runner import CONFIG, FULL, iter_errors, load_records
 
 CSV_FIELDS = ["task", "length", "depth", "index", "method", "budget", "score", "kl", "kl_max", "top1",
               "nll", "target_acc", "generated", "answer", "cells_before", "cells_after", "bytes_before",
-              "bytes_after", "compact_s", "prefill_s", "run_s", "n_prompt", "n_context", "sample"]
+              "bytes_after", "compact_s", "prefill_s", "run_s", "n_prompt", "n_context", "sample", "cache_type",
+              "kv_bytes", "kv_bytes_full_f16"]
+
+
+def by_cache_type(records: Iterable[dict]) -> list[dict]:
+    """Records of a quantized cache as methods of their own ('hybridkv[q8_0]', 'full[q4_0]' = that cache
+    type alone), so that the tables below compare them with the f16 `full` reference on the same samples."""
+    out = []
+    for r in records:
+        ct = r.get("cache_type") or "f16"
+        out.append(r if ct == "f16" else {**r, "method": f"{r['method']}[{ct}]"})
+    return out
 
 
 def write_csv(records: Iterable[dict], path: Path) -> None:
@@ -241,7 +252,7 @@ def markdown(records: list[dict], config: dict | None = None, errors: list[dict]
 def write_reports(out_dir: str | os.PathLike, plots: bool = True, title: str = "edgekv eval") -> dict:
     """Write results.csv, summary.json, results.md (and plots) from records.jsonl. Returns paths."""
     out = Path(out_dir)
-    records = load_records(out)
+    records = by_cache_type(load_records(out))
     done = {r["key"] for r in records}
     errors = [e for e in iter_errors(out) if e["key"] not in done]
     cfg_path = out / CONFIG
@@ -258,4 +269,8 @@ def write_reports(out_dir: str | os.PathLike, plots: bool = True, title: str = "
         from edgekv.eval.plots import plot_scores
 
         paths.update(plot_scores(aggregate(records), out))
+    if any(r.get("kv_bytes") for r in records):   # the memory axis, once records carry their bytes
+        from edgekv.eval.frontier import write_frontier
+
+        paths.update(write_frontier(load_records(out), out, plots=plots, config=config))
     return paths
