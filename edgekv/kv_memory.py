@@ -8,6 +8,8 @@ relative to the full f16 cache. `pick(ratio)` takes the best-scoring point whose
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -18,6 +20,7 @@ from edgekv.errors import EdgeKVError
 CACHE_TYPES = ("f16", "bf16", "q8_0", "q4_0", "f32")   # llama.cpp's -ctk/-ctv that edgekv loads
 UNQUANTIZED = ("f16", "bf16", "f32")
 TABLE = Path(__file__).parent / "data" / "kv_memory.json"
+TABLE_ENV = "EDGEKV_KV_MEMORY_TABLE"   # another table (your own model's front, from scripts/kv_memory_table.py)
 
 
 class KVMemoryError(EdgeKVError):
@@ -100,18 +103,24 @@ class Pick:
     def cache_type(self) -> str:
         return cache_label(self.cache_type_k, self.cache_type_v)
 
-    def describe(self) -> str:
+    def describe(self, asked: str = "") -> str:
         b = "no eviction" if self.budget >= 1 else f"budget {self.budget:g}"
-        return (f"--kv-memory {self.target:.3g}: {self.cache_type} cache, {b} (measured {self.ratio:.2f} of the "
-                f"f16 cache's bytes, {self.score:.2f} of its score)")
+        asked = f"{asked} = " if asked and asked != f"{self.target:g}" else ""
+        return (f"--kv-memory {asked}{self.target:.3g} of the f16 cache: {self.cache_type} cache, {b} (measured "
+                f"{self.ratio:.2f} of the f16 cache's bytes, {self.score:.2f} of its score)")
 
     def __iter__(self):   # (cache_type_k, cache_type_v, budget), as the issue's helper returns
         return iter((self.cache_type_k, self.cache_type_v, self.budget))
 
 
-@lru_cache(maxsize=4)
 def load_table(path: str | None = None) -> dict:
-    p = Path(path) if path else TABLE
+    """The table at `path`, $EDGEKV_KV_MEMORY_TABLE, or the package's."""
+    return _read_table(str(path or os.environ.get(TABLE_ENV) or TABLE))
+
+
+@lru_cache(maxsize=4)
+def _read_table(path: str) -> dict:
+    p = Path(path)
     try:
         return json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -119,8 +128,9 @@ def load_table(path: str | None = None) -> dict:
 
 
 def pick(ratio: float, table: dict | None = None) -> Pick:
-    """The best measured point whose KV bytes fit `ratio` of the full f16 cache (ties: fewer bytes).
-    Raises KVMemoryError when no point is that small."""
+    """The best measured point whose KV bytes fit `ratio` of the full f16 cache (ties: the larger one, as
+    the memory is granted and the measured score has its noise). Raises KVMemoryError when no point is
+    that small."""
     table = table if table is not None else load_table()
     points = table.get("points", [])
     fits = [p for p in points if p["ratio"] <= ratio + 1e-9]
@@ -129,14 +139,35 @@ def pick(ratio: float, table: dict | None = None) -> Pick:
         raise KVMemoryError(f"--kv-memory {ratio:.3g} of the f16 cache: no measured combination is that small "
                             f"(the smallest reaches {least:.3g}); ask for at least that"
                             if least is not None else "the --kv-memory table holds no points")
-    best = max(fits, key=lambda p: (p["score"], -p["ratio"]))
+    best = max(fits, key=lambda p: (p["score"], p["ratio"]))
     k, v = parse_cache_type(best["cache_type"])
     return Pick(k, v, float(best["budget"]), float(best["ratio"]), float(best["score"]), float(ratio))
 
 
-def context_cells(n_ctx: int, p: Pick, n_protected: int = 0) -> int:
-    """Cells to allocate for a context of `n_ctx` cells under pick `p`: the compressible part shrinks with
-    the budget (the protected text is kept whole). Never below 16 (llama.cpp's floor)."""
-    if p.budget >= 1:
-        return n_ctx
-    return max(16, int(round(n_protected + (n_ctx - n_protected) * p.budget)))
+def full_f16_bytes(layout, n_ctx: int) -> int:
+    """K+V bytes of `n_ctx` cells at f16 in every layer: what llama.cpp allocates for edgekv's context (two
+    sequences in one unified pool: it keeps a full-size sliding-window cache, "using full-size SWA cache")."""
+    return layout.n_head_kv * (layout.head_dim + layout.head_dim_v) * 2 * layout.n_layer * n_ctx
+
+
+def sized_cells(n_ctx: int, budget: float) -> int:
+    """The context (cells) for a budget ratio, as --max-kv-cells: ceil(n_ctx x budget), at least 16."""
+    return min(n_ctx, max(16, math.ceil(n_ctx * budget - 1e-9)))
+
+
+def provenance(table: dict | None = None) -> str:
+    """One line on where the table's numbers come from."""
+    t = table if table is not None else load_table()
+    src = t.get("source", {})
+    return (f"measured on {src.get('model', '?')}, {src.get('task', '?')}, n={src.get('n', '?')} per point, "
+            f"{src.get('date', '?')} ({src.get('command', '?')})")
+
+
+def model_options(ratio: float, base=None):
+    """(ModelOptions with the picked cache types, budget, Pick) for the Python API:
+    `opts, budget, p = kv_memory.model_options(0.25); Model.load(path, opts); Session(m, budget=budget)`."""
+    from edgekv.runtime.options import ModelOptions
+
+    p = pick(ratio)
+    base = base or ModelOptions()
+    return base.with_(cache_type_k=p.cache_type_k, cache_type_v=p.cache_type_v), p.budget, p

@@ -38,7 +38,7 @@ def format_report(session, last=None, reports=None, media: int | None = None) ->
                      + (f"   query window {r.window}" if r.window else "   query-agnostic"))
         lines.append(f"KV cells    {r.cells_before} -> {r.cells_after} ({pct:.0f}%)")
         lines.append(f"KV bytes    {human_bytes(r.bytes_before)} -> {human_bytes(r.bytes_after)} "
-                     f"({100 * r.ratio:.0f}%)")
+                     f"({100 * r.ratio:.0f}%{_of_f16(session, r)})")
         lines.append(f"compaction  {1000 * r.seconds:.1f} ms (plan {1000 * r.plan_seconds:.1f} ms)")
     if not reports:
         lines.append("KV cells    " + f"{session.n_cells} ("
@@ -49,6 +49,16 @@ def format_report(session, last=None, reports=None, media: int | None = None) ->
                      f"decode {last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s")
         lines.append(f"peak RSS    {last.peak_memory_mb:.0f} MB")
     return "\n".join(lines)
+
+
+def _of_f16(session, r) -> str:
+    """On a quantized cache (-ctk/-ctv, --kv-memory): the bytes after as a share of the same cells at f16."""
+    m = getattr(session, "model", None)
+    k, v = getattr(m, "cache_type_k", "f16"), getattr(m, "cache_type_v", "f16")
+    if (k, v) == ("f16", "f16") or not r.bytes_before:
+        return ""
+    f16 = r.bytes_before * m.layout.bytes_per_cell() / m.layout.bytes_per_cell(k, v)
+    return f"; {100 * r.bytes_after / f16:.0f}% of the full f16 cache"
 
 
 def echo_report(session, last=None, reports=None, media: int | None = None) -> None:
