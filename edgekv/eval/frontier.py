@@ -160,7 +160,8 @@ def markdown(pts: list[Point], config: dict | None = None, commands: list[str] |
     parts += ["## Best at or under each size (the issue's targets: 0.95 at 25 %, 0.85 at 12.5 %, 0.7 at 6 %)", "",
               _table(["task", "regime"] + [f"<= {100 * t:g} % of f16 bytes" for t in TARGETS], rows), ""]
     for (task, regime), g in groups.items():
-        parts += [f"## {task}, question {regime} the media" if regime != "known" else f"## {task}, known question", ""]
+        parts += [f"## {task}, question {regime} the document" if regime != "known" else
+                  f"## {task}, question known before the document", ""]
         parts += [_table(["front", "point", "bytes / f16", "MiB", "score", "relative", "95 % CI", "n"],
                          [["*" if p.on_front else "", p.label, f"{p.bytes_ratio:.3f}", f"{p.kv_bytes / 2**20:.2f}",
                            f"{p.score:.2f}", _rel(p), _ci(p), str(p.n)] for p in g]), ""]

@@ -191,7 +191,7 @@ def markdown(records: list[dict], config: dict | None = None, errors: list[dict]
     for L in lengths:
         for b in budgets:
             rs = [r for r in records if r["length"] == L and r["budget"] == b and r["method"] != FULL
-                  and r.get("cells_after") is not None]
+                  and r.get("cells_after") is not None and (r.get("cache_type") or "f16") == "f16"]
             if not rs:
                 continue
             bb = _mean(r.get("block_bytes_before") for r in rs)
@@ -207,7 +207,8 @@ def markdown(records: list[dict], config: dict | None = None, errors: list[dict]
                          _fmt(100 * _mean(r["compact_s"] / r["prefill_s"] for r in rs if r.get("prefill_s")), ".1f")])
     parts += ["Cells: the compressible (global-attention) cache block. Block MiB: those cells' K+V; KV MiB: the "
               "whole sequence state (with the sliding-window block, which compaction leaves as it is). "
-              "Prefill: the whole prompt, measured once per sample.", "",
+              "Prefill: the whole prompt, measured once per sample. f16 cache only (every cache type's bytes: "
+              "frontier.md).", "",
               _table(["length", "budget", "cells before", "cells after", "block MiB before", "block MiB after",
                       "KV MiB before", "KV MiB after", "prefill s", "compact s", "compact % of prefill"], rows), ""]
     rows = []
