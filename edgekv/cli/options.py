@@ -204,11 +204,8 @@ def apply_kv_memory(kv_memory: str | None, model_opts, budget, model_paths=None)
     from edgekv import kv_memory as km
 
     target = km.parse_kv_memory(kv_memory)
-    if target.ratio is None:
-        ratio = target.nbytes / _full_f16_bytes(model_paths, model_opts)
-    else:
-        ratio = target.ratio
-    p = km.pick(ratio)
+    # a size is a share of the full f16 cache of -c cells (that needs the model's layout)
+    p = km.pick(target.ratio if target.ratio is not None else target.resolve(_full_f16_bytes(model_paths, model_opts)))
     k = model_opts.cache_type_k if _given("cache_type_k") else p.cache_type_k
     v = model_opts.cache_type_v if _given("cache_type_v") else p.cache_type_v
     b = budget if _given("budget") else p.budget
