@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -25,7 +26,9 @@ def build_table(run_dir: Path, task: str = "retrieval", regime: str = "after") -
     on_front = front(pts)
     cfg = json.loads((run_dir / CONFIG).read_text()) if (run_dir / CONFIG).exists() else {}
     cmd = run_dir / "commands.txt"
-    commands = [ln.split("  ", 1)[-1] for ln in cmd.read_text().splitlines()] if cmd.exists() else []
+    # as typed; `python -m edgekv.cli.main` recorded itself as main.py
+    commands = [re.sub(r"^main\.py ", "edgekv ", ln.split("  ", 1)[-1]) for ln in cmd.read_text().splitlines()] \
+        if cmd.exists() else []
     return {
         "source": {"run": str(run_dir), "command": commands[0] if commands else "?", "commands": commands,
                    "model": Path(cfg.get("grid", {}).get("model", "?")).name, "task": task, "regime": regime,

@@ -215,7 +215,7 @@ def plot(pts: list[Point], path: Path) -> Path:
         axes[0][0].scatter([], [], color="0.4", marker=_MARKERS[methods.index(m) % len(_MARKERS)],
                            label="no eviction" if m == FULL else m)
     fig.legend(*axes[0][0].get_legend_handles_labels(), fontsize=7, loc="center right")
-    fig.tight_layout(rect=(0, 0, 0.87, 1))
+    fig.tight_layout(rect=(0, 0, 1 - 1.3 / (4.6 * len(tasks)), 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
