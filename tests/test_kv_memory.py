@@ -207,3 +207,26 @@ def test_eval_over_cache_types_records_their_bytes(gemma_path, tmp_path):
 def test_eval_cache_types_refused_clearly(gemma_path, tmp_path):
     r = run("eval", "--quick", "--cache-types", "f16,q5_1", "-m", gemma_path, "--out", tmp_path / "x")
     assert r.exit_code == 2 and r.output.strip().splitlines()[-1].startswith("Error: cache type 'q5_1'"), r.output
+
+
+def test_report_compares_a_quantized_cache_with_full_f16(tiny_pairs):
+    """The report's `KV vs f16` line: the cache now against every prefilled cell at f16, as the cells and
+    gguf's block sizes give it; none on an f16 cache."""
+    import re
+
+    from edgekv.runtime import Model
+
+    model, mmproj, image = tiny_pairs["llava-tiles"]
+    args = ("chat", "-m", model, "--mmproj", mmproj, "--image", image, "-p", "describe", "-n", 3, "-t", THREADS,
+            "-b", 2048, "-c", 4096, "--budget", 0.25)
+    r = run(*args, "-ctk", "q8_0", "-ctv", "q8_0")
+    assert r.exit_code == 0, r.output
+    before, after = map(int, re.search(r"KV cells\s+(\d+) -> (\d+)", r.output).groups())
+    pct, n = map(int, re.search(r"KV vs f16 .* = (\d+)% of the full f16 cache of the (\d+) cells prefilled",
+                                r.output).groups())
+    with Model.load(model, n_ctx=16, n_batch=16, threads=1, capture_queries=False) as m:
+        lay = m.layout
+    now = n - (before - after)
+    assert n > before and pct == round(100 * now * _cell_bytes(lay, "q8_0") / (n * _cell_bytes(lay, "f16")))
+    r = run(*args)
+    assert r.exit_code == 0 and "KV vs f16" not in r.output and "of those cells at f16" not in r.output
