@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
+
 from edgekv.errors import EdgeKVError
 from edgekv.eval import scoring
 from edgekv.eval.engine import Engine
@@ -144,19 +146,16 @@ def grid_cache_types(cfg: GridConfig) -> tuple[str, ...]:
 
 
 def run_cache_types(make_engine: Callable[[str], Engine], cfg: GridConfig, out_dir: str | os.PathLike, *,
-                    samples_for: Callable[[Engine], list[Sample]] | None = None, progress: bool = True,
-                    log: Callable[[str], None] | None = None) -> list[dict]:
+                    progress: bool = True, log: Callable[[str], None] | None = None) -> list[dict]:
     """Every cache type in turn (outermost: it is a context parameter, so each loads the model anew):
     `make_engine(cache_type)` builds the engine, the grid runs on it, the engine is closed. The f16 pass
     comes first and keeps the continuation reference logits for the quantized passes."""
-    refs: dict[str, scoring.Reference] = {}
+    refs: dict[str, np.ndarray] = {}
     records: list[dict] = []
     for ct in grid_cache_types(cfg):
         engine = make_engine(ct)
         try:
-            samples = samples_for(engine) if samples_for else None
-            records = run_grid(engine, cfg, out_dir, samples=samples, progress=progress, log=log,
-                               cache_type=ct, refs=refs)
+            records = run_grid(engine, cfg, out_dir, progress=progress, log=log, cache_type=ct, refs=refs)
         finally:
             engine.close()
     return records
@@ -167,7 +166,8 @@ def run_grid(engine: Engine, cfg: GridConfig, out_dir: str | os.PathLike, *,
              log: Callable[[str], None] | None = None, cache_type: str = F16,
              refs: dict | None = None) -> list[dict]:
     """Run (or resume) the grid of one cache type (the engine's) into `out_dir`; returns every finished
-    record. `refs`: sample key -> f16 continuation reference, filled by the f16 pass, read by the others."""
+    record. `refs`: sample key -> the f16 full cache's continuation logits, filled by the f16 pass (when
+    other cache types follow), read by the others."""
     out = Path(out_dir)
     check_config(out, cfg)
     store = RecordStore(out)
@@ -202,9 +202,10 @@ def _run_sample(engine, cfg, sample, runs, store, bar, log, cache_type: str = F1
         # the reference logits come from the uncompressed f16 cache, also when `full` itself is done
         engine.compact(FULL, 1.0, cfg.window)
         own = scoring.Reference(engine.eval_logits(sample.target))
-        if cache_type == F16 and refs is not None:
-            refs[sample.key] = own
-        ref = own if cache_type == F16 else (refs or {}).get(sample.key)
+        if cache_type == F16 and refs is not None and len(grid_cache_types(cfg)) > 1:
+            refs[sample.key] = own.logits   # the logits only: 4 bytes x vocab per token, not Reference's 20
+        ref = own if cache_type == F16 else (
+            scoring.Reference(refs[sample.key]) if refs and sample.key in refs else None)
     full_f16 = store.done.get(record_key(sample.key, FULL, 1.0))
     for method, budget in runs:
         rec = _base_record(sample, method, budget, cache_type)
