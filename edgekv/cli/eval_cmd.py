@@ -183,11 +183,11 @@ def eval_command(quick, methods, budgets, lengths, tasks, depths, samples, conti
     n_ctx = (n_ctx + 255) // 256 * 256
     from edgekv.kv_memory import needs_flash_attn, parse_cache_type
 
-    ctypes_ = parse_cache_types(cache_types)
+    kv_types = parse_cache_types(cache_types)
     # llama.cpp keeps a quantized V only with flash attention; then every type runs with it (one setting)
-    fa = "on" if any(needs_flash_attn(parse_cache_type(c)[1]) for c in ctypes_) else "off"
+    fa = "on" if any(needs_flash_attn(parse_cache_type(c)[1]) for c in kv_types) else "off"
     cfg = GridConfig(methods=meths, budgets=buds, spec=spec, window=window, max_new_tokens=max_new_tokens,
-                     model=str(model), n_ctx=n_ctx, media=media, cache_types=ctypes_, flash_attn=fa)
+                     model=str(model), n_ctx=n_ctx, media=media, cache_types=kv_types, flash_attn=fa)
 
     if fresh and out.exists():
         for name in (RECORDS, "config.json", "commands.txt"):
