@@ -230,3 +230,15 @@ def test_report_compares_a_quantized_cache_with_full_f16(tiny_pairs):
     assert n > before and pct == round(100 * now * _cell_bytes(lay, "q8_0") / (n * _cell_bytes(lay, "f16")))
     r = run(*args)
     assert r.exit_code == 0 and "KV vs f16" not in r.output and "of those cells at f16" not in r.output
+
+
+def test_a_quantized_v_pick_with_flash_attention_off_is_one_error(table, tiny_pairs):
+    model, mmproj, image = tiny_pairs["llava"]
+    r = run("chat", "-m", model, "--mmproj", mmproj, "-p", "hi", "-n", 1, "-t", THREADS, "--kv-memory", "0.4",
+            "-fa", "off")
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert r.output.strip().splitlines()[-1] == ("Error: a quantized V cache (q8_0) needs flash attention: use "
+                                                 "--flash-attn on (or auto), or --cache-type-v f16")
+    r = run("chat", "-m", model, "--mmproj", mmproj, "-p", "hi", "-n", 1, "-t", THREADS, "--kv-memory", "0.4",
+            "-fa", "off", "-ctv", "f16", "--no-report")
+    assert r.exit_code == 0 and "using K q8_0, V f16, budget 0.25" in _picked(r.output), r.output
