@@ -201,7 +201,8 @@ def test_eval_over_cache_types_records_their_bytes(gemma_path, tmp_path):
     r = run("eval", "--quick", "--tasks", "passkey,continuation", "--methods", "snapkv", "--cache-types", "f16,q8_0",
             "-m", gemma_path, "-t", THREADS, "--out", out, "--no-progress", "--no-plots")
     assert r.exit_code == 0 and len(load_records(out)) == 8
-    assert by[("passkey", "full", "f16")]["key"].count("|") == 2 and by[("passkey", "full", "q8_0")]["key"].endswith("|q8_0")
+    assert by[("passkey", "full", "f16")]["key"].count("|") == 2
+    assert by[("passkey", "full", "q8_0")]["key"].endswith("|q8_0")
 
 
 def test_eval_cache_types_refused_clearly(gemma_path, tmp_path):

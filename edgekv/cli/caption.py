@@ -10,7 +10,8 @@ from pathlib import Path
 
 import click
 
-from edgekv.cli.options import apply_kv_memory, kv_memory_option, method_options, model_options, sampling_options, video_options
+from edgekv.cli.options import (apply_kv_memory, kv_memory_option, method_options, model_options, sampling_options,
+                                video_options)
 from edgekv.errors import EdgeKVError
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from edgekv.cli.options import (apply_kv_memory, kv_memory_option, load_model_from_options, method_options, model_options,
-                                resolve_model_paths)
+from edgekv.cli.options import (apply_kv_memory, kv_memory_option, load_model_from_options, method_options,
+                                model_options, resolve_model_paths)
 from edgekv.errors import EdgeKVError
 
 

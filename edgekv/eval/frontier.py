@@ -143,7 +143,8 @@ def markdown(pts: list[Point], config: dict | None = None, commands: list[str] |
     parts = ["# edgekv eval: quality per byte", ""]
     if config:
         g = config.get("grid", {})
-        parts += [f"Model `{Path(g.get('model', '?')).name}`, cache types {', '.join(g.get('cache_types') or ['f16'])}, "
+        types = ", ".join(g.get("cache_types") or ["f16"])
+        parts += [f"Model `{Path(g.get('model', '?')).name}`, cache types {types}, "
                   f"flash attention {g.get('flash_attn', 'off')}, media {bool(g.get('media'))}.", ""]
     if commands:
         parts += ["Commands:", "", "```"] + commands + ["```", ""]
