@@ -10,7 +10,8 @@ from pathlib import Path
 
 import click
 
-from edgekv.cli.options import method_options, model_options, sampling_options, video_options
+from edgekv.cli.options import (apply_kv_memory, kv_memory_option, method_options, model_options, sampling_options,
+                                video_options)
 from edgekv.errors import EdgeKVError
 
 
@@ -27,6 +28,7 @@ def _ray_address(ctx, param, value):
 @model_options
 @method_options
 @video_options
+@kv_memory_option
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-r", "--recursive", is_flag=True, help="Descend into sub-folders of folder inputs (and ** in globs).")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
@@ -48,7 +50,7 @@ def _ray_address(ctx, param, value):
 @click.option("--concurrency", type=click.IntRange(1), default=1, show_default=True,
               help="Ray: number of actors (one loaded model each).")
 @click.option("--num-gpus", type=click.FloatRange(0), default=0, show_default=True, help="Ray: GPUs per actor.")
-def caption(model, mmproj, hf_repo, offline, model_opts, method, budget, compress, video_fps, video_max_frames, max_kv_cells, inputs,
+def caption(model, mmproj, hf_repo, offline, model_opts, method, budget, compress, video_fps, video_max_frames, max_kv_cells, kv_memory, inputs,
             recursive, output, caption_extension, errors_file, overwrite, prompt, prompt_file, prefix, max_tokens,
             temperature, top_p, top_k, min_p, stops, seed, no_progress,
             ray_address, concurrency, num_gpus):
@@ -92,6 +94,11 @@ def caption(model, mmproj, hf_repo, offline, model_opts, method, budget, compres
                           unit="files" if any(kind_of(p) == "video" for p in images) else "images")
         if todo:
             model_path, mmproj_path = _resolve_model(model, mmproj, hf_repo, offline)
+            if kv_memory is not None:   # cache types, budget and (as --max-kv-cells) the context from one knob
+                model_opts, budget, cells, picked = apply_kv_memory(kv_memory, model_opts, budget,
+                                                                    (model_path, mmproj_path))
+                max_kv_cells = max_kv_cells if max_kv_cells is not None else cells
+                click.echo(f"edgekv: {picked}; context {max_kv_cells or model_opts.n_ctx} cells", err=True)
             if ray_address is not None and model_opts.threads is None:
                 model_opts = model_opts.with_(threads=max(1, (os.cpu_count() or 1) // concurrency))
             cfg = CaptionConfig(model=str(model_path), mmproj=str(mmproj_path) if mmproj_path else None,

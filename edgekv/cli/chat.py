@@ -12,8 +12,8 @@ from pathlib import Path
 
 import click
 
-from edgekv.cli.options import (ImagePath, load_model_from_options, method_options, model_options, recall_options,
-                                sampling_options, video_options)
+from edgekv.cli.options import (ImagePath, apply_kv_memory, kv_memory_option, load_model_from_options, method_options,
+                                model_options, recall_options, resolve_model_paths, sampling_options, video_options)
 from edgekv.cli.report import echo_report
 from edgekv.errors import Cancelled, ContextOverflowError, EdgeKVError, MediaError, error_lines
 from edgekv.runtime.kinds import PACKED
@@ -31,17 +31,24 @@ HELP = ("commands: /image PATH, /video PATH (attach to the next message), /save 
 @click.option("--video", "videos", type=click.Path(path_type=Path), multiple=True,
               help="Video to attach (repeatable): frames streamed into a context sized for the budget.")
 @video_options
+@kv_memory_option
 @click.option("-p", "--prompt", help="One-shot prompt; without it, an interactive chat.")
 @sampling_options
 @click.option("--no-report", is_flag=True, help="Do not print the memory/speed report.")
 def chat(model, mmproj, hf_repo, offline, model_opts, method, budget, compress, recall, recall_dir, recall_type,
-         images, videos, video_fps,
-         video_max_frames, max_kv_cells, prompt, max_tokens, temperature, top_p, top_k, min_p, stops, seed, no_report):
+         images, videos, video_fps, video_max_frames, max_kv_cells, kv_memory, prompt, max_tokens, temperature, top_p,
+         top_k, min_p, stops, seed, no_report):
     """Chat about images and videos with a compressed KV cache."""
     from edgekv.methods import uses_queries
     from edgekv.runtime import Session
     from edgekv.runtime.streaming import Video, streaming
 
+    if kv_memory is not None:   # the cache types, the budget and (as --max-kv-cells) the context from one knob
+        model, mmproj = resolve_model_paths(model, mmproj, hf_repo, offline)
+        hf_repo = None
+        model_opts, budget, cells, picked = apply_kv_memory(kv_memory, model_opts, budget, (model, mmproj))
+        max_kv_cells = max_kv_cells if max_kv_cells is not None else cells
+        click.echo(f"edgekv: {picked}; context {max_kv_cells or model_opts.n_ctx} cells", err=True)
     clips = [Video(p, fps=video_fps, max_frames=video_max_frames) for p in videos]  # bad clips fail here
     floor, n_ctx = 0, model_opts.n_ctx
     if max_kv_cells is not None:

@@ -80,6 +80,14 @@ def parse_methods(value: str | None) -> tuple[str, ...] | None:
     return tuple(dict.fromkeys(items))
 
 
+def parse_cache_types(value: str | None) -> tuple[str, ...]:
+    """'f16,q8_0,q8_0/q4_0' -> ('f16', 'q8_0', 'q8_0/q4_0') (K/V pairs; one name = both)."""
+    from edgekv.kv_memory import cache_label, parse_cache_type
+
+    items = _split(value) or ["f16"]
+    return tuple(dict.fromkeys(cache_label(*parse_cache_type(v)) for v in items))
+
+
 def parse_floats(value: str | None, what: str) -> tuple[float, ...] | None:
     items = _split(value)
     if not items:
@@ -131,14 +139,18 @@ def parse_floats(value: str | None, what: str) -> tuple[float, ...] | None:
               help="Recall store of every compressed run, in every regime (docs/recall.md; the full-cache "
                    "reference never has one); -last: when cells come back, prefill the question's last token "
                    "alone again instead of its whole text; -x2: choose twice per question. One --out holds one setting.")
+@click.option("--cache-types", "cache_types", default=None, metavar="TYPES",
+              help="KV cache types, each one a run of the whole grid: f16,q8_0,q4_0 (K and V alike) or K/V pairs "
+                   "such as q8_0/q4_0. The reference stays the full f16 cache. A quantized V turns flash attention "
+                   "on for every type. [default: f16]")
 def eval_command(quick, methods, budgets, lengths, tasks, depths, samples, continuation_samples, target_tokens,
                  out, model, threads, window, max_new_tokens, seed, fresh, report_only, no_plots, no_progress,
-                 media, regime, recall):
+                 media, regime, recall, cache_types):
     """Measure every method x budget on a real model: passkey and key-value retrieval at several
     depths and lengths, and teacher-forced continuation (KL, top-1 vs the full cache). Writes
     records.jsonl, results.csv, summary.json, results.md and plots into --out."""
     from edgekv.eval.report import write_reports
-    from edgekv.eval.runner import RECORDS, GridConfig, run_grid
+    from edgekv.eval.runner import RECORDS, GridConfig, run_cache_types
     from edgekv.eval.tasks import DEFAULT_TASKS, TASKS, TaskSpec
     from edgekv.methods import METHODS
 
@@ -180,8 +192,14 @@ def eval_command(quick, methods, budgets, lengths, tasks, depths, samples, conti
     n_ctx += (256 if media else 0) + (64 if regimes != ("after",) else 0)  # last image's padding, the probe
     n_ctx += (64 + max_new_tokens) if "second" in spec.tasks else 0         # the follow-up turn and its answer
     n_ctx = (n_ctx + 255) // 256 * 256
+    from edgekv.kv_memory import needs_flash_attn, parse_cache_type
+
+    kv_types = parse_cache_types(cache_types)
+    # llama.cpp keeps a quantized V only with flash attention; then every type runs with it (one setting)
+    fa = "on" if any(needs_flash_attn(parse_cache_type(c)[1]) for c in kv_types) else "off"
     cfg = GridConfig(methods=meths, budgets=buds, spec=spec, window=window, max_new_tokens=max_new_tokens,
-                     model=str(model), n_ctx=n_ctx, media=media, recall=recall)
+                     model=str(model), n_ctx=n_ctx, media=media, recall=recall, cache_types=kv_types,
+                     flash_attn=fa)
 
     if fresh and out.exists():
         for name in (RECORDS, "config.json", "commands.txt"):
@@ -195,16 +213,20 @@ def eval_command(quick, methods, budgets, lengths, tasks, depths, samples, conti
         f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')}  {' '.join(argv)}\n")
 
     t0 = time.perf_counter()
-    engine = RuntimeEngine(model, n_ctx=n_ctx, threads=threads, flash_attn="off", seed=seed, media=media,
-                           recall=recall)
-    try:
-        records = run_grid(engine, cfg, out, progress=not no_progress,
-                           log=lambda m: click.echo(f"warning: {m}", err=True))
-        (out / "engine.json").write_text(json.dumps(engine.describe(), indent=2))
-    finally:
-        engine.close()
-    title = "edgekv eval" + (f" (recall {recall})" if recall != "off" else "")
-    paths = write_reports(out, plots=not no_plots, title=title)
+    described = {}
+
+    def make_engine(cache_type: str) -> RuntimeEngine:
+        k, v = parse_cache_type(cache_type)
+        engine = RuntimeEngine(model, n_ctx=n_ctx, threads=threads, flash_attn=fa, seed=seed, media=media,
+                               cache_type_k=k, cache_type_v=v, recall=recall)
+        described[cache_type] = engine.describe()
+        return engine
+
+    records = run_cache_types(make_engine, cfg, out, progress=not no_progress,
+                              log=lambda m: click.echo(f"warning: {m}", err=True))
+    first = next(iter(described.values()))
+    (out / "engine.json").write_text(json.dumps({**first, "cache_types": list(cfg.cache_types)}, indent=2))
+    paths = write_reports(out, plots=not no_plots, title="edgekv eval" + (f" (recall {recall})" if recall != "off" else ""))
     click.echo(f"{len(records)} records in {time.perf_counter() - t0:.1f} s -> {out}")
     md = paths["md"].read_text()
     # the headline tables on the terminal; the full report is in results.md

@@ -189,3 +189,57 @@ def video_options(f):
     f = click.option("--video-fps", type=float, default=1.0, show_default=True,
                      help="Frames sampled per second of video.")(f)
     return f
+
+
+def kv_memory_option(f):
+    """--kv-memory: one memory knob that picks the cache type and the budget (edgekv/kv_memory.py)."""
+    return click.option("--kv-memory", "kv_memory", metavar="R", default=None,
+                        help="KV memory as a ratio of the full f16 cache (0.25) or a size (300MB): edgekv picks the "
+                             "cache type and budget from its measured front and sizes the context. --budget and "
+                             "-ctk/-ctv given explicitly override the pick.")(f)
+
+
+def _given(name: str) -> bool:
+    """The user set this option (command line or environment), not its default."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context(silent=True)
+    return ctx is not None and ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE,
+                                                                   ParameterSource.ENVIRONMENT)
+
+
+def apply_kv_memory(kv_memory: str | None, model_opts, budget, model_paths=None):
+    """--kv-memory -> (ModelOptions with the cache types, budget, context cells or None, what was picked as
+    a line for stderr or None). Explicit --budget / -ctk / -ctv win over the pick. The context cells: -c x
+    the budget, as --max-kv-cells does (every image chunk compacted right after its prefill); None when the
+    budget is 1 or a cell count (then the cache type alone shrinks the allocation). `model_paths` (model,
+    mmproj) is needed for a size in bytes."""
+    if kv_memory is None:
+        return model_opts, budget, None, None
+    from edgekv import kv_memory as km
+
+    target = km.parse_kv_memory(kv_memory)
+    # a size is a share of the full f16 cache of -c cells (that needs the model's layout)
+    p = km.pick(target.ratio if target.ratio is not None else target.resolve(_full_f16_bytes(model_paths, model_opts)))
+    k = model_opts.cache_type_k if _given("cache_type_k") else p.cache_type_k
+    v = model_opts.cache_type_v if _given("cache_type_v") else p.cache_type_v
+    b = budget if _given("budget") else p.budget
+    opts = model_opts.with_(cache_type_k=k, cache_type_v=v)
+    cells = km.sized_cells(opts.n_ctx, b) if isinstance(b, float) and b < 1 else None
+    line = p.describe(target.text)
+    over = [f"{n} {val}" for n, val, given in (("-ctk", k, _given("cache_type_k")), ("-ctv", v, _given("cache_type_v")),
+                                               ("--budget", b, _given("budget"))) if given]
+    if over:
+        line += f"; given explicitly: {', '.join(over)}"
+    return opts, b, cells, line + f"; using K {k}, V {v}, budget {b}"
+
+
+def _full_f16_bytes(model_paths, model_opts) -> int:
+    """The full f16 cache of -c cells for this model (a 16-cell load reads its layout)."""
+    from edgekv import kv_memory as km
+    from edgekv.runtime import Model
+
+    if model_paths is None:
+        raise ModelLoadError("--kv-memory as a size needs the model: pass -m")
+    with Model.load(model_paths[0], None, n_ctx=16, n_batch=16, threads=1, capture_queries=False) as m:
+        return km.full_f16_bytes(m.layout, model_opts.n_ctx)

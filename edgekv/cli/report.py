@@ -38,13 +38,16 @@ def format_report(session, last=None, reports=None, media: int | None = None) ->
                      + (f"   query window {r.window}" if r.window else "   query-agnostic"))
         lines.append(f"KV cells    {r.cells_before} -> {r.cells_after} ({pct:.0f}%)")
         lines.append(f"KV bytes    {human_bytes(r.bytes_before)} -> {human_bytes(r.bytes_after)} "
-                     f"({100 * r.ratio:.0f}%)")
+                     f"({100 * r.ratio:.0f}%{_of_f16(session, r)})")
         lines.append(f"compaction  {1000 * r.seconds:.1f} ms (plan {1000 * r.plan_seconds:.1f} ms)")
         if r.store_where is not None:
             lines.append(recall_line(r))
     if not reports:
         lines.append("KV cells    " + f"{session.n_cells} ("
                      + ("nothing compacted this turn)" if this_turn and session.reports else "not compacted)"))
+    vs = _vs_full_f16(session)
+    if vs:
+        lines.append(vs)
     lines.insert(0, f"media tokens {media}")
     if last is not None:  # this turn's figures: prompt prefilled now, answer decoded now
         lines.append(f"prefill     {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s   "
@@ -62,6 +65,35 @@ def recall_line(r) -> str:
                  + (f", {r.reprefill_tokens} question tokens prefilled again" if r.reprefill_tokens else "")
                  if r.rewritten else "; this question kept the context's cells (nothing rewritten)")
     return line
+
+
+def _quantized(session) -> tuple[str, str] | None:
+    m = getattr(session, "model", None)
+    k, v = getattr(m, "cache_type_k", "f16"), getattr(m, "cache_type_v", "f16")
+    return None if (k, v) == ("f16", "f16") else (k, v)
+
+
+def _of_f16(session, r) -> str:
+    """On a quantized cache (-ctk/-ctv, --kv-memory): the bytes after as a share of the cells before at f16."""
+    kv = _quantized(session)
+    if kv is None or not r.bytes_before:
+        return ""
+    f16 = r.bytes_before * session.model.layout.bytes_per_cell() / session.model.layout.bytes_per_cell(*kv)
+    return f"; {100 * r.bytes_after / f16:.0f}% of those cells at f16"
+
+
+def _vs_full_f16(session) -> str | None:
+    """On a quantized cache: the cache now against the full f16 cache of every cell prefilled so far (the
+    compacted ones too), every layer holding every cell."""
+    if _quantized(session) is None:
+        return None
+    from edgekv.kv_memory import full_f16_bytes
+
+    n = session.n_cells + sum(r.cells_before - r.cells_after for r in session.reports)
+    full = full_f16_bytes(session.model.layout, n)
+    now = session.kv_bytes()
+    return (f"KV vs f16   {human_bytes(now)} ({'/'.join(_quantized(session))}) = {100 * now / full:.0f}% of the "
+            f"full f16 cache of the {n} cells prefilled ({human_bytes(full)})")
 
 
 def echo_report(session, last=None, reports=None, media: int | None = None) -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from edgekv.cli.options import load_model_from_options, method_options, model_options, recall_options
+from edgekv.cli.options import (apply_kv_memory, kv_memory_option, load_model_from_options, method_options,
+                                model_options, recall_options, resolve_model_paths)
 from edgekv.errors import EdgeKVError
 
 
@@ -79,10 +80,11 @@ def _is_loopback(host: str) -> bool:
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True,
               help="Sampling seed when a request sets none.")
 @click.option("--no-webui", is_flag=True, help="Do not serve the chat page at / (the API only).")
+@kv_memory_option
 def serve(model, mmproj, hf_repo, offline, model_opts, method, budget, compress, recall, recall_dir, recall_type,
           host, port, aliases, api_keys,
           allowed_hosts, cors_origins, read_timeout, idle_timeout, max_request_mb, max_image_pixels, max_request_pixels,
-          max_images, local_dirs, cache_mib, recall_disk_mib, queue_size, max_tokens, seed, no_webui):
+          max_images, local_dirs, cache_mib, recall_disk_mib, queue_size, max_tokens, seed, no_webui, kv_memory):
     """OpenAI-compatible server: /v1/chat/completions, /v1/models, /health, and a chat page at /."""
     try:
         import fastapi  # noqa: F401  (only checks that the extra is installed)
@@ -104,7 +106,14 @@ def serve(model, mmproj, hf_repo, offline, model_opts, method, budget, compress,
                    err=True)
     # Query capture is on unless the default method is query-agnostic (then a request asking for a
     # query-aware method gets 400: capture cannot be switched on without reloading).
-    m = load_model_from_options(model, mmproj, hf_repo, offline, model_opts, capture_queries=uses_queries(method))
+    if kv_memory is not None:
+        # cache types and budget from one knob; the server compacts a turn after its prefill, so the context
+        # keeps its -c cells (at the picked cache type: that is what shrinks the allocation)
+        model, mmproj = resolve_model_paths(model, mmproj, hf_repo, offline)
+        model_opts, budget, _, picked = apply_kv_memory(kv_memory, model_opts, budget, (model, mmproj))
+        click.echo(f"edgekv: {picked}; context {model_opts.n_ctx} cells (-c)", err=True)
+    m = load_model_from_options(model, mmproj, None if kv_memory is not None else hf_repo, offline, model_opts,
+                                capture_queries=uses_queries(method))
     model_id = hf_repo or m.path.stem
     engine = Engine(m, model_id=model_id, method=method, budget=budget, compress=compress, seed=seed,
                     queue_size=queue_size, cache_bytes=int(cache_mib * (1 << 20)),

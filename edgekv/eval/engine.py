@@ -121,6 +121,9 @@ class RuntimeEngine(Engine):
             self.codec = PixelCodec.for_model(model_path)
         self.model = Model.load(model_path, mmproj, n_ctx=n_ctx, n_batch=n_batch, threads=threads,
                                 flash_attn=flash_attn, cache_type_k=cache_type_k, cache_type_v=cache_type_v)
+        from edgekv.kv_memory import cache_label
+
+        self.cache_type = cache_label(cache_type_k, cache_type_v)
         self.tokenizer = ModelTokenizer(self.model)
         self.pad = self.model.tokenize("\n", add_bos=False, special=False)[-1] if media else 0
         self.seed = seed
@@ -217,6 +220,8 @@ class RuntimeEngine(Engine):
             capture = regime != "after" and r is not None and self.recall != "off"
             s.append_tokens(tail, compressible=False, capture=capture)
         self.turns = [("user", len(self._question))]
+        # the size of what the answer is computed from: K+V of every cache block, as the state blob holds them
+        info.extra["kv_bytes"] = s.kv_bytes()
         return info
 
     def generate(self, max_tokens: int) -> str:

@@ -14,7 +14,18 @@ from edgekv.eval.runner import CONFIG, FULL, iter_errors, load_records
 
 CSV_FIELDS = ["task", "length", "depth", "index", "method", "budget", "score", "kl", "kl_max", "top1",
               "nll", "target_acc", "generated", "answer", "cells_before", "cells_after", "bytes_before",
-              "bytes_after", "compact_s", "prefill_s", "run_s", "n_prompt", "n_context", "sample"]
+              "bytes_after", "compact_s", "prefill_s", "run_s", "n_prompt", "n_context", "sample", "cache_type",
+              "kv_bytes", "kv_bytes_full_f16"]
+
+
+def by_cache_type(records: Iterable[dict]) -> list[dict]:
+    """Records of a quantized cache as methods of their own ('hybridkv[q8_0]', 'full[q4_0]' = that cache
+    type alone), so that the tables below compare them with the f16 `full` reference on the same samples."""
+    out = []
+    for r in records:
+        ct = r.get("cache_type") or "f16"
+        out.append(r if ct == "f16" else {**r, "method": f"{r['method']}[{ct}]"})
+    return out
 
 
 def write_csv(records: Iterable[dict], path: Path) -> None:
@@ -180,7 +191,7 @@ def markdown(records: list[dict], config: dict | None = None, errors: list[dict]
     for L in lengths:
         for b in budgets:
             rs = [r for r in records if r["length"] == L and r["budget"] == b and r["method"] != FULL
-                  and r.get("cells_after") is not None]
+                  and r.get("cells_after") is not None and (r.get("cache_type") or "f16") == "f16"]
             if not rs:
                 continue
             bb = _mean(r.get("block_bytes_before") for r in rs)
@@ -196,7 +207,8 @@ def markdown(records: list[dict], config: dict | None = None, errors: list[dict]
                          _fmt(100 * _mean(r["compact_s"] / r["prefill_s"] for r in rs if r.get("prefill_s")), ".1f")])
     parts += ["Cells: the compressible (global-attention) cache block. Block MiB: those cells' K+V; KV MiB: the "
               "whole sequence state (with the sliding-window block, which compaction leaves as it is). "
-              "Prefill: the whole prompt, measured once per sample.", "",
+              "Prefill: the whole prompt, measured once per sample. f16 cache only (every cache type's bytes: "
+              "frontier.md).", "",
               _table(["length", "budget", "cells before", "cells after", "block MiB before", "block MiB after",
                       "KV MiB before", "KV MiB after", "prefill s", "compact s", "compact % of prefill"], rows), ""]
     rows = []
@@ -241,7 +253,7 @@ def markdown(records: list[dict], config: dict | None = None, errors: list[dict]
 def write_reports(out_dir: str | os.PathLike, plots: bool = True, title: str = "edgekv eval") -> dict:
     """Write results.csv, summary.json, results.md (and plots) from records.jsonl. Returns paths."""
     out = Path(out_dir)
-    records = load_records(out)
+    records = by_cache_type(load_records(out))
     done = {r["key"] for r in records}
     errors = [e for e in iter_errors(out) if e["key"] not in done]
     cfg_path = out / CONFIG
@@ -258,4 +270,8 @@ def write_reports(out_dir: str | os.PathLike, plots: bool = True, title: str = "
         from edgekv.eval.plots import plot_scores
 
         paths.update(plot_scores(aggregate(records), out))
+    if any(r.get("kv_bytes") for r in records):   # the memory axis, once records carry their bytes
+        from edgekv.eval.frontier import write_frontier
+
+        paths.update(write_frontier(load_records(out), out, plots=plots, config=config))
     return paths

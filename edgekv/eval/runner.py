@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
+
 from edgekv.errors import EdgeKVError
 from edgekv.eval import scoring
 from edgekv.eval.engine import Engine
@@ -38,6 +40,8 @@ class GridConfig:
     n_ctx: int = 0              # 0: sized from the longest sample
     media: bool = False         # the document delivered as text-in-pixels images
     recall: str = "off"         # the compressed runs' recall store (issue 20); one setting per --out
+    cache_types: tuple[str, ...] = ("f16",)   # KV cache types, 'q8_0' or K/V 'q8_0/q4_0' (kv_memory.py)
+    flash_attn: str = "off"     # "on" where a quantized V cache needs it (then for every cache type)
 
     # Fields that change what a sample or a score means: a run may only resume with the same values.
     def identity(self) -> dict:
@@ -46,7 +50,8 @@ class GridConfig:
                 "window": self.window, "max_new_tokens": self.max_new_tokens,
                 "model": Path(self.model).name if self.model else "",
                 **({"media": True} if self.media else {}),
-                **({"recall": self.recall} if self.recall != "off" else {})}
+                **({"recall": self.recall} if self.recall != "off" else {}),
+                **({"flash_attn": self.flash_attn} if self.flash_attn != "off" else {})}
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -54,8 +59,12 @@ class GridConfig:
         return d
 
 
-def record_key(sample_key: str, method: str, budget: float) -> str:
-    return f"{sample_key}|{method}|{float(budget):g}"
+F16 = "f16"   # the reference cache type; a record without cache_type is f16
+
+
+def record_key(sample_key: str, method: str, budget: float, cache_type: str = F16) -> str:
+    """f16 keys are the keys of runs made before cache types existed (so they resume)."""
+    return f"{sample_key}|{method}|{float(budget):g}" + ("" if cache_type == F16 else f"|{cache_type}")
 
 
 class RecordStore:
@@ -112,9 +121,12 @@ def check_config(out_dir: Path, cfg: GridConfig) -> None:
     path.write_text(json.dumps(now, indent=2))
 
 
-def plan_runs(cfg: GridConfig) -> list[tuple[str, float]]:
-    """(method, budget) pairs for one sample: `full` first at 1.0, then the grid."""
+def plan_runs(cfg: GridConfig, cache_type: str = F16) -> list[tuple[str, float]]:
+    """(method, budget) pairs for one sample: `full` first at 1.0, then the grid (f16 left out of
+    --cache-types: its `full` alone, the reference)."""
     runs = [(FULL, 1.0)]
+    if cache_type not in cfg.cache_types:
+        return runs
     for m in cfg.methods:
         if m == FULL:
             continue
@@ -122,45 +134,83 @@ def plan_runs(cfg: GridConfig) -> list[tuple[str, float]]:
     return runs
 
 
-def _base_record(sample: Sample, method: str, budget: float) -> dict:
-    return {"key": record_key(sample.key, method, budget), "sample": sample.key, "task": sample.task,
+def _base_record(sample: Sample, method: str, budget: float, cache_type: str = F16) -> dict:
+    return {"key": record_key(sample.key, method, budget, cache_type), "sample": sample.key, "task": sample.task,
             "length": sample.length, "depth": sample.depth, "index": sample.index, "method": method,
             "budget": float(budget), "n_prompt": sample.n_prompt, "n_context": len(sample.context),
-            "sample_digest": sample.digest}
+            "sample_digest": sample.digest, "cache_type": cache_type}
+
+
+def grid_cache_types(cfg: GridConfig) -> tuple[str, ...]:
+    """The cache types to run, f16 first: it holds the reference (`full` on f16), so it runs (its `full`
+    at least) also when --cache-types leaves it out."""
+    return (F16,) + tuple(c for c in cfg.cache_types if c != F16)
+
+
+def run_cache_types(make_engine: Callable[[str], Engine], cfg: GridConfig, out_dir: str | os.PathLike, *,
+                    progress: bool = True, log: Callable[[str], None] | None = None) -> list[dict]:
+    """Every cache type in turn (outermost: it is a context parameter, so each loads the model anew):
+    `make_engine(cache_type)` builds the engine, the grid runs on it, the engine is closed. The f16 pass
+    comes first and keeps the continuation reference logits for the quantized passes."""
+    refs: dict[str, np.ndarray] = {}
+    records: list[dict] = []
+    for ct in grid_cache_types(cfg):
+        engine = make_engine(ct)
+        try:
+            records = run_grid(engine, cfg, out_dir, progress=progress, log=log, cache_type=ct, refs=refs)
+        finally:
+            engine.close()
+    return records
 
 
 def run_grid(engine: Engine, cfg: GridConfig, out_dir: str | os.PathLike, *,
              samples: list[Sample] | None = None, progress: bool = True,
-             log: Callable[[str], None] | None = None) -> list[dict]:
-    """Run (or resume) the grid into `out_dir`; returns every finished record."""
+             log: Callable[[str], None] | None = None, cache_type: str = F16,
+             refs: dict | None = None) -> list[dict]:
+    """Run (or resume) the grid of one cache type (the engine's) into `out_dir`; returns every finished
+    record. `refs`: sample key -> the f16 full cache's continuation logits, filled by the f16 pass (when
+    other cache types follow), read by the others."""
     out = Path(out_dir)
     check_config(out, cfg)
     store = RecordStore(out)
     if samples is None:
         samples = build_samples(engine.tokenizer, cfg.spec)
-    runs = plan_runs(cfg)
-    todo = [(s, [r for r in runs if not store.is_done(record_key(s.key, *r), s.digest)]) for s in samples]
-    todo = [(s, rs) for s, rs in todo if rs]
+    refs = {} if refs is None else refs
+    runs = plan_runs(cfg, cache_type)
+    todo = [(s, [r for r in runs if not store.is_done(record_key(s.key, *r, cache_type), s.digest)])
+            for s in samples]
+    if cache_type == F16:   # a continuation sample a quantized pass still needs: its f16 reference logits
+        pending = {s.key for s in samples if s.task == "continuation" and s.key not in refs and any(
+            not store.is_done(record_key(s.key, *r, ct), s.digest)
+            for ct in grid_cache_types(cfg)[1:] for r in plan_runs(cfg, ct))}
+        todo = [(s, rs) for s, rs in todo if rs or s.key in pending]
+    else:
+        todo = [(s, rs) for s, rs in todo if rs]
     total = sum(len(rs) for _, rs in todo)
-    bar = _progress(total, progress, desc="edgekv eval")
+    bar = _progress(total, progress, desc=f"edgekv eval {cache_type}")
     try:
         for sample, rs in todo:
-            _run_sample(engine, cfg, sample, rs, store, bar, log)
+            _run_sample(engine, cfg, sample, rs, store, bar, log, cache_type, refs)
     finally:
         if bar is not None:
             bar.close()
     return store.records()
 
 
-def _run_sample(engine, cfg, sample, runs, store, bar, log) -> None:
+def _run_sample(engine, cfg, sample, runs, store, bar, log, cache_type: str = F16, refs: dict | None = None) -> None:
     prefill_s = engine.prefill(sample, cfg.window)
-    ref = None
+    ref = own = None
     if sample.task == "continuation":
-        # the reference logits come from the uncompressed cache, also when `full` itself is done
+        # the reference logits come from the uncompressed f16 cache, also when `full` itself is done
         engine.compact(FULL, 1.0, cfg.window)
-        ref = scoring.Reference(engine.eval_logits(sample.target))
+        own = scoring.Reference(engine.eval_logits(sample.target))
+        if cache_type == F16 and refs is not None and len(grid_cache_types(cfg)) > 1:
+            refs[sample.key] = own.logits   # the logits only: 4 bytes x vocab per token, not Reference's 20
+        ref = own if cache_type == F16 else (
+            scoring.Reference(refs[sample.key]) if refs and sample.key in refs else None)
+    full_f16 = store.done.get(record_key(sample.key, FULL, 1.0))
     for method, budget in runs:
-        rec = _base_record(sample, method, budget)
+        rec = _base_record(sample, method, budget, cache_type)
         rec["prefill_s"] = round(prefill_s, 4)
         rec["recall"] = "off" if method == FULL else cfg.recall   # the reference never recalls
         t0 = time.perf_counter()
@@ -169,8 +219,13 @@ def _run_sample(engine, cfg, sample, runs, store, bar, log) -> None:
             rec.update(cells_before=info.cells_before, cells_after=info.cells_after,
                        bytes_before=info.bytes_before, bytes_after=info.bytes_after,
                        compact_s=round(info.seconds, 4), **info.extra)
+            if cache_type == F16 and method == FULL:
+                full_f16 = rec
+            rec["kv_bytes_full_f16"] = (full_f16 or {}).get("kv_bytes")
             if sample.task == "continuation":
-                if method == FULL:
+                if ref is None:
+                    raise EdgeKVError("no f16 reference logits for this sample (the f16 pass did not run it)")
+                if method == FULL and ref is own:
                     logits = ref.logits
                 else:
                     logits = engine.eval_logits(sample.target)

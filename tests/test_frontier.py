@@ -1,0 +1,81 @@
+"""The memory-axis report on hand-built records: every (method, budget, cache type) a point, paired with the
+f16 full cache of the same samples; the front is monotone and is the best at or under each size."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from edgekv.cli.main import cli
+from edgekv.eval import frontier
+from edgekv.eval.runner import RECORDS
+
+FULL_BYTES = 1000
+
+
+def rec(sample: str, method: str, budget: float, ct: str | None, kv: int, score: float, task: str = "passkey",
+        regime: str = "after") -> dict:
+    r = {"key": f"{sample}|{method}|{budget:g}" + (f"|{ct}" if ct and ct != "f16" else ""), "sample": sample,
+         "task": task, "length": 1024, "depth": 0.5, "index": 0, "method": method, "budget": budget,
+         "score": score, "kv_bytes": kv, "kv_bytes_full_f16": FULL_BYTES, "regime": regime}
+    if ct is not None:      # None: a record written before cache types (f16)
+        r["cache_type"] = ct
+    return r
+
+
+def records() -> list[dict]:
+    out = []
+    for i, s in enumerate(("a", "b", "c", "d")):
+        out += [rec(s, "full", 1.0, None, FULL_BYTES, 1.0),                       # the reference, old style
+                rec(s, "full", 1.0, "q8_0", 530, 1.0),
+                rec(s, "full", 1.0, "q4_0", 280, 1.0 if i < 3 else 0.0),          # 0.75
+                rec(s, "hybridkv", 0.25, "f16", 700, 1.0),
+                rec(s, "hybridkv", 0.25, "q8_0", 400, 1.0 if i < 2 else 0.0),     # 0.5: under q8_0 alone, not front
+                rec(s, "hybridkv", 0.1, "q4_0", 190 + i, 1.0 if i < 2 else 0.0),  # 0.5 at 0.1915
+                rec(s, "hybridkv@before", 0.25, "q4_0", 220, 0.0, regime="before")]
+    return out
+
+
+def test_points_pair_with_the_f16_full_cache():
+    pts = {(p.task, p.regime, p.method, p.budget, p.cache_type): p for p in frontier.points(records())}
+    q4 = pts[("passkey", "after", "full", 1.0, "q4_0")]
+    assert (q4.n, q4.bytes_ratio, q4.relative, q4.label) == (4, 0.28, 0.75, "q4_0 alone")
+    h = pts[("passkey", "after", "hybridkv", 0.1, "q4_0")]
+    assert h.bytes_ratio == pytest.approx(0.1915) and h.relative == 0.5
+    assert h.ci is not None and h.ci[0] <= 0.5 <= h.ci[1] and 0 <= h.ci[0] < h.ci[1] <= 1
+    # every needle task also pooled; no eviction is a point of every regime (the same cache)
+    assert ("retrieval", "after", "full", 1.0, "q4_0") in pts
+    assert pts[("passkey", "before", "full", 1.0, "q8_0")].relative == 1.0
+    assert pts[("passkey", "before", "hybridkv", 0.25, "q4_0")].relative == 0.0
+
+
+def test_the_front_is_monotone_and_the_best_at_or_under_each_size():
+    pts = [p for p in frontier.points(records()) if p.task == "passkey" and p.regime == "after"]
+    f = frontier.front(pts)
+    assert [(p.cache_type, p.method) for p in f] == [("q4_0", "hybridkv"), ("q4_0", "full"), ("q8_0", "full")]
+    xs, ys = [p.bytes_ratio for p in f], [p.relative for p in f]
+    assert xs == sorted(xs) and all(a < b for a, b in zip(ys, ys[1:]))
+    assert {p.label for p in pts if p.on_front} == {p.label for p in f}
+    # at or under each size: the best of the points that fit, checked against a plain search
+    for size in (0.2, 0.25, 0.3, 0.45, 0.6, 1.0):
+        best = frontier.best_at(pts, size)
+        fits = [p.relative for p in pts if p.bytes_ratio <= size]
+        assert best.relative == max(fits) and best.bytes_ratio <= size
+        assert best.relative == max(p.relative for p in f if p.bytes_ratio <= size)
+    assert frontier.best_at(pts, 0.1) is None
+
+
+def test_report_only_writes_the_frontier(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / RECORDS).write_text("".join(json.dumps(r) + "\n" for r in records()))
+    r = CliRunner().invoke(cli, ["eval", "--report-only", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    md = (out / "frontier.md").read_text()
+    assert "| * | q4_0 alone | 0.280 |" in md and "hybridkv 0.25 on q8_0" in md
+    assert (out / "frontier.png").stat().st_size > 10_000
+    data = json.loads((out / "frontier.json").read_text())
+    assert {p["cache_type"] for p in data["points"]} == {"f16", "q8_0", "q4_0"}
+    # the old report still reads: quantized records as methods of their own next to the f16 reference
+    assert "full[q4_0]" in (out / "results.md").read_text()
