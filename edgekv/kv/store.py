@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from edgekv.errors import EdgeKVError
-from edgekv.kv.codec import TYPE_IDS, KVBlock, LayerKV, row_elements, type_name
+from edgekv.kv.codec import TYPE_IDS, KVBlock, LayerKV, row_elements
 from edgekv.kv.dtypes import from_float, to_float
 
 RECALL_MODES = ("off", "ram", "disk")
@@ -70,8 +70,7 @@ class RowLayout:
 
 def row_layout(block: KVBlock, row_type: str | None) -> RowLayout:
     """The layout for `block`'s layers, stored as they are (None) or as `row_type`."""
-    if row_type is not None and row_type not in ROW_TYPES:
-        raise EdgeKVError(f"--recall-type must be one of {', '.join(ROW_TYPES)}, got {row_type!r}")
+    check_row_type(row_type)
     ks, vs, kst, vst, kr, vr = [], [], [], [], [], []
     for layer in block.layers:
         for types, stored, rows, t, row in ((ks, kst, kr, layer.k_type, layer.k_row),
@@ -94,15 +93,14 @@ def _row_bytes(type_id: int, n: int) -> int:
 
 
 class RecallStore:
-    """Rows of compacted cells, in host memory (`mode="ram"`) or a memory-mapped file (`"disk"`)."""
+    """Rows of compacted cells, in host memory (`mode="ram"`) or a file (`"disk"`)."""
 
     def __init__(self, mode: str = "ram", directory: str | os.PathLike | None = None,
                  row_type: str | None = None) -> None:
-        if mode not in ("ram", "disk"):
-            raise EdgeKVError(f"recall must be one of {', '.join(RECALL_MODES)}, got {mode!r}")
+        if mode == "off":
+            raise EdgeKVError("internal: a recall store for recall off")
+        check_recall(mode, row_type)
         self.mode, self.row_type = mode, row_type
-        if row_type is not None and row_type not in ROW_TYPES:
-            raise EdgeKVError(f"--recall-type must be one of {', '.join(ROW_TYPES)}, got {row_type!r}")
         self.directory = None if directory is None else Path(directory)
         self.layout: RowLayout | None = None
         self.n = 0
@@ -117,6 +115,10 @@ class RecallStore:
         self._path: Path | None = None
         self._tmpdir: str | None = None
         self._finalizer = None
+
+    def fresh(self) -> "RecallStore":
+        """A new, empty store with these settings (a new conversation, or one whose store was lost)."""
+        return RecallStore(self.mode, self.directory, self.row_type)
 
     # --- size -----------------------------------------------------------------------------------
     @property
@@ -208,9 +210,8 @@ class RecallStore:
         if self.layout is None or n == 0:
             raise EdgeKVError("internal: rows() of an empty recall store")
         data = self._checked(n)
-        layers = []
-        for il, (k0, k1, v0, v1) in enumerate(self.layout.offsets()):
-            lay = self.layout
+        lay, layers = self.layout, []
+        for il, (k0, k1, v0, v1) in enumerate(lay.offsets()):
             layers.append(LayerKV(lay.k_types[il], _convert(data[:, k0:k1], lay.k_store[il], lay.k_types[il]),
                                   lay.v_types[il], _convert(data[:, v0:v1], lay.v_store[il], lay.v_types[il])))
         return KVBlock(pos=self.pos[:n].copy(), seq_id=np.zeros(n, np.int32),
@@ -218,21 +219,9 @@ class RecallStore:
 
     def _checked(self, n: int) -> np.ndarray:
         """Rows [0, n), with the disk file checked first (a cut file would be a SIGBUS, not an error)."""
+        data = self._read(0, n)
         if self.mode == "ram":
-            return self._data[:n]
-        need = n * self.layout.row_bytes
-        try:
-            with open(self._path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size < need:
-                    raise RecallStoreError(f"the recall store file {self._path} was cut to {size} bytes "
-                                           f"(it held {need})")
-                data = np.empty((n, self.layout.row_bytes), np.uint8)
-                f.readinto(memoryview(data))
-        except FileNotFoundError as e:
-            raise RecallStoreError(f"the recall store file {self._path} is gone ({e.strerror or e})") from None
-        except OSError as e:
-            raise RecallStoreError(f"cannot read the recall store file {self._path}: {e.strerror or e}") from None
+            return data
         for b0, b1, crc in self._batches:
             if b0 >= n:
                 break
@@ -255,20 +244,32 @@ class RecallStore:
         self._batches = [b for b in self._batches if b[0] < n]
         if self._batches and self._batches[-1][1] > n:   # re-checksum the cut batch
             b0 = self._batches[-1][0]
-            self._batches[-1] = (b0, n, zlib.crc32(memoryview(self._checked_rows(b0, n))))
+            self._batches[-1] = (b0, n, zlib.crc32(memoryview(self._read(b0, n))))
 
-    def _checked_rows(self, b0: int, b1: int) -> np.ndarray:
+    def _read(self, r0: int, r1: int) -> np.ndarray:
+        """Rows [r0, r1) as they are stored: a view of the RAM array, or read from the file, whose size
+        is checked first (a file cut behind our back is an error, not short rows)."""
         if self.mode == "ram":
-            return self._data[b0:b1]
-        with open(self._path, "rb") as f:
-            f.seek(b0 * self.layout.row_bytes)
-            data = np.empty((b1 - b0, self.layout.row_bytes), np.uint8)
-            f.readinto(memoryview(data))
+            return self._data[r0:r1]
+        row = self.layout.row_bytes
+        try:
+            with open(self._path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < r1 * row:
+                    raise RecallStoreError(f"the recall store file {self._path} was cut to {size} bytes "
+                                           f"(it held {r1 * row})")
+                f.seek(r0 * row)
+                data = np.empty((r1 - r0, row), np.uint8)
+                f.readinto(memoryview(data))
+        except FileNotFoundError as e:
+            raise RecallStoreError(f"the recall store file {self._path} is gone ({e.strerror or e})") from None
+        except OSError as e:
+            raise RecallStoreError(f"cannot read the recall store file {self._path}: {e.strerror or e}") from None
         return data
 
     def fork(self, n: int) -> "RecallStore":
         """A new store holding this one's first n rows (a restored snapshot's own copy)."""
-        new = RecallStore(self.mode, self.directory, self.row_type)
+        new = self.fresh()
         if self.layout is None or n == 0:
             return new
         new.layout, new.has_ext, new.v_trans = self.layout, self.has_ext, self.v_trans
@@ -311,6 +312,9 @@ def check_recall(mode: str, row_type: str | None) -> None:
     """Refuse unknown settings before anything loads."""
     if mode not in RECALL_MODES:
         raise EdgeKVError(f"--recall must be one of {', '.join(RECALL_MODES)}, got {mode!r}")
+    check_row_type(row_type)
+
+
+def check_row_type(row_type: str | None) -> None:
     if row_type is not None and row_type not in ROW_TYPES:
         raise EdgeKVError(f"--recall-type must be one of {', '.join(ROW_TYPES)}, got {row_type!r}")
-    type_name(TYPE_IDS.get(row_type or "f16", 1))

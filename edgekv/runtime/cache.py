@@ -92,15 +92,11 @@ class CompressedCache:
         self.logits_after_media = False          # True: the prompt ends with media (no logits there)
         self.last_chunk: tuple[int, int, int, int] | None = None  # (pos lo, pos hi, cell lo, cell hi)
         if self.store is not None:   # a new conversation: a new store (snapshots may hold the old one)
-            self.store = RecallStore(self.store.mode, self.store.directory, self.store.row_type)
+            self.store = self.store.fresh()
 
     @property
     def n_cells(self) -> int:
         return int(self.kind.shape[0])
-
-    @property
-    def recall(self) -> bool:
-        return self.store is not None
 
     def marks(self) -> CacheMarks:
         return CacheMarks(self.n_past, self.kind.copy(), self.media.copy(), self.n_media, self.window_q,
@@ -119,17 +115,14 @@ class CompressedCache:
             self.cid = m.cid.copy()
         else:   # no ids saved: originals get new ones, packed slots are frozen (no originals to recall)
             self.cid = np.where(m.kind == PACKED, FROZEN, np.arange(len(m.kind))).astype(np.int64)
-        self.next_cid = int(max(self.cid.max(initial=-1), -1)) + 1
+        self.next_cid = int(self.cid.max(initial=-1)) + 1
         self.last_chunk = None
         self.run = None
         self.reselect_due = False
-        if self.store is None:
-            self.cid[self.cid == COVERED] = FROZEN   # recall off here: nothing to recall those from
+        if self.store is None or m.store is None:   # recall off here, or the moment had no store (a loaded file)
+            self.forget_store()
             return
-        if m.store is None:   # the moment had no store (recall was off, or a loaded file)
-            self.store = RecallStore(self.store.mode, self.store.directory, self.store.row_type)
-            self.cid[self.cid == COVERED] = FROZEN
-        elif m.store.n > m.store_n and fork:
+        if m.store.n > m.store_n and fork:
             self.store = m.store.fork(m.store_n)
         else:
             self.store = m.store
@@ -141,7 +134,7 @@ class CompressedCache:
         """The store cannot be read (file gone or changed): keep the conversation, without recall of what
         it held (its slots stay as they are, never recalled)."""
         if self.store is not None:
-            self.store = RecallStore(self.store.mode, self.store.directory, self.store.row_type)
+            self.store = self.store.fresh()
         self.cid[self.cid == COVERED] = FROZEN
 
     def add_cells(self, n: int, kind: int, media: int = -1) -> None:

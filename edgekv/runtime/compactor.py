@@ -79,6 +79,7 @@ class CompactionReport:
             d["chunk_only"] = bool(d.get("info", {}).get("chunk_only"))
         return cls(**d)
 
+
 def compact(cache, meth: Method, region, budget_cells: int, *, use_queries: bool, seed: int,
             early: bool = False, on_blob=None) -> CompactionReport | None:
     """Plan with `meth` over the region's candidates and write the packed cells back. On any failure the
@@ -99,7 +100,7 @@ def compact(cache, meth: Method, region, budget_cells: int, *, use_queries: bool
         return None
     store = cache.store
     store_n0 = store.n if store is not None else 0
-    recalled, rewritten = 0, True
+    rewritten = True
     try:
         if on_blob is not None and not region.chunk_only:
             on_blob(region.blob)
@@ -129,11 +130,9 @@ def compact(cache, meth: Method, region, budget_cells: int, *, use_queries: bool
             new_base, src = pack_block(base, plan, region.cand, lay.n_head_kv, merged)
             if region.unchanged(new_base):   # the context already holds this choice: write nothing
                 rewritten = False
-                region.recalled_n = 0
                 region.release()
             else:
-                recalled = region.recalled(new_base, src, plan)
-                region.recalled_n = recalled
+                region.recalled_n = region.recalled(new_base, src, plan)
                 region.store_originals()
                 region.write(new_base)
                 region.settle(src, new_base.pos)
@@ -142,7 +141,6 @@ def compact(cache, meth: Method, region, budget_cells: int, *, use_queries: bool
         if store is not None:
             store.truncate(store_n0)
         raise
-    recalled = getattr(region, "recalled_n", recalled)
     return CompactionReport(
         resolved=meth.name, auto=auto, early=early, chunk_only=region.chunk_only, budget_cells=budget_cells,
         n_candidates=n_candidates, cells_before=cells_before, cells_after=cache.n_cells,
@@ -154,8 +152,8 @@ def compact(cache, meth: Method, region, budget_cells: int, *, use_queries: bool
         info=dict(plan.info) if plan is not None else {},
         store_cells=0 if store is None else store.n, store_bytes=0 if store is None else store.nbytes,
         store_where=None if store is None else store.where, reselect=region.reselect,
-        recalled=recalled, rewritten=rewritten,
-        reprefill_tokens=0 if getattr(region, "cut", None) is None else len(region.cut.tokens))
+        recalled=region.recalled_n, rewritten=rewritten,
+        reprefill_tokens=0 if region.cut is None else len(region.cut.tokens))
 
 
 def method_view(meth: Method, base, n_kv_heads: int, cand: np.ndarray, spans: tuple[Span, ...], queries,

@@ -65,7 +65,6 @@ def reselect(session, meth, budget, cand: np.ndarray, passes: int = 1) -> Compac
                 r.info["recall_error"] = str(e)
             report = r
             break
-        c.reselect_due = False
         if r.reprefill_tokens:    # the question's cells were left out: prefill them on the new context
             t1 = time.perf_counter()
             # the window is captured again only when another pass chooses with it (capture costs a decode)

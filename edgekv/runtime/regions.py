@@ -42,6 +42,8 @@ class Region:
 
     chunk_only = False
     reselect = False     # a recall re-selection (Universe)
+    recalled_n = 0       # stored cells the write brings back (Universe)
+    cut = None           # the question's cells left out for a prefill again (Universe)
 
     def recalled(self, new_base, src: np.ndarray, plan) -> int:
         return 0

@@ -27,7 +27,6 @@ class Universe(Region):
     def __init__(self, cache, cand: np.ndarray, cap: bool) -> None:
         self.cache, self.ctx_cand, self.cap = cache, cand, cap
         self.blob = self.state = None
-        self.cut = None
 
     def accepts(self, meth: Method, queries) -> bool:
         return True
@@ -132,7 +131,7 @@ class Universe(Region):
         if c.reprefill == "last" and len(run.tokens) > 1:
             # a single token cannot have pushed out a sliding-window cell it needs itself: exact without a checkpoint
             return type(run)(run.p0 + len(run.tokens) - 1, None, run.tokens[-1:])
-        if self.cache.model.layout.iswa and run.swa is None:
+        if c.model.layout.iswa and run.swa is None:
             return None
         return run
 

@@ -43,11 +43,11 @@ def snapshot_nbytes(obj: Any) -> int:
         return sum(snapshot_nbytes(v) for v in obj.values())
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return (sum(snapshot_nbytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
-                + ram_store_bytes(obj))
+                + store_bytes(obj))
     return 0
 
 
-def ram_store_bytes(marks: Any, mode: str = "ram") -> int:
+def store_bytes(marks: Any, mode: str = "ram") -> int:
     """A kept conversation's recall store rows (its first store_n rows) in host RAM, or with mode="disk"
     in its file (counted against the disk cap, not --cache-ram)."""
     store = getattr(marks, "store", None)
@@ -93,7 +93,7 @@ class ConversationCache:
         """Keep a finished turn. Evicts least recently used conversations to stay within max_bytes; a
         snapshot larger than the whole budget is not kept. Returns whether it was kept."""
         entry = Kept(tuple(key), tenant, snapshot, n_tokens, snapshot_nbytes(snapshot),
-                     ram_store_bytes(getattr(snapshot, "marks", None), "disk"))
+                     store_bytes(getattr(snapshot, "marks", None), "disk"))
         disk_cap = float("inf") if self.max_disk_bytes is None else self.max_disk_bytes
         with self._lock:
             if replaces is not None:
