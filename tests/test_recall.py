@@ -157,8 +157,9 @@ def test_at_full_budget_recall_changes_nothing(tiny_pairs):
     assert out["off"] == out["ram"]
 
 
-def test_an_unchanged_choice_writes_nothing(tiny_pairs):
-    """The same question asked again chooses the same cells: no rewrite, no prefill again."""
+def test_tokens_appended_by_hand_choose_again_before_sampling(tiny_pairs):
+    """append_tokens then generate(): the question chooses again before the first token is sampled; when
+    the choice is the context's, nothing is rewritten and nothing prefilled again."""
     _, _, img = tiny_pairs["qwen2vl"]
     with load(tiny_pairs) as m:
         s = Session(m, method="snapkv", budget=0.25, recall="ram", auto_compact=False)
@@ -386,3 +387,74 @@ def test_a_prefill_again_keeps_every_position(tiny_pairs, reprefill):
                 assert r.reselect and r.reprefill_tokens == (1 if reprefill == "last" else r.reprefill_tokens) > 0
             s.close()
     assert ends["off"][0] == ends["ram"][0]
+
+
+def test_a_bad_recall_dir_is_one_error_line_before_anything_runs(tiny_pairs, tmp_path):
+    """--recall-dir that is a file: one `Error:` line, exit 2, before the first turn (not mid-compaction)."""
+    import subprocess
+
+    model, mmproj, img = tiny_pairs["qwen2vl"]
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    r = subprocess.run([sys.executable, "-c", "from edgekv.cli.main import main; main()", "chat", "-m", str(model),
+                        "--mmproj", str(mmproj), "--image", str(img), "-p", "hi", "-n", "2", "-t", str(THREADS),
+                        "--recall", "disk", "--recall-dir", str(not_a_dir)],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    errors = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(errors) == 1 and "--recall-dir" in errors[0], r.stderr
+    with load(tiny_pairs) as m:                     # the Session refuses it when it is made
+        with pytest.raises(EdgeKVError, match="--recall-dir"):
+            Session(m, recall="disk", recall_dir=not_a_dir)
+
+
+def test_gemma_chat_template_follow_up_turns_with_recall(gemma_path):
+    """Real Gemma with llama.cpp's gemma template, chat() turns: the follow-up chooses again, its text run
+    (template tokens included) is prefilled again at its own positions (the same as without recall), and
+    a third turn still re-renders the history against the cache."""
+    from edgekv.errors import SessionError  # noqa: F401  (a template mismatch would raise it)
+
+    ends = {}
+    with Model.load(str(gemma_path), n_ctx=4096, threads=THREADS, chat_template="gemma") as m:
+        for recall in ("off", "ram"):
+            s = Session(m, method="hybridkv", budget=0.1, recall=recall, compress="all")
+            list(s.chat(needle_doc() + "\n\nWhat is the pass key?", max_tokens=6))
+            list(s.chat("What is the secret animal?", max_tokens=6))
+            if recall == "ram":
+                r = s.reports[-1]
+                assert r.reselect and r.rewritten and r.recalled > 0 and r.reprefill_tokens > 5
+            list(s.chat("Thanks. Anything else?", max_tokens=3))
+            assert [x["role"] for x in s.messages] == ["user", "assistant"] * 3
+            ends[recall] = s.cache.n_past
+            s.close()
+    assert ends["off"] == ends["ram"]
+
+
+def test_on_a_q8_0_gemma_cache_recalled_rows_are_the_prefills(gemma_path):
+    """A quantized (q8_0, rotated) K/V cache on the sliding-window Gemma: every packed slot after a
+    re-selection holds, byte for byte, a row llama.cpp wrote at prefill, and some came from the store."""
+    with Model.load(str(gemma_path), n_ctx=4096, threads=THREADS, flash_attn="on",
+                    cache_type_k="q8_0", cache_type_v="q8_0") as m:
+        s = Session(m, method="hybridkv", budget=0.1, recall="ram", auto_compact=False)
+        s.append_text(needle_doc(), compressible=True)
+        s.append_text("\nWhat is the pass key? The pass key is")
+        full = parse_state(s.state_blob(), n_blocks=2).blocks[0]
+        s.compact()
+        list(s.generate(max_tokens=4))
+        after1 = parse_state(s.state_blob(), n_blocks=2).blocks[0]
+        s.append_text("\nWhat is the secret animal? The secret animal is a")
+        list(s.generate(max_tokens=2))
+        r = s.reports[-1]
+        assert r.reselect and r.rewritten and r.recalled > 0
+        after2 = parse_state(s.state_blob(), n_blocks=2).blocks[0]
+        slots = np.flatnonzero(s.cache.kind == PACKED)
+        H = m.layout.n_head_kv
+        came_back = 0
+        for il in range(full.n_layers):
+            for h in range(H):
+                for which in ("k", "v"):
+                    assert as_set(head_rows(after2, il, h, H, which)[slots]) <= as_set(head_rows(full, il, h, H, which))
+                came_back += len(as_set(head_rows(after2, il, h, H)[slots]) - as_set(head_rows(after1, il, h, H)))
+        assert came_back > 0
+        s.close()

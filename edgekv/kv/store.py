@@ -102,6 +102,8 @@ class RecallStore:
         check_recall(mode, row_type)
         self.mode, self.row_type = mode, row_type
         self.directory = None if directory is None else Path(directory)
+        if mode == "disk" and self.directory is not None:
+            _check_folder(self.directory)   # now, not at the first compaction mid-turn
         self.layout: RowLayout | None = None
         self.n = 0
         self.cid = np.zeros(0, np.int64)
@@ -194,10 +196,7 @@ class RecallStore:
             folder = Path(self._tmpdir)
         else:
             folder = self.directory
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise EdgeKVError(f"--recall-dir {folder}: {e.strerror or e}") from None
+            _check_folder(folder)
         fd, name = tempfile.mkstemp(prefix="edgekv-recall-", suffix=".kv", dir=folder)
         os.close(fd)
         self._path = Path(name)
@@ -297,6 +296,16 @@ def _convert(rows: np.ndarray, src: int, dst: int) -> np.ndarray:
     if src == dst:
         return rows
     return from_float(to_float(np.ascontiguousarray(rows), src), dst)
+
+
+def _check_folder(folder: Path) -> None:
+    """--recall-dir exists (or can be made) and takes files."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EdgeKVError(f"--recall-dir {folder}: {e.strerror or e}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise EdgeKVError(f"--recall-dir {folder}: not writable")
 
 
 def _remove(path: Path, tmpdir: str | None) -> None:
