@@ -120,10 +120,12 @@ def run(shape: str, n_media: int, method: str, budget: float, threads: int, mode
             if r2 is not None and r2.reselect:
                 rec.update(reselect_s=round(r2.seconds, 3), recalled=r2.recalled, rewritten=r2.rewritten,
                            reprefill_tokens=r2.reprefill_tokens, store_cells=r2.store_cells,
-                           store_mb=round(r2.store_bytes / 2**20, 1))
+                           store_mb=round(r2.store_bytes / 2**20, 1), share=r2.info.get("recall_share"),
+                           scoring_s=round(r2.seconds - r2.info.get("reprefill_s", 0.0), 3))
                 t_again, r3 = first_token_s(s, Q2)   # (a re-selection happens: reports grew)
                 rec.update(again_ttft_s=round(t_again, 3), again_rewritten=r3.rewritten,
-                           again_reselect_s=round(r3.seconds, 3), again_reprefill_tokens=r3.reprefill_tokens)
+                           again_reselect_s=round(r3.seconds, 3), again_reprefill_tokens=r3.reprefill_tokens,
+                           again_share=r3.info.get("recall_share"))
             out["modes"][mode] = rec
             print(shape, mode, rec, flush=True)
             s.close()
@@ -139,14 +141,16 @@ def run(shape: str, n_media: int, method: str, budget: float, threads: int, mode
 def render(results: list[dict]) -> str:
     lines = ["# Recall: the cost of choosing again at the follow-up question", "",
              "`scripts/bench_recall.py` (synthetic weights at real text shapes, random media K/V; 2-core VM).", "",
-             "| shape | media cells | recall | follow-up TTFT | re-selection | added vs off | recalled | "
-             "question tokens again | same question again: TTFT / rewritten / scoring |",
+             "| shape | media cells | recall | follow-up TTFT | re-selection (of it: choosing) | added vs off | "
+             "recalled (largest head share) | question tokens again | same question again: TTFT / rewritten / "
+             "re-selection |",
              "|---|---|---|---|---|---|---|---|---|"]
     for res in results:
         for mode, r in res["modes"].items():
             lines.append(
                 f"| {res['shape']} | {res['media_cells']} | {mode} | {r['follow_up_ttft_s']:.2f} s | "
-                + (f"{r['reselect_s']:.2f} s | {100 * r['added_vs_off']:+.0f} % | {r['recalled']} | "
+                + (f"{r['reselect_s']:.2f} s ({r.get('scoring_s', r['reselect_s']):.2f} s) | "
+                   f"{100 * r['added_vs_off']:+.0f} % | {r['recalled']} ({r.get('share')}) | "
                    f"{r['reprefill_tokens']} | {r['again_ttft_s']:.2f} s / {r['again_rewritten']} / "
                    f"{r['again_reselect_s']:.2f} s |" if "reselect_s" in r else "- | - | - | - | - |"))
     return "\n".join(lines) + "\n"

@@ -82,8 +82,11 @@ def test_recall_setting_checks_and_session_kwargs():
                                                 "recall_dir": "/tmp/x"}
     assert session_kwargs("ram-last")["recall_reprefill"] == "last"
     check_recall("off")
-    with pytest.raises(EdgeKVError, match="--recall must be one of"):
-        check_recall("swap")
+    assert session_kwargs("ram-g10")["recall_min_share"] == 0.1 and session_kwargs("disk-g0")["recall_min_share"] == 0
+    check_recall("ram-x2-g20")
+    for bad in ("swap", "ram-g100", "ram-gx", "off-last", "ram-fast"):
+        with pytest.raises(EdgeKVError, match="--recall must be one of"):
+            check_recall(bad)
     # an --out holds one recall setting: off keeps the identity of folders written before --recall
     assert "recall" not in GridConfig(methods=("snapkv",)).identity()
     assert GridConfig(methods=("snapkv",), recall="ram").identity()["recall"] == "ram"
@@ -96,6 +99,9 @@ def test_recall_setting_checks_and_session_kwargs():
     assert report_fields([R(recalled=3, store_cells=10, store_bytes=100, reselect_s=0.1),
                           R(recalled=2, store_cells=8, store_bytes=80, reselect_s=0.25)]) == \
         {"recalled": 5, "store_cells": 8, "store_bytes": 80, "reselect_s": 0.35}
+    # the largest head share of window attention any re-selection brought (or would bring) back
+    assert report_fields([R(recalled=1, info={"recall_share": 0.3}), R(recalled=0, info={"recall_share": 0.05}),
+                          R(recalled=0, info={})])["recall_share"] == 0.3
 
 
 @pytest.mark.gemma

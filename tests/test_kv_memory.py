@@ -150,6 +150,9 @@ def test_the_context_follows_the_knob(table, tiny_pairs):
         assert "media tokens 2560" in r.output
     r = run(*base, "--kv-memory", "0.15")
     assert r.exit_code == 2 and "of 410 are free" in r.output, r.output
+    # the knob set the context: the hint names it, not -c (ignored here) nor a --max-kv-cells nobody passed
+    error = r.output.strip().splitlines()[-1]
+    assert "--kv-memory" in error and "--max-kv-cells" not in error and "-c/--ctx-size" not in error, error
 
 
 def test_caption_and_serve_take_the_knob(table, tiny_pairs, tmp_path):

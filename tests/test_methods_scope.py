@@ -71,3 +71,33 @@ def test_parse_without_copy_is_views_and_read_only():
     parsed = parse_state(blob, copy=False).blocks[0]
     assert not parsed.layers[0].k.flags.owndata and not parsed.layers[0].k.flags.writeable
     np.testing.assert_array_equal(parsed.layers[1].v, block.layers[1].v)
+
+
+@pytest.mark.parametrize("name", ["snapkv", "hybridkv", "adakv", "pyramidkv", "keydiff"])
+def test_methods_that_read_by_layer_never_hold_every_layer_in_floats(name):
+    """The runtime's view makes K floats a layer at a time (LayerFloats): a method that reads by layer
+    plans as on whole arrays (the test above) and at no time holds more than a few layers, so planning
+    over recall's universe of every stored cell holds about a layer of floats, not the store."""
+    L, Hk, H, d, W = 12, 2, 4, 16, 4
+    T = 200
+    cand = np.zeros(T, bool)
+    cand[2:190] = True
+    spans = (Span(0, 2, "text"), Span(2, 190, "media", 0), Span(190, T, "text"))
+    queries = np.random.default_rng(1).standard_normal((L, H, W, d)).astype(np.float32)
+    block = make_block(L, Hk, d, T, 2, False)
+    meth = get_method(name)
+    view, _ = method_view(meth, block, Hk, cand, spans, queries, 0.25, 3)
+    held = []
+    layer = type(view.keys).layer
+
+    def spy(self, il):
+        out = layer(self, il)
+        held.append(len(self._held))
+        return out
+
+    type(view.keys).layer = spy
+    try:
+        meth.plan(view, 40)
+    finally:
+        type(view.keys).layer = layer
+    assert view.keys._full is None and held and max(held) <= 3 < L

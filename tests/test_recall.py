@@ -144,6 +144,39 @@ def test_a_recalled_cell_comes_back_as_the_original_rows(tiny_pairs):
         s.close()
 
 
+def test_a_min_share_gate_keeps_the_context_when_too_little_attention_comes_back(tiny_pairs):
+    """recall_min_share: the share of a head's window attention that the cells coming back would hold is
+    reported; under the gate nothing is written and nothing prefilled again (the blob is the one before
+    the question's re-selection, the answer the one without recall); a gate at 0 rewrites as before."""
+    _, _, img = tiny_pairs["qwen2vl"]
+    out = {}
+    with load(tiny_pairs) as m:
+        for name, kw in (("off", {}), ("open", dict(recall="ram", recall_min_share=0.0)),
+                         ("shut", dict(recall="ram", recall_min_share=0.999))):
+            s = Session(m, method="snapkv", budget=0.25, auto_compact=False, **kw)
+            image_turn(s, img)
+            s.compact()
+            list(s.generate(max_tokens=2))
+            q = s.model.tokenize("And what is in the bottom right corner, exactly?", add_bos=False, special=False)
+            s.append_tokens(q)
+            before = s.state_blob()
+            toks = [r.token for r in s.generate(max_tokens=3)]
+            out[name] = (s.reports[-1], before, s.state_blob(), toks)
+            s.close()
+    r_open, r_shut = out["open"][0], out["shut"][0]
+    assert r_open.reselect and r_open.rewritten and r_open.recalled > 0
+    share = r_open.info["recall_share"]
+    assert 0 < share <= 1 and r_shut.info["recall_share"] == share     # the same window, the same choice
+    assert r_shut.reselect and not r_shut.rewritten and r_shut.recalled == 0 and r_shut.reprefill_tokens == 0
+    _, before, after, toks = out["shut"]
+    assert out["off"][3] == toks                         # answered on the context recall off has
+    n_before, n_after = (len(parse_state(b, has_ext=True).blocks[0].pos) for b in (before, after))
+    assert n_after == n_before + 3                       # the three answer tokens, nothing rewritten
+    with pytest.raises(EdgeKVError, match="recall_min_share"):
+        with load(tiny_pairs) as m:
+            Session(m, recall="ram", recall_min_share=1.5)
+
+
 def test_at_full_budget_recall_changes_nothing(tiny_pairs):
     _, _, img = tiny_pairs["qwen2vl"]
     out = {}
@@ -458,3 +491,20 @@ def test_on_a_q8_0_gemma_cache_recalled_rows_are_the_prefills(gemma_path):
                 came_back += len(as_set(head_rows(after2, il, h, H)[slots]) - as_set(head_rows(after1, il, h, H)))
         assert came_back > 0
         s.close()
+
+
+def test_the_report_line_says_what_the_question_did():
+    from edgekv.cli.report import recall_line
+    from edgekv.runtime.compactor import CompactionReport
+
+    base = dict(resolved="snapkv", budget_cells=10, n_candidates=40, cells_before=50, cells_after=20,
+                bytes_before=5000, bytes_after=2000, seconds=0.1, plan_seconds=0.01, nominal_mean=10.0,
+                nominal_max=10, merged=False, window=8, store_cells=40, store_bytes=4096, store_where="RAM",
+                reselect=True)
+    back = CompactionReport(**base, recalled=7, reprefill_tokens=5, info={"recall_share": 0.4})
+    gated = CompactionReport(**base, rewritten=False, info={"recall_share": 0.04})
+    same = CompactionReport(**base, rewritten=False, info={})
+    assert recall_line(back).endswith("brought back 7 cells, 5 question tokens prefilled again")
+    assert "held 0.04 of a head's attention, under --recall-min-share" in recall_line(gated)
+    assert recall_line(same).endswith("kept the context's cells (nothing rewritten)")
+    assert recall_line(same).startswith("recall      store 40 cells, ") and "in RAM" in recall_line(same)

@@ -525,6 +525,7 @@ def test_recall_keeps_a_conversations_store_and_drops_it_with_the_conversation(t
                          {"role": "user", "content": "and the top left corner, in detail?"}]
                 e2 = ext(c.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=2))
                 assert e2["cache"] == "hit" and e2["recall"]["reselected"] and e2["recall"]["error"] is None
+                assert 0 <= e2["recall"]["share"] <= 1       # what came back (or would have): the gate's measure
                 assert e2["recall"]["store_cells"] >= e1["recall"]["store_cells"]
             else:
                 files = set(folder.iterdir())

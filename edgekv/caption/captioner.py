@@ -66,6 +66,7 @@ class CaptionConfig:
     video_fps: float | None = 1.0
     video_max_frames: int | None = 64
     max_kv_cells: int | None = None   # cap the cache for every input (chat's --max-kv-cells)
+    cap_option: str = "--max-kv-cells"   # the option that set the cap ("--kv-memory"): a hint names it
 
     def __post_init__(self) -> None:
         if isinstance(self.model_options, dict):   # to_dict()'s form, as it reaches a Ray actor
@@ -219,7 +220,7 @@ class Captioner:
             return rec
         except Exception as e:  # one bad input never ends the batch
             if isinstance(e, ContextOverflowError) and c.max_kv_cells is not None:
-                e = e.under("--max-kv-cells")  # the context is that cap: -c does not apply
+                e = e.under(c.cap_option)  # the context is that cap: -c does not apply
             msg = str(e).strip() if isinstance(e, EdgeKVError) else f"{type(e).__name__}: {e}"
             return {**base, "error": msg or type(e).__name__, "seconds": round(time.perf_counter() - t0, 4)}
 

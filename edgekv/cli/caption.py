@@ -94,10 +94,12 @@ def caption(model, mmproj, hf_repo, offline, model_opts, method, budget, compres
                           unit="files" if any(kind_of(p) == "video" for p in images) else "images")
         if todo:
             model_path, mmproj_path = _resolve_model(model, mmproj, hf_repo, offline)
+            cap_option = "--max-kv-cells"   # what sets the context when it is capped (a hint names it)
             if kv_memory is not None:   # cache types, budget and (as --max-kv-cells) the context from one knob
                 model_opts, budget, cells, picked = apply_kv_memory(kv_memory, model_opts, budget,
                                                                     (model_path, mmproj_path))
-                max_kv_cells = max_kv_cells if max_kv_cells is not None else cells
+                if max_kv_cells is None and cells is not None:
+                    max_kv_cells, cap_option = cells, "--kv-memory"
                 click.echo(f"edgekv: {picked}; context {max_kv_cells or model_opts.n_ctx} cells", err=True)
             if ray_address is not None and model_opts.threads is None:
                 model_opts = model_opts.with_(threads=max(1, (os.cpu_count() or 1) // concurrency))
@@ -106,7 +108,8 @@ def caption(model, mmproj, hf_repo, offline, model_opts, method, budget, compres
                                 prompt=prompt or DEFAULT_PROMPT, prefix=prefix, max_tokens=max_tokens,
                                 temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                                 stop=list(stops), seed=seed, video_prompt=prompt or DEFAULT_VIDEO_PROMPT,
-                                video_fps=video_fps, video_max_frames=video_max_frames, max_kv_cells=max_kv_cells)
+                                video_fps=video_fps, video_max_frames=video_max_frames, max_kv_cells=max_kv_cells,
+                                cap_option=cap_option)
             click.echo(f"captioning {len(todo)} of {len(images)} input(s) ({skipped} already done)", err=True)
             if ray_address is None:
                 _run_single(cfg, todo, sink, summary, not no_progress)

@@ -36,6 +36,7 @@ HELP = ("commands: /image PATH, /video PATH (attach to the next message), /save 
 @sampling_options
 @click.option("--no-report", is_flag=True, help="Do not print the memory/speed report.")
 def chat(model, mmproj, hf_repo, offline, model_opts, method, budget, compress, recall, recall_dir, recall_type,
+         recall_min_share,
          images, videos, video_fps, video_max_frames, max_kv_cells, kv_memory, prompt, max_tokens, temperature, top_p,
          top_k, min_p, stops, seed, no_report):
     """Chat about images and videos with a compressed KV cache."""
@@ -43,11 +44,14 @@ def chat(model, mmproj, hf_repo, offline, model_opts, method, budget, compress, 
     from edgekv.runtime import Session
     from edgekv.runtime.streaming import Video, streaming
 
+    # the option that sets the context when one caps it (a "does not fit" hint names it, not -c)
+    cap_option = "--max-kv-cells" if max_kv_cells is not None else None
     if kv_memory is not None:   # the cache types, the budget and (as --max-kv-cells) the context from one knob
         model, mmproj = resolve_model_paths(model, mmproj, hf_repo, offline)
         hf_repo = None
         model_opts, budget, cells, picked = apply_kv_memory(kv_memory, model_opts, budget, (model, mmproj))
-        max_kv_cells = max_kv_cells if max_kv_cells is not None else cells
+        if max_kv_cells is None and cells is not None:
+            max_kv_cells, cap_option = cells, "--kv-memory"
         click.echo(f"edgekv: {picked}; context {max_kv_cells or model_opts.n_ctx} cells", err=True)
     clips = [Video(p, fps=video_fps, max_frames=video_max_frames) for p in videos]  # bad clips fail here
     floor, n_ctx = 0, model_opts.n_ctx
@@ -78,13 +82,14 @@ def chat(model, mmproj, hf_repo, offline, model_opts, method, budget, compress, 
     # one-shot: the question is known before the images are read, so early compaction probes with it
     try:
         session = Session(m, method=method, budget=budget, compress=compress, seed=seed,
-                          probe=question_probe(prompt), recall=recall, recall_dir=recall_dir, recall_type=recall_type)
+                          probe=question_probe(prompt), recall=recall, recall_dir=recall_dir, recall_type=recall_type,
+                          recall_min_share=recall_min_share)
     except BaseException:
         m.close()
         raise
     if clips or max_kv_cells is not None:
         streaming(session)  # every image / frame chunk compacted right after its prefill
-    fit = max_kv_cells is not None
+    fit = cap_option
     gen = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
                stop=tuple(stops))
     try:
@@ -162,7 +167,7 @@ def ctrl_c_cancels(session):
 
 
 def stream_turn(session, prompt: str, images: list[Path], gen: dict, report: bool, videos=(),
-                fit_videos: bool = False) -> bool:
+                cap_option: str | None = None) -> bool:
     """One user turn: stream the answer to stdout, then this turn's report to stderr. False when Ctrl-C
     cancelled it before the answer (the conversation is as before). A clip that broke half-way was
     answered from the frames before the damage; that is then one Error line (exit 2) after the answer."""
@@ -173,7 +178,7 @@ def stream_turn(session, prompt: str, images: list[Path], gen: dict, report: boo
         from edgekv.runtime.sizing import check_fits
 
         # before the turn touches the cache; under --max-kv-cells the clips' budgets are lowered to fit
-        check_fits(session, list(videos), prompt, gen.get("max_tokens", 256), fit_videos)
+        check_fits(session, list(videos), prompt, gen.get("max_tokens", 256), cap_option is not None)
         extra = {"videos": list(videos)}
     from edgekv.runtime.streaming import ChunkCompactor, streaming
 
@@ -192,8 +197,8 @@ def stream_turn(session, prompt: str, images: list[Path], gen: dict, report: boo
         click.echo("(cancelled before the answer; the conversation is as before)", err=True)
         return False
     except ContextOverflowError as e:
-        if fit_videos:  # --max-kv-cells sets the context: -c is ignored, so the hint names the cap
-            raise e.under("--max-kv-cells") from None
+        if cap_option:  # --max-kv-cells or --kv-memory sets the context: -c is ignored, so the hint names it
+            raise e.under(cap_option) from None
         raise
     click.echo()
     if last is not None and last.finish_reason == "cancelled":
@@ -211,7 +216,7 @@ def stream_turn(session, prompt: str, images: list[Path], gen: dict, report: boo
 
 
 def _repl(session, images: list[Path], gen: dict, report: bool, videos=(), sampling=None,
-          fit_videos: bool = False) -> None:
+          cap_option: str | None = None) -> None:
     from edgekv.runtime.streaming import Video
 
     click.echo(f"edgekv chat ({session.method_name}, budget {session.budget}). {HELP}", err=True)
@@ -255,7 +260,7 @@ def _repl(session, images: list[Path], gen: dict, report: bool, videos=(), sampl
                                   if session.recall != "off" and (session.cache.kind == PACKED).any() else "") + ")",
                                err=True)
             except EdgeKVError as e:
-                _echo_error(e.under("--max-kv-cells") if fit_videos else e)
+                _echo_error(e.under(cap_option) if cap_option else e)
             continue
         if line.startswith("/image"):
             path = line[len("/image"):].strip()
@@ -277,7 +282,7 @@ def _repl(session, images: list[Path], gen: dict, report: bool, videos=(), sampl
             click.echo(f"unknown command {line.split()[0]}; {HELP}", err=True)
             continue
         try:
-            if not stream_turn(session, line, pending, gen, report, pending_videos, fit_videos) and (
+            if not stream_turn(session, line, pending, gen, report, pending_videos, cap_option) and (
                     pending or pending_videos):
                 if pending:
                     click.echo(f"({len(pending)} image(s) stay attached to the next message)", err=True)

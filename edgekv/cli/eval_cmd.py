@@ -133,12 +133,12 @@ def parse_floats(value: str | None, what: str) -> tuple[float, ...] | None:
               help="after: compact once the question is there; before: compact before it (not known: generic "
                    "probe); known: before, the question known in advance (it is the probe); both = after+before; "
                    "all = the three. [default: both with --media, else after]")
-@click.option("--recall", type=click.Choice(["off", "ram", "disk", "ram-last", "disk-last", "ram-x2", "disk-x2"]),
-              default="off",
-              show_default=True,
+@click.option("--recall", default="off", show_default=True, metavar="SETTING",
               help="Recall store of every compressed run, in every regime (docs/recall.md; the full-cache "
-                   "reference never has one); -last: when cells come back, prefill the question's last token "
-                   "alone again instead of its whole text; -x2: choose twice per question. One --out holds one setting.")
+                   "reference never has one): off, ram or disk, with options joined by '-': last (when cells come "
+                   "back, prefill the question's last token alone again instead of its whole text), x2 (choose "
+                   "twice per question), gN (bring cells back only when a head gets N % of its window attention "
+                   "from them; g0: whenever the chosen set differs), e.g. ram-g0. One --out holds one setting.")
 @click.option("--cache-types", "cache_types", default=None, metavar="TYPES",
               help="KV cache types, each one a run of the whole grid: f16,q8_0,q4_0 (K and V alike) or K/V pairs "
                    "such as q8_0/q4_0. The reference stays the full f16 cache. A quantized V turns flash attention "

@@ -117,8 +117,8 @@ def method_options(f):
 
 
 def recall_options(f):
-    """--recall, --recall-dir, --recall-type (docs/recall.md): where compacted cells' originals wait for the
-    next question, which chooses among all of them."""
+    """--recall, --recall-dir, --recall-type, --recall-min-share (docs/recall.md): where compacted cells'
+    originals wait for the next question, which chooses among all of them."""
     opts = [
         click.option("--recall", type=click.Choice(["off", "ram", "disk"]), default="disk", show_default=True,
                      help="Keep compacted cells outside the context so each question can bring back what "
@@ -127,6 +127,9 @@ def recall_options(f):
                      help="Folder of the --recall disk file (default: a temporary folder, removed at exit)."),
         click.option("--recall-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default=None,
                      help="Store recalled rows as this type (default: the cache's own type, exact)."),
+        click.option("--recall-min-share", type=click.FloatRange(0, 1, max_open=True), default=None,
+                     help="Bring cells back only when some KV head would get this share of the question's "
+                          "attention from them (0: whenever the choice differs). [default: see docs/recall.md]"),
     ]
     return functools.reduce(lambda acc, o: o(acc), reversed(opts), f)
 

@@ -60,10 +60,15 @@ def recall_line(r) -> str:
     """The recall store after a compaction, and what this question's re-selection did."""
     where = "in RAM" if r.store_where == "RAM" else "on disk"
     line = f"recall      store {r.store_cells} cells, {human_bytes(r.store_bytes)} {where}"
-    if r.reselect:
+    share = r.info.get("recall_share")
+    if r.reselect and r.rewritten:
         line += (f"; this question brought back {r.recalled} cells"
-                 + (f", {r.reprefill_tokens} question tokens prefilled again" if r.reprefill_tokens else "")
-                 if r.rewritten else "; this question kept the context's cells (nothing rewritten)")
+                 + (f", {r.reprefill_tokens} question tokens prefilled again" if r.reprefill_tokens else ""))
+    elif r.reselect and share:   # the gate (--recall-min-share): what would have come back held too little
+        line += (f"; this question kept the context's cells (what would come back held {share:.2f} of a "
+                 "head's attention, under --recall-min-share)")
+    elif r.reselect:
+        line += "; this question kept the context's cells (nothing rewritten)"
     return line
 
 

@@ -82,6 +82,7 @@ def _is_loopback(host: str) -> bool:
 @click.option("--no-webui", is_flag=True, help="Do not serve the chat page at / (the API only).")
 @kv_memory_option
 def serve(model, mmproj, hf_repo, offline, model_opts, method, budget, compress, recall, recall_dir, recall_type,
+          recall_min_share,
           host, port, aliases, api_keys,
           allowed_hosts, cors_origins, read_timeout, idle_timeout, max_request_mb, max_image_pixels, max_request_pixels,
           max_images, local_dirs, cache_mib, recall_disk_mib, queue_size, max_tokens, seed, no_webui, kv_memory):
@@ -118,7 +119,7 @@ def serve(model, mmproj, hf_repo, offline, model_opts, method, budget, compress,
     engine = Engine(m, model_id=model_id, method=method, budget=budget, compress=compress, seed=seed,
                     queue_size=queue_size, cache_bytes=int(cache_mib * (1 << 20)),
                     max_image_pixels=max_image_pixels, max_tokens=max_tokens, recall=recall,
-                    recall_dir=recall_dir, recall_type=recall_type,
+                    recall_dir=recall_dir, recall_type=recall_type, recall_min_share=recall_min_share,
                     recall_disk_bytes=int(recall_disk_mib * (1 << 20)))
     hosts = None if "*" in allowed_hosts else (
         host, *allowed_hosts, *(("localhost", "127.0.0.1", "::1") if _is_loopback(host) or host in ("0.0.0.0", "::")

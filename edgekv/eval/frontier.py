@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import mean
 
-from edgekv.eval.report import POOLED, RETRIEVAL_TASKS, _table
+from edgekv.eval.report import POOLED, RETRIEVAL_TASKS, md_table
 from edgekv.eval.runner import FULL
 
 F16 = "f16"
@@ -159,11 +159,11 @@ def markdown(pts: list[Point], config: dict | None = None, commands: list[str] |
     for (task, regime), g in groups.items():
         rows.append([task, regime] + [_best_cell(best_at(g, t)) for t in TARGETS])
     parts += ["## Best at or under each size (the issue's targets: 0.95 at 25 %, 0.85 at 12.5 %, 0.7 at 6 %)", "",
-              _table(["task", "regime"] + [f"<= {100 * t:g} % of f16 bytes" for t in TARGETS], rows), ""]
+              md_table(["task", "regime"] + [f"<= {100 * t:g} % of f16 bytes" for t in TARGETS], rows), ""]
     for (task, regime), g in groups.items():
         parts += [f"## {task}, question {regime} the document" if regime != "known" else
                   f"## {task}, question known before the document", ""]
-        parts += [_table(["front", "point", "bytes / f16", "MiB", "score", "relative", "95 % CI", "n"],
+        parts += [md_table(["front", "point", "bytes / f16", "MiB", "score", "relative", "95 % CI", "n"],
                          [["*" if p.on_front else "", p.label, f"{p.bytes_ratio:.3f}", f"{p.kv_bytes / 2**20:.2f}",
                            f"{p.score:.2f}", _rel(p), _ci(p), str(p.n)] for p in g]), ""]
     return "\n".join(parts)
@@ -176,9 +176,9 @@ def _best_cell(p: Point | None) -> str:
 
 
 def plot(pts: list[Point], path: Path) -> Path:
-    from edgekv.eval.plots import _MARKERS, _plt
+    from edgekv.eval.plots import MARKERS, pyplot
 
-    plt = _plt()
+    plt = pyplot()
     tasks = [t for t in TASK_ORDER if any(p.task == t for p in pts)]
     regimes = sorted({p.regime for p in pts})
     fig, axes = plt.subplots(len(regimes), len(tasks), figsize=(4.6 * len(tasks), 3.9 * len(regimes)),
@@ -192,7 +192,7 @@ def plot(pts: list[Point], path: Path) -> Path:
             g = [p for p in pts if p.task == task and p.regime == regime and p.relative is not None]
             for p in g:
                 ax.scatter(p.bytes_ratio, p.relative, color=cmap(cts.index(p.cache_type) % 10),
-                           marker=_MARKERS[methods.index(p.method) % len(_MARKERS)], s=22, zorder=3)
+                           marker=MARKERS[methods.index(p.method) % len(MARKERS)], s=22, zorder=3)
                 if p.ci:
                     ax.plot([p.bytes_ratio] * 2, p.ci, color=cmap(cts.index(p.cache_type) % 10), lw=0.6, alpha=0.5)
             f = front(g)
@@ -213,7 +213,7 @@ def plot(pts: list[Point], path: Path) -> Path:
     for c in cts:
         axes[0][0].scatter([], [], color=cmap(cts.index(c) % 10), marker="o", label=c)
     for m in methods:
-        axes[0][0].scatter([], [], color="0.4", marker=_MARKERS[methods.index(m) % len(_MARKERS)],
+        axes[0][0].scatter([], [], color="0.4", marker=MARKERS[methods.index(m) % len(MARKERS)],
                            label="no eviction" if m == FULL else m)
     fig.legend(*axes[0][0].get_legend_handles_labels(), fontsize=7, loc="center right")
     fig.tight_layout(rect=(0, 0, 1 - 1.3 / (4.6 * len(tasks)), 1))

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -13,7 +13,7 @@ def _plt():
     return plt
 
 
-_MARKERS = "osD^v<>pP*Xh"
+MARKERS = "osD^v<>pP*Xh"
 _STYLES = ("-", "--", ":")
 
 
@@ -29,13 +29,13 @@ def _budget_axis(ax, budgets) -> None:
 
 
 def _style(i: int) -> dict:
-    return {"marker": _MARKERS[i % len(_MARKERS)], "ls": _STYLES[(i // 10) % len(_STYLES)], "ms": 4, "lw": 1.3}
+    return {"marker": MARKERS[i % len(MARKERS)], "ls": _STYLES[(i // 10) % len(_STYLES)], "ms": 4, "lw": 1.3}
 
 
 def plot_scores(rows: list[dict], out_dir: Path) -> dict:
     """score_vs_budget.png (one panel per task, relative to full) and continuation_kl.png, from the
     aggregated rows (`eval.report.aggregate`)."""
-    plt = _plt()
+    plt = pyplot()
     agg = [r for r in rows if r["length"] == "all" and r["method"] != "full"]
     tasks = [t for t in ("passkey", "kv", "continuation") if any(r["task"] == t for r in agg)]
     paths = {}
@@ -91,7 +91,7 @@ def plot_scores(rows: list[dict], out_dir: Path) -> dict:
 
 def plot_decode(rows: list[dict], path: Path) -> Path:
     """Decode speed-up vs budget, one line per context length, with the memory-bandwidth bound."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.8, 4.2))
     lengths = sorted({r["context"] for r in rows})
     cmap = plt.get_cmap("tab10")

@@ -118,10 +118,10 @@ def _budget_table(by: dict, task: str, methods, budgets, cell) -> str:
     """One row per method, one column per budget, `cell(record)` in each (a dash where none)."""
     rows = [[m] + ["–" if by.get((task, "all", m, b)) is None else cell(by[(task, "all", m, b)]) for b in budgets]
             for m in methods]
-    return _table(["method"] + [f"budget {b:g}" for b in budgets], rows)
+    return md_table(["method"] + [f"budget {b:g}" for b in budgets], rows)
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def md_table(header: list[str], rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(out)
@@ -163,7 +163,7 @@ def markdown(records: list[dict], config: dict | None = None, errors: list[dict]
             else:
                 cells.append(f"{_fmt(r['score'])} (n={r['n']})")
         rows.append([t] + cells)
-    parts += [_table(["task"] + [f"{L} tok" for L in lengths], rows), ""]
+    parts += [md_table(["task"] + [f"{L} tok" for L in lengths], rows), ""]
 
     for t in tasks:
         if t == "continuation":
@@ -184,7 +184,7 @@ def markdown(records: list[dict], config: dict | None = None, errors: list[dict]
                     key = "top1" if t == "continuation" else "score"
                     cells = [_fmt((by.get((t, L, m, b)) or {}).get(key)) for L in lengths]
                     rows.append([m, f"{b:g}"] + cells)
-            parts += [_table(["method", "budget"] + [f"{L} tok" for L in lengths], rows), ""]
+            parts += [md_table(["method", "budget"] + [f"{L} tok" for L in lengths], rows), ""]
 
     parts += ["## Cache size and compaction time (mean over samples)", ""]
     rows = []
@@ -209,7 +209,7 @@ def markdown(records: list[dict], config: dict | None = None, errors: list[dict]
               "whole sequence state (with the sliding-window block, which compaction leaves as it is). "
               "Prefill: the whole prompt, measured once per sample. f16 cache only (every cache type's bytes: "
               "frontier.md).", "",
-              _table(["length", "budget", "cells before", "cells after", "block MiB before", "block MiB after",
+              md_table(["length", "budget", "cells before", "cells after", "block MiB before", "block MiB after",
                       "KV MiB before", "KV MiB after", "prefill s", "compact s", "compact % of prefill"], rows), ""]
     rows = []
     for m in methods:
@@ -224,7 +224,7 @@ def markdown(records: list[dict], config: dict | None = None, errors: list[dict]
         parts += ["Context cells actually kept, as a fraction of the context (mean): a method with per-layer or "
                   "per-head budgets (PyramidKV, AdaKV, ...) packs max(per-slot budget) cells, which can exceed "
                   "the nominal budget.", "",
-                  _table(["method"] + [f"budget {b:g}" for b in budgets], rows), ""]
+                  md_table(["method"] + [f"budget {b:g}" for b in budgets], rows), ""]
     per_method = []
     for m in methods:
         rs = [r for r in records if r["method"] == m and r.get("compact_s") is not None]
@@ -239,7 +239,7 @@ def markdown(records: list[dict], config: dict | None = None, errors: list[dict]
         parts += ["Compaction time by method (mean over all lengths and budgets). With a probe (regimes before/known) "
                   "compact s includes the probe's decode and removal (probe s); % of the document prefill = "
                   "compact s / the prefill of the compressible span (the images on --media).", "",
-                  _table(["method", "compact s", "% of prefill", "% of document prefill", "probe s"], per_method), ""]
+                  md_table(["method", "compact s", "% of prefill", "% of document prefill", "probe s"], per_method), ""]
     if errors:
         parts += ["## Errors", "", "Runs that raised (recorded, not scored):", ""]
         seen = {}

@@ -118,6 +118,23 @@ class LazyLayerKV:
         return self.v.reshape(self.n_cells, -1, el).transpose(1, 0, 2)
 
 
+class TakenLayerKV(LazyLayerKV):
+    """Cells `idx` of a lazy layer, taken when read (KVBlock.take)."""
+
+    def __init__(self, layer: LazyLayerKV, idx: np.ndarray) -> None:
+        self._layer, self._idx = layer, idx
+        self.k_type, self.v_type, self.k_row, self.v_row = layer.k_type, layer.v_type, layer.k_row, layer.v_row
+        self.n_cells = len(idx)
+
+    @property
+    def k(self) -> np.ndarray:
+        return self._layer.k[self._idx]
+
+    @property
+    def v(self) -> np.ndarray:
+        return self._layer.v[self._idx]
+
+
 class TransposedLayerKV(LazyLayerKV):
     """A layer parsed without copy from a v_trans blob: K rows are a view into the blob, V stays in the
     blob's dim-major layout and is transposed to cell-major rows when read."""
@@ -159,11 +176,13 @@ class KVBlock:
         return int(sum(l.nbytes for l in self.layers))
 
     def take(self, idx: np.ndarray) -> "KVBlock":
-        """The block restricted to cells `idx` (in that order); rows are copied byte for byte."""
+        """The block restricted to cells `idx` (in that order); rows are copied byte for byte (lazy
+        layers stay lazy: a layer's rows are taken when it is read)."""
         idx = np.asarray(idx, dtype=np.int64)
         return replace(self, pos=self.pos[idx], seq_id=self.seq_id[idx],
                        ext=None if self.ext is None else self.ext[idx],
-                       layers=[LayerKV(l.k_type, l.k[idx], l.v_type, l.v[idx]) for l in self.layers])
+                       layers=[TakenLayerKV(l, idx) if isinstance(l, LazyLayerKV)
+                               else LayerKV(l.k_type, l.k[idx], l.v_type, l.v[idx]) for l in self.layers])
 
 
 @dataclass(eq=False)

@@ -15,9 +15,11 @@ then give every head its own top-C at the memory of C cells.
 """
 from __future__ import annotations
 
-import numpy as np
-
+import threading
 from dataclasses import replace
+
+import numpy as np
+from numpy.lib.mixins import NDArrayOperatorsMixin
 
 from edgekv.kv.codec import KVBlock, LazyLayerKV
 from edgekv.kv.dtypes import bytes_per_head, from_float, to_float
@@ -137,3 +139,82 @@ def layer_floats(block: KVBlock, n_kv_heads: int, cells: np.ndarray | None = Non
             acc = np.zeros((0, n_kv_heads, 0 if idx is None else len(idx), 0), np.float32)
         out.append(acc)
     return out[0], out[1]
+
+
+class LayerFloats(NDArrayOperatorsMixin):
+    """K or V of a block as a float32 [L, H_kv, T, d] array made one layer at a time, when a method
+    indexes it by layer (`x[layer]`, `x[layer, head]`: the window attention, per-layer loops). Only the
+    last few layers are held, so planning over a big block (recall's universe of every stored cell)
+    holds about one layer of floats, not the block. Anything else (`np.asarray(x)`, a ufunc, a slice over
+    layers) makes the whole array once and keeps it: the same numbers as `layer_floats`, the memory of
+    before."""
+
+    ndim = 4
+    dtype = np.dtype(np.float32)
+    _HELD = 3     # layers kept (planning threads work on neighbouring layers)
+
+    def __init__(self, block: KVBlock, n_kv_heads: int, cells: np.ndarray | None, which: str) -> None:
+        self._block, self._heads, self._which = block, n_kv_heads, which
+        self._cells = None if cells is None else np.asarray(cells, dtype=np.int64)
+        layer = block.layers[0]
+        width = layer.n_embd_k if which == "k" else layer.n_embd_v
+        T = block.n_cells if cells is None else len(self._cells)
+        self.shape = (block.n_layers, n_kv_heads, T, width // n_kv_heads)
+        self._held: dict[int, np.ndarray] = {}
+        self._full: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def layer(self, il: int) -> np.ndarray:
+        """[H_kv, T, d] float32 of layer il (read-only)."""
+        il = int(il) + (self.shape[0] if il < 0 else 0)
+        if self._full is not None:
+            return self._full[il]
+        with self._lock:
+            got = self._held.get(il)
+            if got is None:
+                got = np.ascontiguousarray(self._convert(il))
+                got.flags.writeable = False
+                if len(self._held) >= self._HELD:
+                    self._held.pop(next(iter(self._held)))
+                self._held[il] = got
+            return got
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            return self.layer(key)
+        if isinstance(key, tuple) and key and isinstance(key[0], (int, np.integer)):
+            return self.layer(key[0])[key[1:]]
+        return self.__array__()[key]
+
+    def __array__(self, dtype=None, copy=None):
+        if self._full is None:
+            with self._lock:
+                if self._full is None:
+                    full = np.empty(self.shape, np.float32)
+                    for il in range(self.shape[0]):
+                        full[il] = self._held.get(il) if il in self._held else self._convert(il)
+                    full.flags.writeable = False
+                    self._full, self._held = full, {}
+        return self._full if dtype is None else self._full.astype(dtype)
+
+    def _convert(self, il: int) -> np.ndarray:
+        layer = self._block.layers[il]
+        rows, t = (layer.k, layer.k_type) if self._which == "k" else (layer.v, layer.v_type)
+        f = to_float(rows if self._cells is None else rows[self._cells], t)
+        return f.reshape(f.shape[0], self._heads, -1).transpose(1, 0, 2)
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        inputs = tuple(np.asarray(x) if isinstance(x, LayerFloats) else x for x in inputs)
+        return getattr(ufunc, method)(*inputs, **kwargs)
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.__array__(), name)     # .T, .reshape, .sum, ... on the whole array

@@ -7,12 +7,16 @@ every layer of the global block, its position (and M-RoPE ext), its media index 
 id, which orders the universe the next question chooses from.
 
 Where the rows live:
-- `ram`: a numpy array in host memory (on a unified-memory Mac or a CPU-only machine this gives part of
-  the saving back; on a discrete GPU it moves the cells from VRAM to cheaper RAM);
+- `ram`: numpy arrays in host memory, one per layer and K/V (on a unified-memory Mac or a CPU-only
+  machine this gives part of the saving back; on a discrete GPU it moves the cells from VRAM to cheaper
+  RAM);
 - `disk`: a file under a folder (default: a temporary one), written and read with plain file I/O (no
   mapping: the rows sit in the OS page cache, which the OS reclaims, not in the process), removed when
-  the store is closed or garbage collected, and at interpreter exit. Each appended batch carries a
-  CRC32, checked when rows are read, so a file changed or cut behind our back is a `RecallStoreError`.
+  the store is closed or garbage collected, and at interpreter exit. Each appended batch is laid out
+  layer by layer (K rows of layer 0, V rows of layer 0, K rows of layer 1, ...), so one layer of every
+  stored cell is read without the others (`layer_rows`: a re-selection holds one layer at a time, not
+  the store). Every segment carries a CRC32, checked when it is read, so a file changed or cut behind
+  our back is a `RecallStoreError`.
 
 Rows are stored in the cache's own type (bit-identical when recalled) unless `row_type` asks for f16,
 q8_0 or q4_0 (the codec's block formats; lossy for a lower type).
@@ -59,13 +63,10 @@ class RowLayout:
     def row_bytes(self) -> int:
         return sum(self.k_rows) + sum(self.v_rows)
 
-    def offsets(self) -> list[tuple[int, int, int, int]]:
-        """Per layer: (k start, k stop, v start, v stop) within a row."""
-        out, off = [], 0
-        for kr, vr in zip(self.k_rows, self.v_rows):
-            out.append((off, off + kr, off + kr, off + kr + vr))
-            off += kr + vr
-        return out
+    @property
+    def seg_rows(self) -> tuple[int, ...]:
+        """Bytes per row of each segment, in file order: K of layer 0, V of layer 0, K of layer 1, ..."""
+        return tuple(b for kv in zip(self.k_rows, self.v_rows) for b in kv)
 
 
 def row_layout(block: KVBlock, row_type: str | None) -> RowLayout:
@@ -92,6 +93,19 @@ def _row_bytes(type_id: int, n: int) -> int:
     return n // blck * size
 
 
+@dataclass
+class _Batch:
+    """One append to a disk store: rows [start, stop) at `offset`, each segment (a layer's K or V rows)
+    `written` rows long (more than stop - start once a rollback cut it), with a CRC32 per segment over
+    its valid rows."""
+
+    start: int
+    stop: int
+    offset: int
+    written: int
+    crcs: list[int]
+
+
 class RecallStore:
     """Rows of compacted cells, in host memory (`mode="ram"`) or a file (`"disk"`)."""
 
@@ -112,8 +126,8 @@ class RecallStore:
         self.media = np.zeros(0, np.int32)
         self.has_ext = False
         self.v_trans = False
-        self._data: np.ndarray | None = None     # ram: [capacity, row_bytes] uint8
-        self._batches: list[tuple[int, int, int]] = []   # disk: (start, stop, crc32) per append
+        self._segs: list[np.ndarray] | None = None   # ram: per segment (K0, V0, K1, ...) [capacity, bytes]
+        self._batches: list[_Batch] = []              # disk
         self._path: Path | None = None
         self._tmpdir: str | None = None
         self._finalizer = None
@@ -150,45 +164,52 @@ class RecallStore:
         lay = self.layout
         if len(block.layers) != len(lay.k_types):
             raise EdgeKVError("internal: the recall store got rows of another layer count")
-        n0, n1 = self.n, self.n + idx.size
-        if self.mode == "ram":
-            self._reserve(n1)
-            out = self._data[n0:n1]
-        else:
-            out = np.empty((idx.size, lay.row_bytes), np.uint8)
-        for il, (layer, (k0, k1, v0, v1)) in enumerate(zip(block.layers, lay.offsets())):
-            out[:, k0:k1] = _convert(layer.k[idx], lay.k_types[il], lay.k_store[il])
-            out[:, v0:v1] = _convert(layer.v[idx], lay.v_types[il], lay.v_store[il])
+        segs = []
+        for il, layer in enumerate(block.layers):
+            segs.append(_convert(layer.k[idx], lay.k_types[il], lay.k_store[il]))
+            segs.append(_convert(layer.v[idx], lay.v_types[il], lay.v_store[il]))
+        self._append(segs, idx.size)
         self.cid = np.concatenate([self.cid, cid.astype(np.int64)])
         self.pos = np.concatenate([self.pos, block.pos[idx].astype(np.int32)])
         self.media = np.concatenate([self.media, media.astype(np.int32)])
         if self.has_ext:
             self.ext = np.concatenate([self.ext, block.ext[idx].astype(np.int32)])
-        if self.mode == "disk":
-            self._write(n0, out)
-            self._batches.append((n0, n1, zlib.crc32(memoryview(out))))
+
+    def _append(self, segs: list[np.ndarray], k: int) -> None:
+        """k rows, given as their segments in stored types; advances n."""
+        n0, n1 = self.n, self.n + k
+        if self.mode == "ram":
+            self._reserve(n1)
+            for store, seg in zip(self._segs, segs):
+                store[n0:n1] = seg
+        else:
+            if self._path is None:
+                self._open_file()
+            last = self._batches[-1] if self._batches else None
+            offset = 0 if last is None else last.offset + last.written * self.layout.row_bytes
+            segs = [np.ascontiguousarray(seg) for seg in segs]
+            try:
+                with open(self._path, "r+b") as f:
+                    f.seek(offset)
+                    for seg in segs:
+                        f.write(memoryview(seg))
+            except OSError as e:
+                raise RecallStoreError(f"cannot write the recall store file {self._path}: {e.strerror or e}") from None
+            self._batches.append(_Batch(n0, n1, offset, k, [zlib.crc32(memoryview(seg)) for seg in segs]))
         self.n = n1
 
-    def _write(self, row0: int, rows: np.ndarray) -> None:
-        if self._path is None:
-            self._open_file()
-        try:
-            with open(self._path, "r+b") as f:
-                f.seek(row0 * self.layout.row_bytes)
-                f.write(memoryview(np.ascontiguousarray(rows)))
-        except OSError as e:
-            raise RecallStoreError(f"cannot write the recall store file {self._path}: {e.strerror or e}") from None
-
     def _reserve(self, n: int) -> None:
-        row = self.layout.row_bytes
-        cap = 0 if self._data is None else self._data.shape[0]
+        cap = 0 if self._segs is None else self._segs[0].shape[0]
         if n <= cap:
             return
         new_cap = max(n, cap + cap // 4, 256)   # RAM held stays close to what is stored
-        data = np.empty((new_cap, row), np.uint8)
-        if self._data is not None:
-            data[:self.n] = self._data[:self.n]
-        self._data = data
+        segs = []
+        for j, width in enumerate(self.layout.seg_rows):
+            seg = np.empty((new_cap, width), np.uint8)
+            if self._segs is not None:
+                seg[:self.n] = self._segs[j][:self.n]
+            segs.append(seg)
+        self._segs = segs
 
     def _open_file(self) -> None:
         if self.directory is None:
@@ -203,33 +224,58 @@ class RecallStore:
         self._finalizer = weakref.finalize(self, _remove, self._path, self._tmpdir)
 
     # --- reading --------------------------------------------------------------------------------
+    def layer_rows(self, il: int, which: str, n: int | None = None) -> np.ndarray:
+        """Layer il's K (`which="k"`) or V rows of the first n stored cells (all when None), in the
+        cache's type, store order: [n, row bytes] uint8. One layer is read, not the store."""
+        n = self.n if n is None else n
+        lay = self.layout
+        j = 2 * il + (which == "v")
+        stored = (lay.k_store if which == "k" else lay.v_store)[il]
+        cache = (lay.k_types if which == "k" else lay.v_types)[il]
+        return _convert(self._segments([j], n)[0], stored, cache)
+
     def rows(self, n: int | None = None) -> KVBlock:
         """The first n stored cells (all when None) as a KVBlock in the cache's types, in store order."""
         n = self.n if n is None else n
         if self.layout is None or n == 0:
             raise EdgeKVError("internal: rows() of an empty recall store")
-        data = self._checked(n)
-        lay, layers = self.layout, []
-        for il, (k0, k1, v0, v1) in enumerate(lay.offsets()):
-            layers.append(LayerKV(lay.k_types[il], _convert(data[:, k0:k1], lay.k_store[il], lay.k_types[il]),
-                                  lay.v_types[il], _convert(data[:, v0:v1], lay.v_store[il], lay.v_types[il])))
+        layers = [LayerKV(self.layout.k_types[il], self.layer_rows(il, "k", n), self.layout.v_types[il],
+                          self.layer_rows(il, "v", n)) for il in range(len(self.layout.k_types))]
         return KVBlock(pos=self.pos[:n].copy(), seq_id=np.zeros(n, np.int32),
                        ext=None if self.ext is None else self.ext[:n].copy(), v_trans=self.v_trans, layers=layers)
 
-    def _checked(self, n: int) -> np.ndarray:
-        """Rows [0, n), with the disk file checked first (a cut file would be a SIGBUS, not an error)."""
-        data = self._read(0, n)
+    def _segments(self, js: list[int], n: int) -> list[np.ndarray]:
+        """Segments js of rows [0, n) as stored: views of the RAM arrays, or read from the file (its size
+        and every batch's checksum checked: a file cut or changed behind our back is an error)."""
         if self.mode == "ram":
-            return data
-        for b0, b1, crc in self._batches:
-            if b0 >= n:
-                break
-            if b1 > n:   # a batch truncated away by a rollback is not read
-                continue
-            if zlib.crc32(memoryview(data[b0:b1])) != crc:
-                raise RecallStoreError(f"the recall store file {self._path} was changed (rows {b0}-{b1} "
-                                       "fail their checksum)")
-        return data
+            return [self._segs[j][:n] for j in js]
+        widths = self.layout.seg_rows
+        out = [np.empty((n, widths[j]), np.uint8) for j in js]
+        row = self.layout.row_bytes
+        try:
+            with open(self._path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                for b in self._batches:
+                    if b.start >= n:
+                        break
+                    if size < b.offset + b.written * row:
+                        raise RecallStoreError(f"the recall store file {self._path} was cut to {size} bytes "
+                                               f"(it held {b.offset + b.written * row})")
+                    valid = b.stop - b.start
+                    for o, j in zip(out, js):
+                        f.seek(b.offset + b.written * sum(widths[:j]))
+                        seg = np.empty((valid, widths[j]), np.uint8)
+                        f.readinto(memoryview(seg))
+                        if zlib.crc32(memoryview(seg)) != b.crcs[j]:
+                            raise RecallStoreError(f"the recall store file {self._path} was changed (rows "
+                                                   f"{b.start}-{b.stop} fail their checksum)")
+                        take = min(b.stop, n) - b.start
+                        o[b.start:b.start + take] = seg[:take]
+        except FileNotFoundError as e:
+            raise RecallStoreError(f"the recall store file {self._path} is gone ({e.strerror or e})") from None
+        except OSError as e:
+            raise RecallStoreError(f"cannot read the recall store file {self._path}: {e.strerror or e}") from None
+        return out
 
     # --- snapshots ------------------------------------------------------------------------------
     def truncate(self, n: int) -> None:
@@ -240,31 +286,12 @@ class RecallStore:
         self.cid, self.pos, self.media = self.cid[:n], self.pos[:n], self.media[:n]
         if self.ext is not None:
             self.ext = self.ext[:n]
-        self._batches = [b for b in self._batches if b[0] < n]
-        if self._batches and self._batches[-1][1] > n:   # re-checksum the cut batch
-            b0 = self._batches[-1][0]
-            self._batches[-1] = (b0, n, zlib.crc32(memoryview(self._read(b0, n))))
-
-    def _read(self, r0: int, r1: int) -> np.ndarray:
-        """Rows [r0, r1) as they are stored: a view of the RAM array, or read from the file, whose size
-        is checked first (a file cut behind our back is an error, not short rows)."""
-        if self.mode == "ram":
-            return self._data[r0:r1]
-        row = self.layout.row_bytes
-        try:
-            with open(self._path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size < r1 * row:
-                    raise RecallStoreError(f"the recall store file {self._path} was cut to {size} bytes "
-                                           f"(it held {r1 * row})")
-                f.seek(r0 * row)
-                data = np.empty((r1 - r0, row), np.uint8)
-                f.readinto(memoryview(data))
-        except FileNotFoundError as e:
-            raise RecallStoreError(f"the recall store file {self._path} is gone ({e.strerror or e})") from None
-        except OSError as e:
-            raise RecallStoreError(f"cannot read the recall store file {self._path}: {e.strerror or e}") from None
-        return data
+        self._batches = [b for b in self._batches if b.start < n]
+        if self._batches and self._batches[-1].stop > n:   # re-checksum the cut batch's segments
+            b = self._batches[-1]
+            segs = self._segments(list(range(len(self.layout.seg_rows))), b.stop)
+            b.stop = n
+            b.crcs = [zlib.crc32(memoryview(np.ascontiguousarray(seg[b.start:n]))) for seg in segs]
 
     def fork(self, n: int) -> "RecallStore":
         """A new store holding this one's first n rows (a restored snapshot's own copy)."""
@@ -272,21 +299,14 @@ class RecallStore:
         if self.layout is None or n == 0:
             return new
         new.layout, new.has_ext, new.v_trans = self.layout, self.has_ext, self.v_trans
-        rows = np.ascontiguousarray(self._checked(n))
-        if new.mode == "ram":
-            new._reserve(n)
-            new._data[:n] = rows
-        else:
-            new._write(0, rows)
-            new._batches = [(0, n, zlib.crc32(memoryview(rows)))]
+        new._append(self._segments(list(range(len(self.layout.seg_rows))), n), n)
         new.cid, new.pos, new.media = self.cid[:n].copy(), self.pos[:n].copy(), self.media[:n].copy()
         new.ext = None if self.ext is None else self.ext[:n].copy()
-        new.n = n
         return new
 
     def close(self) -> None:
         """Free the rows; a disk store's file (and its temporary folder) is removed. Idempotent."""
-        self._data = None
+        self._segs = None
         self.n = 0
         if self._finalizer is not None:
             self._finalizer()

@@ -31,7 +31,9 @@ class Span:
 class KVView:
     """What a method may look at. Arrays are read-only float32.
 
-    keys, values: [L, H_kv, T, d] post-RoPE K and V as cached, tokens in position order. On a quantized
+    keys, values: [L, H_kv, T, d] post-RoPE K and V as cached, tokens in position order (an ndarray, or
+                  an array-like that makes a layer when indexed by layer and the whole array for any
+                  other use: index by layer where you can). On a quantized
                   cache llama.cpp stores them Hadamard-rotated over d (edgekv.kv.rotation): norms, dot
                   products, cosines and weighted means of rows are as without it.
     candidates:   [T] bool, tokens the method may evict or merge (the media spans by default). Every
@@ -84,8 +86,8 @@ class KVView:
             self.positions = np.arange(self.n_tokens)
         if not self.spans:
             self.spans = (Span(0, self.n_tokens, "media"),)
-        for a in (self.keys, self.values, self.candidates):
-            if a.flags.writeable and a.flags.owndata:
+        for a in (self.keys, self.values, self.candidates):   # (keys/values may be lazy array-likes)
+            if isinstance(a, np.ndarray) and a.flags.writeable and a.flags.owndata:
                 a.flags.writeable = False
 
     # --- shapes ---------------------------------------------------------------------------------

@@ -70,6 +70,7 @@ class CompressedCache:
         self.plan_as_chunk = False   # see compact()
         self.store = store           # the recall store (kv/store.py); None: recall off
         self.reprefill = "question"  # recall: what is prefilled again when cells come back ("question" / "last")
+        self.recall_min_share = 0.0  # recall: bring cells back only when a head gets this much attention from them
         self.batch = llama_cpp.llama_batch_init(model.n_batch, 0, 1)
         self.reset()
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgekv.errors import EdgeKVError
-from edgekv.kv.packer import layer_floats, pack_block
+from edgekv.kv.packer import LayerFloats, layer_floats, pack_block
 from edgekv.methods import KVView, Method, Span
 from edgekv.methods.parallel import planning_threads
 
@@ -126,6 +126,7 @@ def compact(cache, meth: Method, region, budget_cells: int, *, use_queries: bool
             region.keep_as_is()
         else:
             plan, merged = _cells_and_merges(meth, view, cells, plan, base, lay.n_head_kv)
+            region.planned(view, cells)
             del view
             new_base, src = pack_block(base, plan, region.cand, lay.n_head_kv, merged)
             if region.unchanged(new_base):   # the context already holds this choice: write nothing
@@ -133,9 +134,13 @@ def compact(cache, meth: Method, region, budget_cells: int, *, use_queries: bool
                 region.release()
             else:
                 region.recalled_n = region.recalled(new_base, src, plan)
-                region.store_originals()
-                region.write(new_base)
-                region.settle(src, new_base.pos)
+                if region.not_worth_it():    # what would come back carries too little attention
+                    rewritten, region.recalled_n = False, 0
+                    region.release()
+                else:
+                    region.store_originals()
+                    region.write(new_base)
+                    region.settle(src, new_base.pos)
     except BaseException:
         region.release()
         if store is not None:
@@ -149,7 +154,7 @@ def compact(cache, meth: Method, region, budget_cells: int, *, use_queries: bool
         nominal_mean=float(plan.nominal.mean()) if plan is not None else float(budget_cells),
         nominal_max=int(plan.nominal.max()) if plan is not None else budget_cells,
         merged=plan is not None and plan.merge_to is not None, window=window,
-        info=dict(plan.info) if plan is not None else {},
+        info=(dict(plan.info) if plan is not None else {}) | region.extra_info(),
         store_cells=0 if store is None else store.n, store_bytes=0 if store is None else store.nbytes,
         store_where=None if store is None else store.where, reselect=region.reselect,
         recalled=region.recalled_n, rewritten=rewritten,
@@ -160,11 +165,13 @@ def method_view(meth: Method, base, n_kv_heads: int, cand: np.ndarray, spans: tu
                 scale: float, seed: int, rope: tuple[float, bool] | None = None, window_outside: bool = False,
                 key_rotation: np.ndarray | None = None) -> tuple[KVView, np.ndarray | None]:
     """The view `meth` plans on, converting to float32 only what it reads (Method.view_cells,
-    reads_keys, reads_values), and the cells it covers (None: all, in order). window_outside: a view of
-    the candidates alone, with the window's queries (as a LastChunk plans). key_rotation: llama.cpp's
-    rotation of a quantized K cache (KVView.key_rotation)."""
+    reads_keys, reads_values; a layer at a time where it reads by layer), and the cells it covers (None:
+    all, in order). window_outside: a view of the candidates alone, with the window's queries (as a
+    LastChunk plans). key_rotation: llama.cpp's rotation of a quantized K cache (KVView.key_rotation)."""
     cells = np.flatnonzero(cand) if meth.view_cells == "candidates" or window_outside else None
-    K, V = layer_floats(base, n_kv_heads, cells, keys=meth.reads_keys, values=meth.reads_values)
+    # floats made a layer at a time as the method reads them (LayerFloats), not the whole block at once
+    K = LayerFloats(base, n_kv_heads, cells, "k") if meth.reads_keys else None
+    V = LayerFloats(base, n_kv_heads, cells, "v") if meth.reads_values else None
     T = base.n_cells if cells is None else len(cells)
     shape = (base.n_layers, n_kv_heads, T, base.layers[0].n_embd_k // n_kv_heads)
     empty = np.broadcast_to(np.float32(0), shape)

@@ -102,3 +102,21 @@ def tensor_get(t: int, dst: ctypes.c_void_p, nbytes: int) -> None:
 
 def tensor_nbytes(t: int) -> int:
     return int(libggml.ggml_nbytes(t))
+
+
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim   # glibc; macOS and musl have none (nothing to do there)
+    except (AttributeError, OSError):
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc `malloc_trim`). A compaction frees many
+    layer-sized temporaries that glibc keeps resident; a new state blob is a fresh mapping, so without
+    this they would add to the peak RSS when the whole context is written (docs/recall.md, "Memory")."""
+    if _TRIM is not None:
+        _TRIM(0)

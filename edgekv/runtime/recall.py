@@ -6,6 +6,8 @@ conversation's method scores every cell, in the context and in the store (the `U
 runtime/compactor.py), filling as many cells as the context holds now (`slots_for`):
 
 - the chosen set is the context's: nothing is written (the report says `rewritten=False`);
+- the cells that would come back hold under `recall_min_share` of every KV head's window attention on its
+  chosen cells (`info["recall_share"]`, the largest): the context stays as it is, likewise;
 - otherwise the context is rewritten with it (cells coming back at their true positions, cells leaving
   to the store). When stored cells came back, the question's own cells (the text run since the last
   media or answer) are removed exactly and prefilled again, so they see the new context; with passes=2
@@ -22,6 +24,10 @@ from edgekv.kv.store import RecallStoreError
 from edgekv.methods import resolve_budget
 from edgekv.runtime.compactor import CompactionReport
 from edgekv.runtime.kinds import FROZEN, PACKED
+
+# Session(recall_min_share=): cells come back only when some KV head would get this share of the window's
+# attention on its chosen cells from them (docs/recall.md, "When nothing needs to come back")
+DEFAULT_MIN_SHARE = 0.1
 
 
 def due(cache) -> bool:

@@ -28,6 +28,7 @@ from edgekv.runtime.lib import llama_cpp
 def write_or_restore(cache, new_state: SeqState, blob, what: str) -> int:
     """Write `new_state` as sequence 0; when llama.cpp refuses it, put `blob` (what was read) back and
     raise CompactionError. Returns the K+V bytes written."""
+    lib.release_free_memory()      # before the new blob: planning's freed temporaries leave the peak
     if not cache.set_state(state_buffer(new_state)):
         restored = cache.set_state(blob)
         raise CompactionError(f"llama.cpp refused the {what}"
@@ -50,6 +51,15 @@ class Region:
 
     def unchanged(self, new_base) -> bool:
         return False
+
+    def planned(self, view, cells) -> None:
+        """Sees the method's view before it is dropped (Universe keeps the window's attention)."""
+
+    def not_worth_it(self) -> bool:
+        return False
+
+    def extra_info(self) -> dict:
+        return {}
 
 
 class WholeSequence(Region):

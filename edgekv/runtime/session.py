@@ -28,6 +28,7 @@ from edgekv.runtime.lifetime import Closable
 from edgekv.runtime.media import ImageInput
 from edgekv.runtime.model import Model
 from edgekv.runtime.prefill import Prefiller, Progress
+from edgekv.runtime.recall import DEFAULT_MIN_SHARE
 from edgekv.runtime.snapshot import SessionSnapshot, SessionState
 from edgekv.runtime.transaction import Transactions
 from edgekv.runtime.turn import CancelToken, TurnGuard
@@ -58,7 +59,10 @@ class Session(Closable, SessionState):
               recall_dir: the disk store's folder (default a temporary one); recall_type: store rows as
               f16, q8_0 or q4_0 (default: the cache's own type, bit-exact); recall_reprefill: when cells
               come back, prefill the question's text again ("question") or its last token alone ("last");
-              recall_passes: choose this many times per question (each with the window re-captured).
+              recall_passes: choose this many times per question (each with the window re-captured);
+              recall_min_share: bring cells back only when, in some KV head, they would hold at least this
+              share of the window's attention on the chosen cells (0: whenever the chosen set differs;
+              None: runtime/recall.py's DEFAULT_MIN_SHARE).
     """
 
     probe: str | bool = True
@@ -69,7 +73,8 @@ class Session(Closable, SessionState):
                  auto_compact: bool = True, early_compact: bool = True,
                  method_kwargs: dict | None = None, progress: Progress | None = None,
                  probe: str | bool = True, recall: str = "off", recall_dir: str | os.PathLike | None = None,
-                 recall_type: str | None = None, recall_reprefill: str = "question", recall_passes: int = 1) -> None:
+                 recall_type: str | None = None, recall_reprefill: str = "question", recall_passes: int = 1,
+                 recall_min_share: float | None = None) -> None:
         self._closed = True  # until attached: close() and __del__ must not detach another session
         if compress not in ("media", "all"):
             raise EdgeKVError(f"compress must be 'media' or 'all', got {compress!r}")
@@ -108,6 +113,12 @@ class Session(Closable, SessionState):
             self.close()
             raise EdgeKVError(f"recall_reprefill must be 'question' or 'last', got {recall_reprefill!r}")
         self.cache.reprefill = recall_reprefill
+        if recall_min_share is None:
+            recall_min_share = DEFAULT_MIN_SHARE   # (`recall` here is the argument, not the module)
+        if not 0.0 <= recall_min_share < 1.0:
+            self.close()
+            raise EdgeKVError(f"recall_min_share must be in [0, 1), got {recall_min_share}")
+        self.cache.recall_min_share = float(recall_min_share)
         self.prefiller = Prefiller(self.cache, self.window, self._make_room, self._turns, progress,
                                   on_media_chunk=self._after_media_chunk)
         # Streaming prefill (edgekv.runtime.streaming): called as hook(session, n_tokens) after every media

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgekv.kv.codec import KVBlock, LayerKV, SeqState, parse_state
+from edgekv.kv.codec import KVBlock, LazyLayerKV, SeqState, parse_state
 from edgekv.methods import Method, Span
 from edgekv.runtime.kinds import COVERED, PACKED, PENDING, spans_of
 from edgekv.runtime.regions import Region, write_or_restore
@@ -27,6 +27,7 @@ class Universe(Region):
     def __init__(self, cache, cand: np.ndarray, cap: bool) -> None:
         self.cache, self.ctx_cand, self.cap = cache, cand, cap
         self.blob = self.state = None
+        self.scores = self.share = None      # window attention on the universe; recalled heads' share
 
     def accepts(self, meth: Method, queries) -> bool:
         return True
@@ -49,19 +50,20 @@ class Universe(Region):
         keep = np.flatnonzero(c.cid != COVERED)        # originals and frozen slots
         kind = np.where((c.kind == PACKED) & (c.cid >= 0), PENDING, c.kind)   # packed originals: what they were
         kind, media, cid, cands, pos = [kind[keep]], [c.media[keep]], [c.cid[keep]], [cand[keep]], [ctx.pos[keep]]
-        store = c.store
-        stored = store.rows() if store is not None and store.n else None
-        if stored is not None:
+        store = c.store if c.store is not None and c.store.n else None
+        if store is not None:
             kind.append(np.full(store.n, PENDING, np.int8))
             media.append(store.media)
             cid.append(store.cid)
             cands.append(np.ones(store.n, bool))
-            pos.append(stored.pos)
+            pos.append(store.pos)
         kind, media, cid, cands, pos = (np.concatenate(a) for a in (kind, media, cid, cands, pos))
         order = np.lexsort((cid, pos))                 # prefill order; frozen slots first at a position
         self.kind, self.media, self.cid = kind[order], media[order], cid[order]
         self.cand, self.from_store = cands[order], order >= len(keep)
-        self.base = _gather(ctx, keep, stored, order)
+        self.ctx_index = np.full(len(order), -1, np.int64)       # the context cell behind a universe cell
+        self.ctx_index[~self.from_store] = keep[order[~self.from_store]]
+        self.base = _gather(ctx, keep, store, order)
         # packed cells that stay whole here (the cell before the question) take one of the slots
         self.held_back = int(((c.kind == PACKED) & (c.cid >= 0) & ~cand).sum())
         return self.base
@@ -78,13 +80,27 @@ class Universe(Region):
     def wants_plan(self, meth: Method, slots: int, n_candidates: int) -> bool:
         return slots < n_candidates or meth.name == "full"
 
+    def planned(self, view, cells) -> None:
+        """Keeps the window's attention on every universe cell [L, H_kv, N] when the method computed it
+        (or the gate needs it): what `recalled` weighs the cells coming back with."""
+        if view.queries is None or not ("_window_reductions" in view.__dict__ or self.cache.recall_min_share > 0):
+            return
+        ws = np.asarray(view.window_scores)
+        if cells is None:
+            self.scores = ws
+        else:
+            self.scores = np.zeros(ws.shape[:2] + (len(self.cand),), np.float32)
+            self.scores[..., cells] = ws
+
     def recalled(self, new_base, src: np.ndarray, plan) -> int:
-        """Stored cells the plan puts in a (layer, head) whose context rows do not hold them already."""
+        """Stored cells the plan puts in a (layer, head) whose context rows do not hold them already;
+        `share` [L, H_kv]: their part of the window's attention on the cells chosen for that head."""
         stored = self.from_store
         if not stored.any():
             return 0
-        n_heads = plan.keep.shape[1]
+        L, n_heads = plan.keep.shape[:2]
         back = np.zeros(len(stored), bool)
+        share = np.zeros((L, n_heads)) if self.scores is not None else None
         for il, (old, new) in enumerate(zip(self.ctx.layers, self.base.layers)):
             have = _head_hashes(old.k, n_heads)                  # [n_ctx, H]
             for h in range(n_heads):
@@ -92,8 +108,28 @@ class Universe(Region):
                 idx = idx[stored[idx]]
                 if idx.size:
                     mine = _head_hashes(new.k[idx], n_heads)[:, h]
-                    back[idx[~np.isin(mine, have[:, h])]] = True
+                    came = idx[~np.isin(mine, have[:, h])]
+                    back[came] = True
+                    if share is not None and came.size:
+                        total = float(self.scores[il, h, plan.keep[il, h]].sum())
+                        share[il, h] = float(self.scores[il, h, came].sum()) / total if total > 0 else 0.0
+        self.share = share
         return int(back.sum())
+
+    def not_worth_it(self) -> bool:
+        """Session(recall_min_share=s): no head would get s of its window attention from the cells coming
+        back, and nothing new waits to be compacted: the context stays, and no question is prefilled again."""
+        s = self.cache.recall_min_share
+        if s > 0 and self.share is not None and not self.ctx_cand.any() and self.share.max() < s:
+            self.bytes_after = self.state.nbytes
+            return True
+        return False
+
+    def extra_info(self) -> dict:
+        if self.share is None:
+            return {}
+        return {"recall_share": round(float(self.share.max()), 4),
+                "recall_share_mean": round(float(self.share.mean()), 4)}
 
     def unchanged(self, new_base) -> bool:
         old = self.ctx
@@ -152,7 +188,8 @@ class Universe(Region):
         if c.store is None:
             return
         idx = np.flatnonzero(self.cand & ~self.from_store & (self.cid >= 0))
-        c.store.add(self.base, idx, self.cid[idx], self.media[idx])
+        # the context's own rows (a view of the blob), not the universe's, which gathers on every read
+        c.store.add(self.ctx, self.ctx_index[idx], self.cid[idx], self.media[idx])
 
     def settle(self, src: np.ndarray, pos: np.ndarray) -> None:
         c = self.cache
@@ -175,9 +212,9 @@ class Universe(Region):
         pass
 
 
-def _gather(ctx: KVBlock, keep: np.ndarray, stored: KVBlock | None, order: np.ndarray) -> KVBlock:
-    """The context's cells `keep` and the stored cells, in `order` (indices into keep + stored), copied
-    once into one block."""
+def _gather(ctx: KVBlock, keep: np.ndarray, store, order: np.ndarray) -> KVBlock:
+    """The context's cells `keep` and the stored cells, in `order` (indices into keep + stored): one
+    block whose layers are gathered when read (`GatheredLayerKV`), so the universe is never held whole."""
     n_ctx = len(keep)
     src_ctx, src_store = order < n_ctx, order >= n_ctx
     at_ctx, at_store = np.flatnonzero(src_ctx), np.flatnonzero(src_store)
@@ -190,14 +227,29 @@ def _gather(ctx: KVBlock, keep: np.ndarray, stored: KVBlock | None, order: np.nd
             out[at_store] = a_store[from_store]
         return out
 
-    layers = []
-    for il, layer in enumerate(ctx.layers):
-        sl = None if stored is None else stored.layers[il]
-        layers.append(LayerKV(layer.k_type, put(layer.k, None if sl is None else sl.k), layer.v_type,
-                              put(layer.v, None if sl is None else sl.v)))
-    ext = None if ctx.ext is None else put(ctx.ext, None if stored is None else stored.ext)
-    return KVBlock(pos=put(ctx.pos, None if stored is None else stored.pos),
+    layers = [GatheredLayerKV(layer, il, store, put, len(order)) for il, layer in enumerate(ctx.layers)]
+    ext = None if ctx.ext is None else put(ctx.ext, None if store is None else store.ext)
+    return KVBlock(pos=put(ctx.pos, None if store is None else store.pos),
                    seq_id=np.zeros(len(order), np.int32), ext=ext, v_trans=ctx.v_trans, layers=layers)
+
+
+class GatheredLayerKV(LazyLayerKV):
+    """One layer of the universe: the context's rows and the store's (read from the file for a disk
+    store), put in prefill order when read. Each read gathers anew: the planner, the packer and the
+    writer take one layer at a time, so host memory holds a layer, not the store."""
+
+    def __init__(self, ctx_layer, il: int, store, put, n_cells: int) -> None:
+        self._ctx, self._il, self._store, self._put = ctx_layer, il, store, put
+        self.k_type, self.v_type = ctx_layer.k_type, ctx_layer.v_type
+        self.k_row, self.v_row, self.n_cells = ctx_layer.k_row, ctx_layer.v_row, n_cells
+
+    @property
+    def k(self) -> np.ndarray:
+        return self._put(self._ctx.k, None if self._store is None else self._store.layer_rows(self._il, "k"))
+
+    @property
+    def v(self) -> np.ndarray:
+        return self._put(self._ctx.v, None if self._store is None else self._store.layer_rows(self._il, "v"))
 
 
 _HASH_W = np.random.default_rng(12345).integers(1, 2**63, size=4096, dtype=np.uint64) | np.uint64(1)

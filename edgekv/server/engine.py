@@ -95,14 +95,14 @@ class Engine:
                  compress: str = "media", seed: int = 0, queue_size: int = 8, cache_bytes: int = 1 << 30,
                  max_image_pixels: int = 50_000_000, max_tokens: int = 1024, recall: str = "off",
                  recall_dir: str | None = None, recall_type: str | None = None,
-                 recall_disk_bytes: int | None = None) -> None:
+                 recall_disk_bytes: int | None = None, recall_min_share: float | None = None) -> None:
         self.model, self.model_id = model, model_id
         self.default_method, self.default_budget = method, budget
         self.max_image_pixels, self.max_tokens = max_image_pixels, max_tokens
         # recall: each kept conversation keeps its store (a RAM store counts against cache_bytes; an evicted
         # conversation's store goes with it, its file removed once nothing holds it)
         self.session = Session(model, method=method, budget=budget, compress=compress, seed=seed, recall=recall,
-                               recall_dir=recall_dir, recall_type=recall_type)
+                               recall_dir=recall_dir, recall_type=recall_type, recall_min_share=recall_min_share)
         self.default_probe = self.session.probe   # put back after every turn (see _turn)
         self.cache = ConversationCache(cache_bytes, recall_disk_bytes)
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
@@ -402,7 +402,8 @@ class Engine:
                 "reselected": bool(re), "rewritten": any(r.rewritten for r in re),
                 "recalled_cells": sum(r.recalled for r in re),
                 "reprefill_tokens": sum(r.reprefill_tokens for r in re),
-                "reselect_s": round(sum(r.seconds for r in re), 6), "error": s.recall_error}
+                "reselect_s": round(sum(r.seconds for r in re), 6),
+                "share": max((r.info.get("recall_share", 0.0) for r in re), default=None), "error": s.recall_error}
 
     def stats(self) -> dict:
         return {"model": self.model_id, "busy": self.busy, "queued": self.queued,
