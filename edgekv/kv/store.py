@@ -244,18 +244,21 @@ class RecallStore:
         return KVBlock(pos=self.pos[:n].copy(), seq_id=np.zeros(n, np.int32),
                        ext=None if self.ext is None else self.ext[:n].copy(), v_trans=self.v_trans, layers=layers)
 
-    def _segments(self, js: list[int], n: int) -> list[np.ndarray]:
-        """Segments js of rows [0, n) as stored: views of the RAM arrays, or read from the file (its size
-        and every batch's checksum checked: a file cut or changed behind our back is an error)."""
+    def _segments(self, js: list[int], n: int, start: int = 0) -> list[np.ndarray]:
+        """Segments js of rows [start, n) as stored: views of the RAM arrays, or read from the file (only
+        the batches holding those rows; the file's size and each batch's checksums checked: a file cut or
+        changed behind our back is an error). `start` is a batch's first row."""
         if self.mode == "ram":
-            return [self._segs[j][:n] for j in js]
+            return [self._segs[j][start:n] for j in js]
         widths = self.layout.seg_rows
-        out = [np.empty((n, widths[j]), np.uint8) for j in js]
+        out = [np.empty((n - start, widths[j]), np.uint8) for j in js]
         row = self.layout.row_bytes
         try:
             with open(self._path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 for b in self._batches:
+                    if b.start < start:
+                        continue
                     if b.start >= n:
                         break
                     if size < b.offset + b.written * row:
@@ -270,7 +273,7 @@ class RecallStore:
                             raise RecallStoreError(f"the recall store file {self._path} was changed (rows "
                                                    f"{b.start}-{b.stop} fail their checksum)")
                         take = min(b.stop, n) - b.start
-                        o[b.start:b.start + take] = seg[:take]
+                        o[b.start - start:b.start - start + take] = seg[:take]
         except FileNotFoundError as e:
             raise RecallStoreError(f"the recall store file {self._path} is gone ({e.strerror or e})") from None
         except OSError as e:
@@ -287,11 +290,11 @@ class RecallStore:
         if self.ext is not None:
             self.ext = self.ext[:n]
         self._batches = [b for b in self._batches if b.start < n]
-        if self._batches and self._batches[-1].stop > n:   # re-checksum the cut batch's segments
+        if self._batches and self._batches[-1].stop > n:   # re-checksum the cut batch's segments (it alone)
             b = self._batches[-1]
-            segs = self._segments(list(range(len(self.layout.seg_rows))), b.stop)
+            segs = self._segments(list(range(len(self.layout.seg_rows))), b.stop, start=b.start)
             b.stop = n
-            b.crcs = [zlib.crc32(memoryview(np.ascontiguousarray(seg[b.start:n]))) for seg in segs]
+            b.crcs = [zlib.crc32(memoryview(np.ascontiguousarray(seg[:n - b.start]))) for seg in segs]
 
     def fork(self, n: int) -> "RecallStore":
         """A new store holding this one's first n rows (a restored snapshot's own copy)."""

@@ -103,11 +103,12 @@ class Universe(Region):
         share = np.zeros((L, n_heads)) if self.scores is not None else None
         for il, (old, new) in enumerate(zip(self.ctx.layers, self.base.layers)):
             have = _head_hashes(old.k, n_heads)                  # [n_ctx, H]
+            rows = new.k      # gathered (a disk store read) once per layer, not once per head
             for h in range(n_heads):
                 idx = plan.keep[il, h]
                 idx = idx[stored[idx]]
                 if idx.size:
-                    mine = _head_hashes(new.k[idx], n_heads)[:, h]
+                    mine = _head_hashes(rows[idx], n_heads)[:, h]
                     came = idx[~np.isin(mine, have[:, h])]
                     back[came] = True
                     if share is not None and came.size:
