@@ -2,8 +2,9 @@
 
 A cache type is written `q8_0` (K and V alike) or `q8_0/q4_0` (K type / V type). The table
 (edgekv/data/kv_memory.json, written by scripts/kv_memory_table.py from an `edgekv eval --cache-types`
-run) lists measured points: cache types, budget, bytes as a fraction of the full f16 cache, and the score
-relative to the full f16 cache. `pick(ratio)` takes the best-scoring point whose bytes fit the ratio.
+run) lists measured points: cache types, budget, the sliding-window block's share (Gemma 3; 1 where absent),
+bytes as a fraction of the full f16 cache, and the score relative to the full f16 cache. `pick(ratio)` takes
+the best-scoring point whose bytes fit the ratio.
 """
 from __future__ import annotations
 
@@ -98,6 +99,7 @@ class Pick:
     ratio: float          # measured KV bytes / full f16 cache bytes of this point
     score: float          # measured score relative to the full f16 cache
     target: float         # the ratio asked for
+    swa_budget: float = 1.0   # sliding-window models: the window block's share (Session(swa_budget=))
 
     @property
     def cache_type(self) -> str:
@@ -105,6 +107,8 @@ class Pick:
 
     def describe(self, asked: str = "") -> str:
         b = "no eviction" if self.budget >= 1 else f"budget {self.budget:g}"
+        if self.swa_budget < 1:
+            b += f", sliding-window block {self.swa_budget:g}"
         asked = f"{asked} = " if asked and asked != f"{self.target:g}" else ""
         return (f"--kv-memory {asked}{self.target:.3g} of the f16 cache: {self.cache_type} cache, {b} (measured "
                 f"{self.ratio:.2f} of the f16 cache's bytes, {self.score:.2f} of its score)")
@@ -141,7 +145,8 @@ def pick(ratio: float, table: dict | None = None) -> Pick:
                             if least is not None else "the --kv-memory table holds no points")
     best = max(fits, key=lambda p: (p["score"], p["ratio"]))
     k, v = parse_cache_type(best["cache_type"])
-    return Pick(k, v, float(best["budget"]), float(best["ratio"]), float(best["score"]), float(ratio))
+    return Pick(k, v, float(best["budget"]), float(best["ratio"]), float(best["score"]), float(ratio),
+                float(best.get("swa_budget", 1.0)))
 
 
 def full_f16_bytes(layout, n_ctx: int) -> int:
@@ -165,7 +170,8 @@ def provenance(table: dict | None = None) -> str:
 
 def model_options(ratio: float, base=None):
     """(ModelOptions with the picked cache types, budget, Pick) for the Python API:
-    `opts, budget, p = kv_memory.model_options(0.25); Model.load(path, opts); Session(m, budget=budget)`."""
+    `opts, budget, p = kv_memory.model_options(0.25); Model.load(path, opts)`, then
+    `Session(m, budget=budget, swa_budget=p.swa_budget)`."""
     from edgekv.runtime.options import ModelOptions
 
     p = pick(ratio)

@@ -3,7 +3,8 @@
     python scripts/kv_memory_table.py results/frontier/media-1k2k [--task retrieval] [--regime after]
 
 Keeps every point of one task and regime (`front`: it sets a new best score going up in bytes, see
-edgekv/eval/frontier.py), each with its cache type, budget, bytes and score relative to the full f16 cache,
+edgekv/eval/frontier.py), each with its cache type, budget, the sliding-window block's share (`hybridkv+swa0.25`
+runs; 1 otherwise), bytes and score relative to the full f16 cache,
 its interval and n; and where they come from (the eval's commands, model, date, n).
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 import time
 from pathlib import Path
 
+from edgekv.eval.engine import split_swa
 from edgekv.eval.frontier import front, points
 from edgekv.eval.runner import CONFIG, load_records
 from edgekv.kv_memory import TABLE
@@ -35,7 +37,8 @@ def build_table(run_dir: Path, task: str = "retrieval", regime: str = "after") -
                    "n": min(p.n for p in pts), "date": time.strftime("%Y-%m-%d"),
                    "media": bool(cfg.get("grid", {}).get("media")),
                    "flash_attn": cfg.get("grid", {}).get("flash_attn", "off")},
-        "points": [{"cache_type": p.cache_type, "budget": p.budget, "method": p.method,
+        "points": [{"cache_type": p.cache_type, "budget": p.budget, "method": split_swa(p.method)[0],
+                    "swa_budget": split_swa(p.method)[1],
                     "ratio": round(p.bytes_ratio, 4), "score": round(p.relative, 4),
                     "ci": [round(c, 4) for c in p.ci] if p.ci else None, "n": p.n, "front": p in on_front}
                    for p in sorted(pts, key=lambda p: p.bytes_ratio) if p.relative is not None],
@@ -55,6 +58,7 @@ def main() -> None:
     print(f"{a.out}: {len(table['points'])} points from {a.run} (n={table['source']['n']})")
     for p in table["points"]:
         print(f"  {'*' if p['front'] else ' '} {p['cache_type']:>10} {p['method']:>9} {p['budget']:<5g} "
+              f"swa {p['swa_budget']:<5g} "
               f"bytes {p['ratio']:.3f}  score {p['score']:.2f}")
 
 

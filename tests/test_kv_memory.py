@@ -246,3 +246,24 @@ def test_a_quantized_v_pick_with_flash_attention_off_is_one_error(table, tiny_pa
     r = run("chat", "-m", model, "--mmproj", mmproj, "-p", "hi", "-n", 1, "-t", THREADS, "--kv-memory", "0.4",
             "-fa", "off", "-ctv", "f16", "--no-report")
     assert r.exit_code == 0 and "using K q8_0, V f16, budget 0.25" in _picked(r.output), r.output
+
+
+def test_a_point_with_a_thinned_window_block(tmp_path, monkeypatch, gemma_path):
+    """A table point measured with `hybridkv+swa0.25` carries the window block's share into the pick, the
+    line on stderr and the Session; an explicit --swa-budget wins over it."""
+    t = dict(TABLE, points=TABLE["points"] + [{"cache_type": "q4_0", "budget": 0.25, "method": "hybridkv",
+                                               "swa_budget": 0.25, "ratio": 0.08, "score": 0.8, "n": 8}])
+    p = tmp_path / "kv_memory.json"
+    p.write_text(json.dumps(t))
+    monkeypatch.setenv(km.TABLE_ENV, str(p))
+    got = km.pick(0.1)
+    assert tuple(got) == ("q4_0", "q4_0", 0.25) and got.swa_budget == 0.25
+    assert km.pick(0.4).swa_budget == 1.0            # a point without the field keeps the whole block
+    base = ("chat", "-m", gemma_path, "-p", "hi", "-n", 1, "-t", THREADS, "-c", 1024, "--no-report")
+    r = run(*base, "--kv-memory", "0.1")
+    assert r.exit_code == 0, r.output
+    assert "budget 0.25, sliding-window block 0.25" in _picked(r.output)
+    r = run(*base, "--kv-memory", "0.1", "--swa-budget", "1")
+    assert r.exit_code == 0, r.output
+    line = _picked(r.output)
+    assert "given explicitly: --swa-budget 1" in line and line.endswith("budget 0.25; context 256 cells"), line

@@ -50,6 +50,7 @@ class CaptionConfig:
     model_options: ModelOptions = field(default_factory=ModelOptions)   # -c, -b, -t, -fa, -ctk/-ctv, ...
     method: str = "auto"
     budget: float | int | str = 0.25
+    swa_budget: float = 1.0            # Session(swa_budget=): sliding-window models' window block share
     compress: str = "media"
     prompt: str = DEFAULT_PROMPT
     system: str | None = None
@@ -137,7 +138,8 @@ class Captioner:
         from edgekv.runtime.streaming import VIDEO_MARKER, streaming
 
         c = self.config
-        self.session = Session(self.model, method=c.method, budget=c.budget, compress=c.compress, seed=c.seed)
+        self.session = Session(self.model, method=c.method, budget=c.budget, compress=c.compress, seed=c.seed,
+                               swa_budget=c.swa_budget)
         if c.max_kv_cells is not None:
             streaming(self.session)  # every image / frame chunk compacted right after its prefill
         self.full_prompt, self.head, self.tail = self._split(mtmd_cpp.mtmd_default_marker().decode(), c.prompt)

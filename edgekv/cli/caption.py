@@ -50,7 +50,7 @@ def _ray_address(ctx, param, value):
 @click.option("--concurrency", type=click.IntRange(1), default=1, show_default=True,
               help="Ray: number of actors (one loaded model each).")
 @click.option("--num-gpus", type=click.FloatRange(0), default=0, show_default=True, help="Ray: GPUs per actor.")
-def caption(model, mmproj, hf_repo, offline, model_opts, method, budget, compress, video_fps, video_max_frames, max_kv_cells, kv_memory, inputs,
+def caption(model, mmproj, hf_repo, offline, model_opts, method, budget, compress, swa_budget, video_fps, video_max_frames, max_kv_cells, kv_memory, inputs,
             recursive, output, caption_extension, errors_file, overwrite, prompt, prompt_file, prefix, max_tokens,
             temperature, top_p, top_k, min_p, stops, seed, no_progress,
             ray_address, concurrency, num_gpus):
@@ -96,8 +96,8 @@ def caption(model, mmproj, hf_repo, offline, model_opts, method, budget, compres
             model_path, mmproj_path = _resolve_model(model, mmproj, hf_repo, offline)
             cap_option = "--max-kv-cells"   # what sets the context when it is capped (a hint names it)
             if kv_memory is not None:   # cache types, budget and (as --max-kv-cells) the context from one knob
-                model_opts, budget, cells, picked = apply_kv_memory(kv_memory, model_opts, budget,
-                                                                    (model_path, mmproj_path))
+                model_opts, budget, cells, picked, swa_budget = apply_kv_memory(
+                    kv_memory, model_opts, budget, (model_path, mmproj_path), swa_budget)
                 if max_kv_cells is None and cells is not None:
                     max_kv_cells, cap_option = cells, "--kv-memory"
                 click.echo(f"edgekv: {picked}; context {max_kv_cells or model_opts.n_ctx} cells", err=True)
@@ -105,6 +105,7 @@ def caption(model, mmproj, hf_repo, offline, model_opts, method, budget, compres
                 model_opts = model_opts.with_(threads=max(1, (os.cpu_count() or 1) // concurrency))
             cfg = CaptionConfig(model=str(model_path), mmproj=str(mmproj_path) if mmproj_path else None,
                                 model_options=model_opts, method=method, budget=budget, compress=compress,
+                                swa_budget=swa_budget,
                                 prompt=prompt or DEFAULT_PROMPT, prefix=prefix, max_tokens=max_tokens,
                                 temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                                 stop=list(stops), seed=seed, video_prompt=prompt or DEFAULT_VIDEO_PROMPT,

@@ -35,7 +35,7 @@ HELP = ("commands: /image PATH, /video PATH (attach to the next message), /save 
 @click.option("-p", "--prompt", help="One-shot prompt; without it, an interactive chat.")
 @sampling_options
 @click.option("--no-report", is_flag=True, help="Do not print the memory/speed report.")
-def chat(model, mmproj, hf_repo, offline, model_opts, method, budget, compress, recall, recall_dir, recall_type,
+def chat(model, mmproj, hf_repo, offline, model_opts, method, budget, compress, swa_budget, recall, recall_dir, recall_type,
          recall_min_share,
          images, videos, video_fps, video_max_frames, max_kv_cells, kv_memory, prompt, max_tokens, temperature, top_p,
          top_k, min_p, stops, seed, no_report):
@@ -49,7 +49,8 @@ def chat(model, mmproj, hf_repo, offline, model_opts, method, budget, compress, 
     if kv_memory is not None:   # the cache types, the budget and (as --max-kv-cells) the context from one knob
         model, mmproj = resolve_model_paths(model, mmproj, hf_repo, offline)
         hf_repo = None
-        model_opts, budget, cells, picked = apply_kv_memory(kv_memory, model_opts, budget, (model, mmproj))
+        model_opts, budget, cells, picked, swa_budget = apply_kv_memory(kv_memory, model_opts, budget,
+                                                                        (model, mmproj), swa_budget)
         if max_kv_cells is None and cells is not None:
             max_kv_cells, cap_option = cells, "--kv-memory"
         click.echo(f"edgekv: {picked}; context {max_kv_cells or model_opts.n_ctx} cells", err=True)
@@ -83,7 +84,7 @@ def chat(model, mmproj, hf_repo, offline, model_opts, method, budget, compress, 
     try:
         session = Session(m, method=method, budget=budget, compress=compress, seed=seed,
                           probe=question_probe(prompt), recall=recall, recall_dir=recall_dir, recall_type=recall_type,
-                          recall_min_share=recall_min_share)
+                          recall_min_share=recall_min_share, swa_budget=swa_budget)
     except BaseException:
         m.close()
         raise

@@ -74,7 +74,13 @@ def parse_methods(value: str | None) -> tuple[str, ...] | None:
     bad_regime = [m for m in items if "@" in m and m.partition("@")[2] not in REGIMES]
     if bad_regime:
         raise EdgeKVError(f"unknown regime in {', '.join(bad_regime)}; after @ write one of {', '.join(REGIMES)}")
-    unknown = [m for m in items if m.partition("@")[0] not in METHODS]
+    from edgekv.eval.engine import split_swa
+
+    try:
+        bases = {m: split_swa(m.partition("@")[0])[0] for m in items}
+    except ValueError as e:
+        raise EdgeKVError(str(e)) from None
+    unknown = [m for m in items if bases[m] not in METHODS]
     if unknown:
         raise EdgeKVError(f"unknown method(s) {', '.join(unknown)}; choose from: {', '.join(sorted(METHODS))}")
     return tuple(dict.fromkeys(items))
@@ -104,7 +110,9 @@ def parse_floats(value: str | None, what: str) -> tuple[float, ...] | None:
 @click.command("eval", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--quick", is_flag=True, help="A few seconds: 384 tokens, one sample per task, streaming+snapkv at 0.25.")
 @click.option("--methods", help="Comma-separated methods (default: every registered one); 'full' always runs as "
-              "reference. name@before / name@known / name@after: that regime only, whatever --regime says.")
+              "reference. name@before / name@known / name@after: that regime only, whatever --regime says. "
+              "name+swaF (e.g. hybridkv+swa0.25): iSWA models also keep F of the sliding-window block "
+              "(docs/memory.md).")
 @click.option("--budgets", help="Comma-separated ratios of the context kept. [default: 0.5,0.25,0.1,0.05]")
 @click.option("--lengths", help="Prompt lengths in tokens, e.g. 1k,2k,4k,8k. [default: 1k,2k,4k,8k]")
 @click.option("--tasks", help="passkey, kv, continuation, word, pair, second (comma-separated; second: two facts, "

@@ -112,6 +112,9 @@ def method_options(f):
                      help="Ratio in (0, 1] of the media cells to keep, or an absolute cell count."),
         click.option("--compress", type=click.Choice(["media", "all"]), default="media", show_default=True,
                      help="Compress only image/frame spans, or every prompt token (text-only use)."),
+        click.option("--swa-budget", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+                     help="Sliding-window models (Gemma 3): share of the window layers' cells a compaction with "
+                          "the question keeps, the same cells in every window layer (1: all, as llama.cpp)."),
     ]
     return functools.reduce(lambda acc, o: o(acc), reversed(opts), f)
 
@@ -211,14 +214,15 @@ def _given(name: str) -> bool:
                                                                    ParameterSource.ENVIRONMENT)
 
 
-def apply_kv_memory(kv_memory: str | None, model_opts, budget, model_paths=None):
+def apply_kv_memory(kv_memory: str | None, model_opts, budget, model_paths=None, swa_budget: float = 1.0):
     """--kv-memory -> (ModelOptions with the cache types, budget, context cells or None, what was picked as
-    a line for stderr or None). Explicit --budget / -ctk / -ctv win over the pick. The context cells: -c x
+    a line for stderr or None, the sliding-window block's share). Explicit --budget / -ctk / -ctv /
+    --swa-budget win over the pick. The context cells: -c x
     the budget, as --max-kv-cells does (every image chunk compacted right after its prefill); None when the
     budget is 1 or a cell count (then the cache type alone shrinks the allocation). `model_paths` (model,
     mmproj) is needed for a size in bytes."""
     if kv_memory is None:
-        return model_opts, budget, None, None
+        return model_opts, budget, None, None, swa_budget
     from edgekv import kv_memory as km
 
     target = km.parse_kv_memory(kv_memory)
@@ -227,14 +231,17 @@ def apply_kv_memory(kv_memory: str | None, model_opts, budget, model_paths=None)
     k = model_opts.cache_type_k if _given("cache_type_k") else p.cache_type_k
     v = model_opts.cache_type_v if _given("cache_type_v") else p.cache_type_v
     b = budget if _given("budget") else p.budget
+    swa = swa_budget if _given("swa_budget") else p.swa_budget
     opts = model_opts.with_(cache_type_k=k, cache_type_v=v)
     cells = km.sized_cells(opts.n_ctx, b) if isinstance(b, float) and b < 1 else None
     line = p.describe(target.text)
     over = [f"{n} {val}" for n, val, given in (("-ctk", k, _given("cache_type_k")), ("-ctv", v, _given("cache_type_v")),
-                                               ("--budget", b, _given("budget"))) if given]
+                                               ("--budget", b, _given("budget")),
+                                               ("--swa-budget", f"{swa:g}", _given("swa_budget"))) if given]
     if over:
         line += f"; given explicitly: {', '.join(over)}"
-    return opts, b, cells, line + f"; using K {k}, V {v}, budget {b}"
+    return opts, b, cells, line + f"; using K {k}, V {v}, budget {b}" + (
+        f", sliding-window block {swa:g}" if swa < 1 else ""), swa
 
 
 def _full_f16_bytes(model_paths, model_opts) -> int:

@@ -36,7 +36,9 @@ def format_report(session, last=None, reports=None, media: int | None = None) ->
                      + (f"   (nominal mean {r.nominal_mean:.0f}, max {r.nominal_max})" if r.nominal_max != r.budget_cells else "")
                      + ("   merged" if r.merged else "")
                      + (f"   query window {r.window}" if r.window else "   query-agnostic"))
-        lines.append(f"KV cells    {r.cells_before} -> {r.cells_after} ({pct:.0f}%)")
+        lines.append(f"KV cells    {r.cells_before} -> {r.cells_after} ({pct:.0f}%)"
+                     + (f"; sliding-window layers {r.info['swa_cells_before']} -> {r.info['swa_cells_after']}"
+                        if "swa_cells_after" in r.info else ""))
         lines.append(f"KV bytes    {human_bytes(r.bytes_before)} -> {human_bytes(r.bytes_after)} "
                      f"({100 * r.ratio:.0f}%{_of_f16(session, r)})")
         lines.append(f"compaction  {1000 * r.seconds:.1f} ms (plan {1000 * r.plan_seconds:.1f} ms)")

@@ -81,7 +81,7 @@ def _is_loopback(host: str) -> bool:
               help="Sampling seed when a request sets none.")
 @click.option("--no-webui", is_flag=True, help="Do not serve the chat page at / (the API only).")
 @kv_memory_option
-def serve(model, mmproj, hf_repo, offline, model_opts, method, budget, compress, recall, recall_dir, recall_type,
+def serve(model, mmproj, hf_repo, offline, model_opts, method, budget, compress, swa_budget, recall, recall_dir, recall_type,
           recall_min_share,
           host, port, aliases, api_keys,
           allowed_hosts, cors_origins, read_timeout, idle_timeout, max_request_mb, max_image_pixels, max_request_pixels,
@@ -111,7 +111,8 @@ def serve(model, mmproj, hf_repo, offline, model_opts, method, budget, compress,
         # cache types and budget from one knob; the server compacts a turn after its prefill, so the context
         # keeps its -c cells (at the picked cache type: that is what shrinks the allocation)
         model, mmproj = resolve_model_paths(model, mmproj, hf_repo, offline)
-        model_opts, budget, _, picked = apply_kv_memory(kv_memory, model_opts, budget, (model, mmproj))
+        model_opts, budget, _, picked, swa_budget = apply_kv_memory(kv_memory, model_opts, budget, (model, mmproj),
+                                                                    swa_budget)
         click.echo(f"edgekv: {picked}; context {model_opts.n_ctx} cells (-c)", err=True)
     m = load_model_from_options(model, mmproj, None if kv_memory is not None else hf_repo, offline, model_opts,
                                 capture_queries=uses_queries(method))
@@ -120,6 +121,7 @@ def serve(model, mmproj, hf_repo, offline, model_opts, method, budget, compress,
                     queue_size=queue_size, cache_bytes=int(cache_mib * (1 << 20)),
                     max_image_pixels=max_image_pixels, max_tokens=max_tokens, recall=recall,
                     recall_dir=recall_dir, recall_type=recall_type, recall_min_share=recall_min_share,
+                    swa_budget=swa_budget,
                     recall_disk_bytes=int(recall_disk_mib * (1 << 20)))
     hosts = None if "*" in allowed_hosts else (
         host, *allowed_hosts, *(("localhost", "127.0.0.1", "::1") if _is_loopback(host) or host in ("0.0.0.0", "::")

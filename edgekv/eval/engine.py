@@ -81,6 +81,23 @@ class ModelTokenizer:
 REGIMES = ("after", "before", "known")
 
 
+SWA_SUFFIX = "+swa"   # 'hybridkv+swa0.25': the sliding-window block kept at 0.25 too (Session(swa_budget=))
+
+
+def split_swa(name: str) -> tuple[str, float]:
+    """'hybridkv+swa0.25' -> ('hybridkv', 0.25); a plain name keeps the whole sliding-window block (1.0)."""
+    base, sep, value = name.partition(SWA_SUFFIX)
+    if not sep:
+        return name, 1.0
+    try:
+        f = float(value)
+    except ValueError:
+        f = -1.0
+    if not 0.0 < f <= 1.0:
+        raise ValueError(f"{name!r}: after {SWA_SUFFIX} write the window block's share, in (0, 1]")
+    return base, f
+
+
 def split_regime(label: str) -> tuple[str, str]:
     """'hybridkv@before' -> ('hybridkv', 'before'); a plain name is the question-after regime."""
     name, _, regime = label.partition("@")
@@ -191,10 +208,12 @@ class RuntimeEngine(Engine):
         window), `name@before` (compact before the question, which is not known: generic probe for
         query-aware methods), `name@known` (before the question, known in advance: it is the probe)."""
         method, regime = split_regime(method)
+        method, swa = split_swa(method)
         if self._snap is None:
             raise RuntimeError("prefill() first")
         s = self._session(self.sess.window, method, budget) if self.fresh_sessions else self.sess
         s.restore(self._snap if regime == "after" else self._snap_before)
+        s.cache.swa_budget = swa   # this run's share of the sliding-window block (1: whole)
         n_cells = s.n_cells
         r = None
         if method != "full":
@@ -208,7 +227,7 @@ class RuntimeEngine(Engine):
                                {"plan_s": round(r.plan_seconds, 4), "budget_cells": r.budget_cells,
                                 "n_candidates": r.n_candidates, "window_rows": r.window,
                                 "merged": r.merged, "resolved": r.method,
-                                **{k: v for k, v in r.info.items() if k.startswith("probe")}})
+                                **{k: v for k, v in r.info.items() if k.startswith(("probe", "swa_"))}})
             info.extra.update(recall_fields([r]))
         bpc = self.model.cell_bytes
         info.extra.update(block_bytes_before=info.cells_before * bpc, block_bytes_after=info.cells_after * bpc,

@@ -49,6 +49,7 @@ class CacheMarks:
     cid: np.ndarray | None = None   # per cell; None: not known (a file saved before cell ids)
     store: RecallStore | None = None  # the recall store and how many of its rows are this moment's
     store_n: int = 0
+    window_q_swa: np.ndarray | None = None   # the window's queries in the sliding-window layers (swa_budget)
 
 
 @dataclass
@@ -71,6 +72,7 @@ class CompressedCache:
         self.store = store           # the recall store (kv/store.py); None: recall off
         self.reprefill = "question"  # recall: what is prefilled again when cells come back ("question" / "last")
         self.recall_min_share = 0.0  # recall: bring cells back only when a head gets this much attention from them
+        self.swa_budget = 1.0        # iSWA: the share of the sliding-window block a compaction with a window keeps
         self.batch = llama_cpp.llama_batch_init(model.n_batch, 0, 1)
         self.reset()
 
@@ -86,8 +88,10 @@ class CompressedCache:
         self.next_cid = 0
         self.run: TextRun | None = None          # recall: the text prefilled since the last media/answer
         self.reselect_due = False                # recall: a question window was captured, not yet chosen with
+        self.swa_due = False                     # swa_budget: a question window the window block was not thinned with
         self.n_media = 0
         self.window_q: np.ndarray | None = None  # captured queries of the last prompt tokens [L, H, W, d]
+        self.window_q_swa: np.ndarray | None = None  # the same rows in the sliding-window layers (iSWA)
         self.window_rows = 0
         self.logits: np.ndarray | None = None    # after the last decoded token
         self.logits_after_media = False          # True: the prompt ends with media (no logits there)
@@ -102,7 +106,7 @@ class CompressedCache:
     def marks(self) -> CacheMarks:
         return CacheMarks(self.n_past, self.kind.copy(), self.media.copy(), self.n_media, self.window_q,
                           self.window_rows, self.logits, self.logits_after_media, self.pos.copy(), self.cid.copy(),
-                          self.store, 0 if self.store is None else self.store.n)
+                          self.store, 0 if self.store is None else self.store.n, self.window_q_swa)
 
     def set_marks(self, m: CacheMarks, fork: bool = False) -> None:
         """Return to `m`. The recall store goes back to m's rows: cut (a failed turn: its rows were this
@@ -110,6 +114,7 @@ class CompressedCache:
         the conversation may own those rows)."""
         self.n_past, self.kind, self.media, self.n_media = m.n_past, m.kind.copy(), m.media.copy(), m.n_media
         self.window_q, self.window_rows, self.logits = m.window_q, m.window_rows, m.logits
+        self.window_q_swa = m.window_q_swa
         self.logits_after_media = m.after_media
         self.pos = m.pos.copy() if m.pos is not None else np.full(len(m.kind), -1, np.int64)
         if m.cid is not None:

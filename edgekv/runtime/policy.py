@@ -16,7 +16,10 @@ from __future__ import annotations
 from edgekv.errors import EdgeKVError
 from edgekv.methods import Method, get_method, resolve_budget
 from edgekv.runtime import recall
+from edgekv.kv.codec import SeqState
 from edgekv.runtime.compactor import CompactionReport
+from edgekv.runtime.regions import write_or_restore
+from edgekv.runtime.window_block import thin_window_block
 
 
 def compact(session, method: str | Method | None, budget: float | int | str | None, early: bool,
@@ -54,6 +57,22 @@ def compact(session, method: str | Method | None, budget: float | int | str | No
         s.cache.reselect_due = False   # the question's window chose these cells
     s.reports.append(r)
     return r
+
+
+def thin_window(session) -> None:
+    """Session(swa_budget<1): the question's window arrived and no compaction chose with it (the media was
+    compacted chunk by chunk before it, or a follow-up turn): thin the sliding-window block alone
+    (runtime/window_block.py), the blob read being the turn's rollback point."""
+    c = session.cache
+    c.swa_due = False
+    blob = c.state_buffer()
+    state = c.parse(blob, copy=False)
+    rest, cells = thin_window_block(c, state.blocks[1:])
+    if cells is None:
+        return
+    session.txns.stash(blob)
+    write_or_restore(c, SeqState(state.seq_id, state.blocks[:1] + rest, state.has_ext), blob,
+                     "thinned sliding-window block")
 
 
 def check_probe(probe):

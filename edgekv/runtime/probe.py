@@ -76,7 +76,7 @@ def compact_with_probe(session, method, budget, early: bool, probe: Probe):
         method = method.for_probe(known)
     t0 = time.perf_counter()
     p0, n0 = c.n_past, c.n_cells
-    saved = (c.logits, c.window_q, c.window_rows, c.logits_after_media)
+    saved = (c.logits, c.window_q, c.window_rows, c.logits_after_media, c.window_q_swa)
     last_kind = int(c.kind[-1])
     # The last media chunk alone (the LastChunk region, runtime/compactor.py): no whole-cache read, and no rollback
     # blob, since every cell it rewrites lies after the turn's start (dropping the turn's tail undoes it).
@@ -97,6 +97,7 @@ def compact_with_probe(session, method, budget, early: bool, probe: Probe):
     c.add_cells(n, PROTECTED)
     q = cap.window(s.model.layout.global_layers)
     c.window_q, c.window_rows = q, (n if q is not None else 0)
+    c.window_q_swa = None          # the window block is put back after the probe: nothing to thin
     probe_s = time.perf_counter() - t1
     # After removal the media's last cell is the sequence's pos_max again: it must survive compaction.
     c.kind[n0 - 1] = PROTECTED
@@ -116,7 +117,7 @@ def compact_with_probe(session, method, budget, early: bool, probe: Probe):
         remove_probe(s, p0, n, swa)
         if report is None or not report.chunk_only:
             c.kind[-1] = last_kind             # the pos_max cell: a candidate again next time
-        c.logits, c.window_q, c.window_rows, c.logits_after_media = saved
+        c.logits, c.window_q, c.window_rows, c.logits_after_media, c.window_q_swa = saved
         remove_s = time.perf_counter() - t2
     if q is None:
         return SKIPPED

@@ -23,6 +23,7 @@ from edgekv.methods import Method, Span
 from edgekv.runtime import lib
 from edgekv.runtime.kinds import COVERED, FROZEN, PACKED, SCRATCH_SEQ
 from edgekv.runtime.lib import llama_cpp
+from edgekv.runtime.window_block import thin_window_block
 
 
 def write_or_restore(cache, new_state: SeqState, blob, what: str) -> int:
@@ -45,6 +46,7 @@ class Region:
     reselect = False     # a recall re-selection (Universe)
     recalled_n = 0       # stored cells the write brings back (Universe)
     cut = None           # the question's cells left out for a prefill again (Universe)
+    swa_cells: tuple[int, int] | None = None   # the sliding-window block thinned: its cells before, after
 
     def recalled(self, new_base, src: np.ndarray, plan) -> int:
         return 0
@@ -59,7 +61,9 @@ class Region:
         return False
 
     def extra_info(self) -> dict:
-        return {}
+        if self.swa_cells is None:
+            return {}
+        return {"swa_cells_before": self.swa_cells[0], "swa_cells_after": self.swa_cells[1]}
 
 
 class WholeSequence(Region):
@@ -92,7 +96,8 @@ class WholeSequence(Region):
 
     def write(self, new_base) -> None:
         state = self.state
-        self.bytes_after = write_or_restore(self.cache, SeqState(state.seq_id, [new_base] + state.blocks[1:],
+        rest, self.swa_cells = thin_window_block(self.cache, state.blocks[1:])
+        self.bytes_after = write_or_restore(self.cache, SeqState(state.seq_id, [new_base] + rest,
                                                                  state.has_ext), self.blob, "compacted cache")
 
     def keep_as_is(self) -> None:

@@ -63,6 +63,9 @@ class Session(Closable, SessionState):
               recall_min_share: bring cells back only when, in some KV head, they would hold at least this
               share of the window's attention on the chosen cells (0: whenever the chosen set differs;
               None: runtime/recall.py's DEFAULT_MIN_SHARE).
+    swa_budget: iSWA models (Gemma 3): the share of the sliding-window block a compaction with the
+              question's window keeps, the same cells in every window layer (runtime/window_block.py,
+              docs/memory.md); 1 (default): the window block stays whole, as llama.cpp keeps it.
     """
 
     probe: str | bool = True
@@ -74,12 +77,14 @@ class Session(Closable, SessionState):
                  method_kwargs: dict | None = None, progress: Progress | None = None,
                  probe: str | bool = True, recall: str = "off", recall_dir: str | os.PathLike | None = None,
                  recall_type: str | None = None, recall_reprefill: str = "question", recall_passes: int = 1,
-                 recall_min_share: float | None = None) -> None:
+                 recall_min_share: float | None = None, swa_budget: float = 1.0) -> None:
         self._closed = True  # until attached: close() and __del__ must not detach another session
         if compress not in ("media", "all"):
             raise EdgeKVError(f"compress must be 'media' or 'all', got {compress!r}")
         if int(window) < 1:
             raise EdgeKVError(f"window must be >= 1, got {window}")
+        if not 0.0 < float(swa_budget) <= 1.0:
+            raise EdgeKVError(f"swa_budget must be in (0, 1], got {swa_budget}")
         model.check_open()
         self.model = model
         self.method_name = method if isinstance(method, str) else method.name
@@ -119,6 +124,7 @@ class Session(Closable, SessionState):
             self.close()
             raise EdgeKVError(f"recall_min_share must be in [0, 1), got {recall_min_share}")
         self.cache.recall_min_share = float(recall_min_share)
+        self.cache.swa_budget = float(swa_budget)
         self.prefiller = Prefiller(self.cache, self.window, self._make_room, self._turns, progress,
                                   on_media_chunk=self._after_media_chunk)
         # Streaming prefill (edgekv.runtime.streaming): called as hook(session, n_tokens) after every media
@@ -341,6 +347,8 @@ class Session(Closable, SessionState):
             gen = {**gen, "seed": self.seed if gen.get("seed") is None else gen["seed"]}
             if recall.due(self.cache):   # a question appended by hand: it chooses before the first token
                 self.compact()
+            if self.cache.swa_due:       # swa_budget: no compaction chose with this question's window
+                policy.thin_window(self)
             self.cache.run = None        # the answer ends the question's text run
             yield from self.answers.stream(self.cache, self._turns, self.prefiller.take_counts(), gen)
 

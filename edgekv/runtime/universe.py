@@ -11,6 +11,7 @@ from edgekv.kv.codec import KVBlock, LazyLayerKV, SeqState, parse_state
 from edgekv.methods import Method, Span
 from edgekv.runtime.kinds import COVERED, PACKED, PENDING, spans_of
 from edgekv.runtime.regions import Region, write_or_restore
+from edgekv.runtime.window_block import thin_window_block
 
 
 class Universe(Region):
@@ -128,8 +129,8 @@ class Universe(Region):
 
     def extra_info(self) -> dict:
         if self.share is None:
-            return {}
-        return {"recall_share": round(float(self.share.max()), 4),
+            return super().extra_info()
+        return super().extra_info() | {"recall_share": round(float(self.share.max()), 4),
                 "recall_share_mean": round(float(self.share.mean()), 4)}
 
     def unchanged(self, new_base) -> bool:
@@ -151,7 +152,7 @@ class Universe(Region):
             else:                       # one token, or no sliding window: its cells alone go
                 rest = [b.take(np.flatnonzero(b.pos < run.p0)) for b in state.blocks[1:]]
         else:
-            rest = state.blocks[1:]
+            rest, self.swa_cells = thin_window_block(c, state.blocks[1:])
         self.bytes_after = write_or_restore(c, SeqState(state.seq_id, [new_base] + rest, state.has_ext), self.blob,
                                             "re-selected cache")
 

@@ -95,14 +95,16 @@ class Engine:
                  compress: str = "media", seed: int = 0, queue_size: int = 8, cache_bytes: int = 1 << 30,
                  max_image_pixels: int = 50_000_000, max_tokens: int = 1024, recall: str = "off",
                  recall_dir: str | None = None, recall_type: str | None = None,
-                 recall_disk_bytes: int | None = None, recall_min_share: float | None = None) -> None:
+                 recall_disk_bytes: int | None = None, recall_min_share: float | None = None,
+                 swa_budget: float = 1.0) -> None:
         self.model, self.model_id = model, model_id
         self.default_method, self.default_budget = method, budget
         self.max_image_pixels, self.max_tokens = max_image_pixels, max_tokens
         # recall: each kept conversation keeps its store (a RAM store counts against cache_bytes; an evicted
         # conversation's store goes with it, its file removed once nothing holds it)
         self.session = Session(model, method=method, budget=budget, compress=compress, seed=seed, recall=recall,
-                               recall_dir=recall_dir, recall_type=recall_type, recall_min_share=recall_min_share)
+                               recall_dir=recall_dir, recall_type=recall_type, recall_min_share=recall_min_share,
+                               swa_budget=swa_budget)
         self.default_probe = self.session.probe   # put back after every turn (see _turn)
         self.cache = ConversationCache(cache_bytes, recall_disk_bytes)
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
