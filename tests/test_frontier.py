@@ -79,3 +79,32 @@ def test_report_only_writes_the_frontier(tmp_path):
     assert {p["cache_type"] for p in data["points"]} == {"f16", "q8_0", "q4_0"}
     # the old report still reads: quantized records as methods of their own next to the f16 reference
     assert "full[q4_0]" in (out / "results.md").read_text()
+
+
+def test_thinned_window_points_reach_the_table_and_the_paired_script(tmp_path):
+    """`hybridkv+swa0.1` records: a point of their own, a table row with the window share (the knob sets
+    --swa-budget from it), and a paired difference against the block whole on the same samples."""
+    import importlib.util
+    from pathlib import Path
+
+    recs = records() + [rec(s, "hybridkv+swa0.1", 0.25, "f16", 150, 1.0 if s != "d" else 0.0) for s in "abcd"]
+    (tmp_path / RECORDS).write_text("".join(json.dumps(r) + "\n" for r in recs))
+    scripts = Path(__file__).resolve().parent.parent / "scripts"
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(name, scripts / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    table = load("kv_memory_table").build_table(tmp_path)
+    row = next(p for p in table["points"] if p["swa_budget"] < 1)
+    assert (row["method"], row["swa_budget"], row["budget"], row["ratio"], row["score"]) == ("hybridkv", 0.1, 0.25,
+                                                                                           0.15, 0.75)
+    assert all(p["swa_budget"] == 1.0 for p in table["points"] if p is not row)
+    from edgekv import kv_memory as km
+
+    assert km.pick(0.2, table).swa_budget == 0.1
+    lines = load("swa_paired").rows(tmp_path)
+    assert len(lines) == 3 and lines[2].startswith("| hybridkv 0.25, window 0.1, f16 | 4 | 1.00 | 0.75 | -0.25 [")
+    assert lines[2].endswith("| 0.700 -> 0.150 |")

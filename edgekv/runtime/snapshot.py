@@ -42,7 +42,7 @@ class SessionSnapshot:
         """For keeping between requests: the next turn prefills a new message first, which recomputes the
         logits and the query window (n_vocab floats, 1 MB on Gemma 3, for nothing otherwise)."""
         return dataclasses.replace(self, marks=dataclasses.replace(self.marks, logits=None, window_q=None,
-                                                                   window_rows=0))
+                                                                   window_q_swa=None, window_rows=0))
 
 
 def _answers_counter(name: str, doc: str) -> property:

@@ -1,0 +1,64 @@
+"""Thinning the sliding-window block, paired: every `hybridkv+swaF` point of an `edgekv eval` run against the
+same method, budget and cache type with the block whole, on the same samples (docs/memory.md).
+
+    python scripts/swa_paired.py results/frontier/media-1k2k [--task retrieval] > .../swa_paired.md
+
+Prints a markdown table: the accuracy with the block whole and thinned, the difference with a paired
+bootstrap 95 % interval (samples resampled, the pairs kept together), and both byte ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+from collections import defaultdict
+from pathlib import Path
+
+from edgekv.eval.engine import split_swa
+from edgekv.eval.runner import load_records
+from edgekv.eval.report import RETRIEVAL_TASKS
+
+
+def diff_ci(pairs: list[tuple[float, float]], n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile interval of mean(thinned - whole) over resampled samples."""
+    rng = random.Random(seed)
+    stats = sorted(sum(a - b for a, b in (pairs[rng.randrange(len(pairs))] for _ in pairs)) / len(pairs)
+                   for _ in range(n_boot))
+    return stats[int(0.025 * (n_boot - 1))], stats[int(0.975 * (n_boot - 1))]
+
+
+def rows(run: Path, task: str = "retrieval") -> list[str]:
+    recs = [r for r in load_records(run) if r.get("score") is not None and r.get("kv_bytes_full_f16")
+            and (r["task"] in RETRIEVAL_TASKS if task == "retrieval" else r["task"] == task)]
+    by = defaultdict(dict)   # (method, swa, budget, cache type) -> sample -> record
+    for r in recs:
+        method, swa = split_swa(r["method"].partition("@")[0])
+        by[(method, swa, float(r["budget"]), r.get("cache_type") or "f16")][r["sample"]] = r
+    out = ["| point | n | whole block | thinned | difference [95 % CI] | bytes whole -> thinned |",
+           "|---|---|---|---|---|---|"]
+    for (method, swa, budget, ct), thin in sorted(by.items(), key=lambda kv: (kv[0][3], kv[0][2], -kv[0][1])):
+        whole = by.get((method, 1.0, budget, ct))
+        if swa >= 1.0 or not whole:
+            continue
+        common = sorted(set(thin) & set(whole))
+        if len(common) < 2:
+            continue
+        pairs = [(float(thin[s]["score"]), float(whole[s]["score"])) for s in common]
+        lo, hi = diff_ci(pairs)
+        n = len(pairs)
+        b = [sum(d[s]["kv_bytes"] / d[s]["kv_bytes_full_f16"] for s in common) / n for d in (whole, thin)]
+        out.append(f"| {method} {budget:g}, window {swa:g}, {ct} | {n} | {sum(p[1] for p in pairs) / n:.2f} | "
+                   f"{sum(p[0] for p in pairs) / n:.2f} | {sum(a - b for a, b in pairs) / n:+.2f} [{lo:+.2f}, {hi:+.2f}] | "
+                   f"{b[0]:.3f} -> {b[1]:.3f} |")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--task", default="retrieval", help="a task, or retrieval: every needle task pooled")
+    a = ap.parse_args()
+    print("\n".join(rows(a.run, a.task)))
+
+
+if __name__ == "__main__":
+    main()
