@@ -163,3 +163,25 @@ def test_eval_method_swa_suffix():
     for bad in ("hybridkv+swa2", "hybridkv+swa", "nosuch+swa0.5"):
         with pytest.raises(EdgeKVError):
             parse_methods(bad)
+
+
+@pytestmark_gemma
+def test_eval_thins_the_window_block_in_its_swa_runs_only(gemma_path, tmp_path):
+    """`edgekv eval --methods hybridkv,hybridkv+swa0.25`: one prefill per sample serves both runs; the +swa run
+    (and only it) holds a quarter of the window block, so fewer bytes than the same budget with it whole."""
+    from click.testing import CliRunner
+
+    from edgekv.cli.main import cli
+    from edgekv.eval.runner import load_records
+
+    out = tmp_path / "ev"
+    r = CliRunner().invoke(cli, ["eval", "-m", str(gemma_path), "--tasks", "passkey", "--lengths", "1k", "--depths", "0.5",
+                                 "--samples", "1", "--methods", "hybridkv,hybridkv+swa0.25", "--budgets", "0.25",
+                                 "-t", str(THREADS), "--out", str(out), "--no-progress", "--no-plots"])
+    assert r.exit_code == 0, r.output
+    by = {x["method"]: x for x in load_records(out)}
+    whole, thin = by["hybridkv"], by["hybridkv+swa0.25"]
+    assert "swa_cells_after" not in whole and thin["swa_cells_before"] > 200
+    assert thin["swa_cells_after"] == round(0.25 * thin["swa_cells_before"])
+    assert thin["cells_after"] == whole["cells_after"]          # the global block: the same plan
+    assert thin["kv_bytes"] < whole["kv_bytes"] < by["full"]["kv_bytes"]

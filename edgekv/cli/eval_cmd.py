@@ -214,7 +214,7 @@ def eval_command(quick, methods, budgets, lengths, tasks, depths, samples, conti
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
-    from edgekv.eval.engine import RuntimeEngine
+    from edgekv.eval.engine import RuntimeEngine, split_swa
 
     with open(out / "commands.txt", "a", encoding="utf-8") as f:  # every invocation (resumes too)
         argv = [Path(sys.argv[0]).name] + [shlex.quote(a) for a in sys.argv[1:]]
@@ -226,7 +226,8 @@ def eval_command(quick, methods, budgets, lengths, tasks, depths, samples, conti
     def make_engine(cache_type: str) -> RuntimeEngine:
         k, v = parse_cache_type(cache_type)
         engine = RuntimeEngine(model, n_ctx=n_ctx, threads=threads, flash_attn=fa, seed=seed, media=media,
-                               cache_type_k=k, cache_type_v=v, recall=recall)
+                               cache_type_k=k, cache_type_v=v, recall=recall,
+                               swa_queries=any(split_swa(m.partition("@")[0])[1] < 1 for m in meths))
         described[cache_type] = engine.describe()
         return engine
 

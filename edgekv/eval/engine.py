@@ -122,7 +122,7 @@ class RuntimeEngine(Engine):
 
     def __init__(self, model_path, *, n_ctx: int, threads: int = 2, n_batch: int = 512,
                  flash_attn: str = "off", cache_type_k: str = "f16", cache_type_v: str = "f16", seed: int = 0,
-                 media: bool = False, recall: str = "off"):
+                 media: bool = False, recall: str = "off", swa_queries: bool = False):
         from edgekv.eval.recall import check_recall
         from edgekv.runtime import Model
 
@@ -148,6 +148,7 @@ class RuntimeEngine(Engine):
                          "flash_attn": flash_attn, "cache_type_k": cache_type_k, "cache_type_v": cache_type_v,
                          "media": media}
         self.recall = recall
+        self.swa_queries = swa_queries   # some run thins the window block (name+swaF): keep its queries
         self.fresh_sessions = recall != "off"   # one Session per compressed run (a store of its own)
         self.turns: list[tuple[str, int]] = []  # (role, tokens) of the conversation since compact()
         self._n_reports = 0
@@ -175,6 +176,7 @@ class RuntimeEngine(Engine):
             kw = session_kwargs(self.recall) if fresh else {}
             self.sess = Session(self.model, method=want[1], budget=want[2], window=window, seed=self.seed,
                                 auto_compact=False, **kw)
+            self.sess.cache.swa_queries = self.swa_queries
             self._session_for = want
         return self.sess
 

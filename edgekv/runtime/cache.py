@@ -73,6 +73,8 @@ class CompressedCache:
         self.reprefill = "question"  # recall: what is prefilled again when cells come back ("question" / "last")
         self.recall_min_share = 0.0  # recall: bring cells back only when a head gets this much attention from them
         self.swa_budget = 1.0        # iSWA: the share of the sliding-window block a compaction with a window keeps
+        self.swa_queries = False     # keep the window layers' queries with swa_budget 1 too (the eval sets it
+                                     # per run after one prefill)
         self.batch = llama_cpp.llama_batch_init(model.n_batch, 0, 1)
         self.reset()
 

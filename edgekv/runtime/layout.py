@@ -48,6 +48,11 @@ class ModelLayout:
         """Model layer indices whose cells live in the compressible (base) cache block."""
         return [il for il, swa in enumerate(self.swa_layers) if not swa]
 
+    @property
+    def window_layers(self) -> list[int]:
+        """Model layer indices whose cells live in the sliding-window block (none on a plain model)."""
+        return [il for il, swa in enumerate(self.swa_layers) if swa]
+
     def bytes_per_cell(self, type_k: str = "f16", type_v: str = "f16") -> int:
         """K+V bytes one cell costs in the compressible block (all global layers)."""
         _, bk, sk = GGML_TYPES[TYPE_IDS[type_k]]

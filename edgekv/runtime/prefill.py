@@ -101,8 +101,9 @@ class Prefiller:
             c.add_cells(len(tail), kind)
             if w and question:
                 c.window_q = c.model.capture.window(c.model.layout.global_layers)
-                swa = [il for il, on in enumerate(c.model.layout.swa_layers) if on]
-                c.window_q_swa = c.model.capture.window(swa) if swa else None   # for swa_budget (window_block.py)
+                # the window layers' rows only where a thinning may use them (window_block.py)
+                swa = c.model.layout.window_layers if c.swa_budget < 1.0 or c.swa_queries else []
+                c.window_q_swa = c.model.capture.window(swa) if swa else None
                 c.window_rows = w if c.window_q is not None else 0
                 c.swa_due = c.swa_budget < 1.0 and c.window_q_swa is not None and c.window_rows > 0
                 c.reselect_due = c.store is not None and c.window_rows > 0

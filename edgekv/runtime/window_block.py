@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgekv.kv.packer import layer_floats
+from edgekv.kv.packer import LayerFloats
 from edgekv.methods.swa import swa_keep
 
 
@@ -28,6 +28,6 @@ def thin_window_block(cache, rest: list) -> tuple[list, tuple[int, int] | None]:
     keep = max(1, int(round(f * block.n_cells)))
     if keep >= block.n_cells:
         return rest, None
-    K, _ = layer_floats(block, lay.n_head_kv, values=False)
+    K = LayerFloats(block, lay.n_head_kv, None, "k")   # a layer of floats at a time, as the scores read them
     idx = swa_keep(K, block.pos, q, np.arange(cache.n_past - w, cache.n_past), lay.attn_scale, lay.n_swa, keep)
     return [block.take(idx)] + rest[1:], (block.n_cells, len(idx))
