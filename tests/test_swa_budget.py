@@ -185,3 +185,41 @@ def test_eval_thins_the_window_block_in_its_swa_runs_only(gemma_path, tmp_path):
     assert thin["swa_cells_after"] == round(0.25 * thin["swa_cells_before"])
     assert thin["cells_after"] == whole["cells_after"]          # the global block: the same plan
     assert thin["kv_bytes"] < whole["kv_bytes"] < by["full"]["kv_bytes"]
+
+
+@pytestmark_gemma
+def test_q8_0_cache_and_gemma_template_turns(gemma_path, monkeypatch):
+    """On a q8_0 cache (llama.cpp rotates its keys, and the captured queries with them) through chat() with
+    Gemma's own template, over two turns: every thinning keeps a quarter of the window block, the question's
+    cells, the bytes the block held, and the formula's choice on the dequantized keys."""
+    from edgekv.runtime import policy, regions, universe, window_block
+
+    seen = []
+
+    def spy(cache, rest):
+        out, cells = window_block.thin_window_block(cache, rest)
+        if cells is not None:
+            seen.append((rest[0], out[0], cache.window_rows, cache.n_past, cache.window_q_swa))
+        return out, cells
+
+    for mod in (policy, regions, universe):
+        monkeypatch.setattr(mod, "thin_window_block", spy)
+    with Model.load(gemma_path, n_ctx=2048, n_batch=512, threads=THREADS, flash_attn="on", cache_type_k="q8_0",
+                    cache_type_v="q8_0", chat_template="gemma") as m:
+        s = Session(m, method="hybridkv", budget=0.25, compress="all", swa_budget=0.25)
+        for text in (haystack(3000) + "\nWhat is the secret pass key?", "Say it again, please."):
+            answer = "".join(r.text for r in s.chat(text, max_tokens=3))
+            assert answer
+        s.close()
+    assert len(seen) == 2      # one per turn: the second question thins the block its own prefill refilled
+    lay = m.layout
+    for held, got, rows, n_past, q in seen:
+        assert got.n_cells == round(0.25 * held.n_cells) and set(range(n_past - rows, n_past)) <= set(got.pos.tolist())
+        at = {int(p): i for i, p in enumerate(held.pos)}
+        idx = np.array([at[int(p)] for p in got.pos])
+        for lh, lg in zip(held.layers, got.layers):
+            assert lh.k_type == 8 and np.array_equal(lh.k[idx], lg.k)     # GGML q8_0, the bytes as held
+        K = [to_float(l.k, l.k_type).reshape(held.n_cells, 1, -1).transpose(1, 0, 2) for l in held.layers]
+        want = reference_keep(K, held.pos.astype(np.int64), q, np.arange(n_past - rows, n_past), lay.attn_scale,
+                              lay.n_swa, got.n_cells)
+        assert want.tolist() == idx.tolist()
