@@ -2,9 +2,10 @@
 
 A cache type is written `q8_0` (K and V alike) or `q8_0/q4_0` (K type / V type). The table
 (edgekv/data/kv_memory.json, written by scripts/kv_memory_table.py from an `edgekv eval --cache-types`
-run) lists measured points: cache types, budget, the sliding-window block's share (Gemma 3; 1 where absent),
-bytes as a fraction of the full f16 cache, and the score relative to the full f16 cache. `pick(ratio)` takes
-the best-scoring point whose bytes fit the ratio.
+runs, one per document length) lists measured points: cache types, budget, the sliding-window block's share
+(Gemma 3; 1 where absent), bytes as a fraction of the full f16 cache (the largest over the lengths measured),
+and the score relative to the full f16 cache (every length's samples pooled; `worst`: the lowest of any one
+length). `pick(ratio)` takes the best-scoring point whose bytes fit the ratio.
 """
 from __future__ import annotations
 
@@ -100,6 +101,8 @@ class Pick:
     score: float          # measured score relative to the full f16 cache
     target: float         # the ratio asked for
     swa_budget: float = 1.0   # sliding-window models: the window block's share (Session(swa_budget=))
+    worst: float | None = None   # the lowest relative score at any one length measured
+    lengths: tuple[int, ...] = ()   # the document lengths (tokens) the point was measured at
 
     @property
     def cache_type(self) -> str:
@@ -110,8 +113,11 @@ class Pick:
         if self.swa_budget < 1:
             b += f", sliding-window block {self.swa_budget:g}"
         asked = f"{asked} = " if asked and asked != f"{self.target:g}" else ""
+        over = ""
+        if self.worst is not None and len(self.lengths) > 1:
+            over = f", {self.worst:.2f} at worst over {min(self.lengths)}-{max(self.lengths)} tokens"
         return (f"--kv-memory {asked}{self.target:.3g} of the f16 cache: {self.cache_type} cache, {b} (measured "
-                f"{self.ratio:.2f} of the f16 cache's bytes, {self.score:.2f} of its score)")
+                f"{self.ratio:.2f} of the f16 cache's bytes, {self.score:.2f} of its score{over})")
 
     def __iter__(self):   # (cache_type_k, cache_type_v, budget), as the issue's helper returns
         return iter((self.cache_type_k, self.cache_type_v, self.budget))
@@ -145,8 +151,10 @@ def pick(ratio: float, table: dict | None = None) -> Pick:
                             if least is not None else "the --kv-memory table holds no points")
     best = max(fits, key=lambda p: (p["score"], p["ratio"]))
     k, v = parse_cache_type(best["cache_type"])
+    worst = best.get("worst")
     return Pick(k, v, float(best["budget"]), float(best["ratio"]), float(best["score"]), float(ratio),
-                float(best.get("swa_budget", 1.0)))
+                float(best.get("swa_budget", 1.0)), None if worst is None else float(worst),
+                tuple(int(n) for n in table.get("source", {}).get("lengths", ())))
 
 
 def full_f16_bytes(layout, n_ctx: int) -> int:
@@ -164,7 +172,9 @@ def provenance(table: dict | None = None) -> str:
     """One line on where the table's numbers come from."""
     t = table if table is not None else load_table()
     src = t.get("source", {})
-    return (f"measured on {src.get('model', '?')}, {src.get('task', '?')}, n={src.get('n', '?')} per point, "
+    lengths = src.get("lengths") or []
+    at = f" at {', '.join(str(n) for n in lengths)} tokens" if lengths else ""
+    return (f"measured on {src.get('model', '?')}, {src.get('task', '?')}{at}, n={src.get('n', '?')} per point, "
             f"{src.get('date', '?')} ({src.get('command', '?')})")
 
 

@@ -84,19 +84,9 @@ def test_report_only_writes_the_frontier(tmp_path):
 def test_thinned_window_points_reach_the_table_and_the_paired_script(tmp_path):
     """`hybridkv+swa0.1` records: a point of their own, a table row with the window share (the knob sets
     --swa-budget from it), and a paired difference against the block whole on the same samples."""
-    import importlib.util
-    from pathlib import Path
-
     recs = records() + [rec(s, "hybridkv+swa0.1", 0.25, "f16", 150, 1.0 if s != "d" else 0.0) for s in "abcd"]
     (tmp_path / RECORDS).write_text("".join(json.dumps(r) + "\n" for r in recs))
-    scripts = Path(__file__).resolve().parent.parent / "scripts"
-
-    def load(name):
-        spec = importlib.util.spec_from_file_location(name, scripts / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-
+    load = _load_script
     table = load("kv_memory_table").build_table(tmp_path)
     row = next(p for p in table["points"] if p["swa_budget"] < 1)
     assert (row["method"], row["swa_budget"], row["budget"], row["ratio"], row["score"]) == ("hybridkv", 0.1, 0.25,
@@ -108,3 +98,55 @@ def test_thinned_window_points_reach_the_table_and_the_paired_script(tmp_path):
     lines = load("swa_paired").rows(tmp_path)
     assert len(lines) == 3 and lines[2].startswith("| hybridkv 0.25, window 0.1, f16 | 4 | 1.00 | 0.75 | -0.25 [")
     assert lines[2].endswith("| 0.700 -> 0.150 |")
+
+
+def _load_script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_table_over_several_lengths_pools_and_keeps_the_worst(tmp_path):
+    """Two runs (two document lengths, other samples): a configuration measured in both gets its largest byte
+    ratio, the score of all four samples pooled, its lowest run's score; one measured in a single run is left
+    out, as a pick must have been measured at every length."""
+    short = [rec(s, "full", 1.0, None, FULL_BYTES, 1.0) for s in "ab"] + \
+        [rec("a", "full", 1.0, "q4_0", 280, 1.0), rec("b", "full", 1.0, "q4_0", 280, 1.0),
+         rec("a", "hybridkv", 0.25, "f16", 700, 1.0), rec("b", "hybridkv", 0.25, "f16", 700, 0.0),
+         rec("a", "hybridkv", 0.1, "q8_0", 90, 1.0), rec("b", "hybridkv", 0.1, "q8_0", 90, 1.0)]
+    long = [rec(s, "full", 1.0, None, FULL_BYTES, 1.0) for s in "cd"] + \
+        [rec("c", "full", 1.0, "q4_0", 280, 1.0), rec("d", "full", 1.0, "q4_0", 280, 0.0),
+         rec("c", "hybridkv", 0.25, "f16", 500, 1.0), rec("d", "hybridkv", 0.25, "f16", 500, 1.0)]
+    runs = []
+    for name, recs in (("1k", short), ("8k", long)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / RECORDS).write_text("".join(json.dumps(r) + "\n" for r in recs))
+        runs.append(tmp_path / name)
+    table = _load_script("kv_memory_table").build_table(*runs)
+    rows = {(p["cache_type"], p["method"], p["budget"]): p for p in table["points"]}
+    assert set(rows) == {("f16", "full", 1.0), ("q4_0", "full", 1.0), ("f16", "hybridkv", 0.25)}
+    h = rows[("f16", "hybridkv", 0.25)]
+    assert (h["ratio"], h["score"], h["worst"], h["n"]) == (0.7, 0.75, 0.5, 4)
+    assert [(r["ratio"], r["score"], r["n"]) for r in h["runs"]] == [(0.7, 0.5, 2), (0.5, 1.0, 2)]
+    q4 = rows[("q4_0", "full", 1.0)]
+    assert (q4["ratio"], q4["score"], q4["worst"]) == (0.28, 0.75, 0.5)
+    # the front on the table's axes: q4_0 alone (0.75 at 0.28) is, hybridkv (0.75 at 0.7) is not
+    assert [p["front"] for p in table["points"]] == [True, False, True]
+    from edgekv import kv_memory as km
+
+    p = km.pick(0.8, table)
+    assert (p.cache_type, p.budget, p.score, p.worst) == ("f16", 0.25, 0.75, 0.5)   # tie at 0.75: the larger
+
+
+def test_the_paired_script_pairs_two_points_per_cache_type(tmp_path):
+    """scripts/paired.py: A - B on the samples both hold, per cache type, with the interval around it."""
+    (tmp_path / RECORDS).write_text("".join(json.dumps(r) + "\n" for r in records()))
+    lines = _load_script("paired").rows(tmp_path, "hybridkv 0.25", "full 1")
+    # f16: hybridkv 4/4 against the full cache 4/4; q8_0: 2/4 against 4/4 (q8_0 alone); q4_0 has no hybridkv 0.25
+    assert lines[2] == "| f16 | 4 | 1.00 | 1.00 | +0.00 [+0.00, +0.00] | 0.700, 1.000 |"
+    assert lines[3].startswith("| q8_0 | 4 | 0.50 | 1.00 | -0.50 [-1.00, ") and lines[3].endswith("| 0.400, 0.530 |")
+    assert len(lines) == 4

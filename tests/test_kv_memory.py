@@ -86,6 +86,22 @@ def test_the_package_table_has_its_provenance_and_a_front():
     assert km.pick(1.0).score == max(p["score"] for p in t["points"])
 
 
+def test_the_package_pick_at_a_quarter_beats_both_levers_alone_at_every_length():
+    """Issue 21's target, read off the package table's own measurements: at every length measured, what
+    `--kv-memory 0.25` picks scores at least the better of q4_0 alone and hybridkv at budget 0.25 on f16
+    (the same samples: each run pairs its points with its own f16 cache)."""
+    t = km.load_table(str(km.TABLE))
+    p = km.pick(0.25, t)
+    rows = {(r["cache_type"], r["method"], r["budget"], r.get("swa_budget", 1.0)): r for r in t["points"]}
+    picked = rows[(p.cache_type, "full" if p.budget >= 1 else "hybridkv", p.budget, p.swa_budget)]
+    q4, evict = rows[("q4_0", "full", 1.0, 1.0)], rows[("f16", "hybridkv", 0.25, 1.0)]
+    assert len(t["source"]["runs"]) == len(picked["runs"]) >= 3 and len(t["source"]["lengths"]) >= 3
+    for got, a, b in zip(picked["runs"], q4["runs"], evict["runs"]):
+        assert got["run"] == a["run"] == b["run"]
+        assert got["score"] >= max(a["score"], b["score"]) and got["ratio"] <= 0.25, (got, a, b)
+    assert p.worst == min(r["score"] for r in picked["runs"]) and "at worst over 1024-8192 tokens" in p.describe()
+
+
 @pytest.mark.parametrize("n_ctx", [1024, 4096])
 def test_full_f16_bytes_is_llama_cpps_allocation(gemma_path, monkeypatch, n_ctx):
     """The formula against the sizes llama.cpp logs when it allocates the cache (both blocks)."""

@@ -159,3 +159,25 @@ def test_window_attention_matches_a_plain_softmax():
             p = np.exp(logits - logits.max(axis=-1, keepdims=True))
             ref[layer, head // g] += p / p.sum(axis=-1, keepdims=True) / g
     np.testing.assert_allclose(view.window_attention, ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("schedule,uniform", [("pyramidkv", "snapkv"), ("adakv", "snapkv"),
+                                              ("mixkv-pyramidkv", "mixkv"), ("mixkv-adakv", "mixkv")])
+def test_a_schedule_at_equal_cells_is_its_uniform_method(schedule, uniform):
+    """Issue 21's allocator route: with per-slot packing a cell holds one token for every (layer, KV head),
+    so the cells a plan costs are its largest row, and a row under it fills its spare slots with its
+    next-best tokens (docs/architecture.md). Held to the same cells (Plan.capped, as a context sized for the
+    budget does) a layer or head schedule keeps, in every row, the same tokens as its uniform method; left
+    uncapped it keeps what its uniform method keeps at the schedule's own cell count. A schedule only
+    changes how many cells are spent, which the memory axis prices (docs/memory.md)."""
+    L, Hk, H, T, d, W = 6, 2, 4, 200, 16, 8
+    spans = (Span(0, 4, "text"), Span(4, 190, "media", 0), Span(190, 200, "text"))
+    for cells in (20, 50, 93):
+        sched = get_method(schedule).plan(make_view(L, Hk, H, T, d, W, spans, seed=1), cells)
+        flat = get_method(uniform).plan(make_view(L, Hk, H, T, d, W, spans, seed=1), cells)
+        assert sched.n_slots > cells and flat.n_slots == cells    # the schedule alone spends more cells
+        capped = sched.capped(cells)
+        assert capped.n_slots == cells
+        assert np.array_equal(np.sort(capped.keep, axis=-1), np.sort(flat.keep, axis=-1))
+        wide = get_method(uniform).plan(make_view(L, Hk, H, T, d, W, spans, seed=1), sched.n_slots)
+        assert np.array_equal(np.sort(sched.keep, axis=-1), np.sort(wide.keep, axis=-1))
