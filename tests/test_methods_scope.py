@@ -101,3 +101,51 @@ def test_methods_that_read_by_layer_never_hold_every_layer_in_floats(name):
     finally:
         type(view.keys).layer = layer
     assert view.keys._full is None and held and max(held) <= 3 < L
+
+
+@pytest.mark.parametrize("type_name", ["q4_0", "q8_0", "f16"])
+def test_layer_floats_made_a_slice_of_rows_at_a_time_are_the_whole_conversion(type_name):
+    """LayerFloats converts a layer `_ROWS` rows at a time (a quantized type's dequantization makes several
+    temporaries of its input's size): the floats are those of converting every row at once."""
+    from edgekv.kv.codec import TYPE_IDS, KVBlock, LayerKV
+    from edgekv.kv.dtypes import from_float, to_float
+    from edgekv.kv.packer import LayerFloats
+
+    rng = np.random.default_rng(0)
+    tid, Hk, d = TYPE_IDS[type_name], 2, 32
+    T = 2 * LayerFloats._ROWS + 123
+    rows = [from_float(rng.standard_normal((T, Hk * d)).astype(np.float32), tid) for _ in range(2)]
+    block = KVBlock(pos=np.arange(T, dtype=np.int32), seq_id=np.zeros(T, np.int32), ext=None, v_trans=False,
+                    layers=[LayerKV(tid, r, tid, r) for r in rows])
+    cells = rng.permutation(T)[:T - 50]
+    for sel in (None, cells):
+        lf = LayerFloats(block, Hk, sel, "k")
+        for il in range(2):
+            want = to_float(rows[il] if sel is None else rows[il][sel], tid).reshape(-1, Hk, d).transpose(1, 0, 2)
+            np.testing.assert_array_equal(lf.layer(il), want)
+
+
+def test_hybridkv_plans_a_layer_at_a_time():
+    """hybridkv's scores over many cells (recall's universe): its temporaries stay a few layers' worth, well
+    under one [L, H_kv, n] float64 array (they were several such arrays, the re-selection's peak)."""
+    import tracemalloc
+
+    from edgekv.methods import KVView
+
+    L, Hk, H, W, T = 24, 2, 4, 8, 20_000
+    cand = np.zeros(T, bool)
+    cand[4:T - 8] = True
+    spans = (Span(0, 4, "text"), Span(4, T - 8, "media", 0), Span(T - 8, T, "text"))
+    view = KVView(np.zeros((L, Hk, T, 1), np.float32), np.zeros((L, Hk, T, 1), np.float32), cand, spans=spans,
+                  queries=np.zeros((L, H, W, 1), np.float32))
+    rng = np.random.default_rng(0)
+    view.__dict__["_window_reductions"] = (rng.random((L, Hk, T)).astype(np.float32),
+                                           rng.random((L, Hk, W)).astype(np.float32))
+    tracemalloc.start()
+    try:
+        plan = get_method("hybridkv").plan(view, 3000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    one = L * Hk * T * 8
+    assert plan.keep.shape == (L, Hk, 3000) and peak < 0.6 * one, (peak, one)

@@ -21,6 +21,8 @@ are the same code for both layouts; `serialize_state` transposes back.
 from __future__ import annotations
 
 import ctypes
+import mmap
+import os
 import struct
 from dataclasses import dataclass, field, replace
 
@@ -197,10 +199,11 @@ class SeqState:
 
 
 class _Reader:
-    def __init__(self, blob, copy: bool = True):
+    def __init__(self, blob, copy: bool = True, path: str | None = None, start: int = 0):
         self.buf = memoryview(blob).cast("B")
-        self.off = 0
+        self.off = start
         self.copy = copy
+        self.path = path     # a state file: K/V rows are left in it (FileRows), read when used
 
     def need(self, n: int, what: str) -> None:
         if n < 0 or self.off + n > len(self.buf):
@@ -223,6 +226,92 @@ class _Reader:
             return a.copy()
         a.flags.writeable = False  # a view into the blob: the blob must not change through it
         return a
+
+
+    def rows(self, count: int, what: str):
+        """`count` bytes of K or V rows: an array (see `array`), or for a state file where they lie."""
+        if self.path is None:
+            return self.array(np.uint8, count, what)
+        self.need(count, what)
+        span = FileRows(self.path, self.off, count)
+        self.off += count
+        return span
+
+
+@dataclass(frozen=True)
+class FileRows:
+    """`nbytes` bytes at `offset` of a state file, read when used (os.pread: nothing stays mapped)."""
+
+    path: str
+    offset: int
+    nbytes: int
+
+    def read(self) -> np.ndarray:
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            out = np.empty(self.nbytes, np.uint8)
+            view, got = memoryview(out), 0
+            while got < self.nbytes:
+                n = os.preadv(fd, [view[got:]], self.offset + got)
+                if n <= 0:
+                    raise StateFormatError(f"{self.path}: truncated state file (read {got} of {self.nbytes} "
+                                           f"bytes at {self.offset})")
+                got += n
+            return out
+        finally:
+            os.close(fd)
+
+
+class FileLayerKV(LazyLayerKV):
+    """A layer of a state file (`parse_state_file`): its rows read from the file each time they are
+    used, so a spilled context costs host memory one layer at a time."""
+
+    def __init__(self, k_type: int, k: FileRows, k_row: int, v_type: int, v: FileRows, v_row: int,
+                 n_cells: int, v_trans: bool) -> None:
+        self.k_type, self.v_type, self.k_row, self.v_row, self.n_cells = k_type, v_type, k_row, v_row, n_cells
+        self._k, self._v, self._trans = k, v, v_trans
+
+    @property
+    def k(self) -> np.ndarray:
+        return self._k.read().reshape(self.n_cells, self.k_row)
+
+    def v_dim_major(self) -> np.ndarray:
+        el = GGML_TYPES[self.v_type][2]
+        if self._trans:
+            return self._v.read().reshape(self.v_row // el, self.n_cells, el)
+        return self.v.reshape(self.n_cells, -1, el).transpose(1, 0, 2)
+
+    @property
+    def v(self) -> np.ndarray:
+        if not self._trans:
+            return self._v.read().reshape(self.n_cells, self.v_row)
+        return np.ascontiguousarray(self.v_dim_major().transpose(1, 0, 2)).reshape(self.n_cells, self.v_row)
+
+
+# llama_state_seq_save_file / load_file: u32 magic 'ggsq', u32 version, u32 n_tokens, tokens, then the blob
+# as `llama_state_seq_get_data` writes it without its first 8 bytes (magic, seq_id)
+SEQ_FILE_MAGIC, SEQ_FILE_VERSION = 0x67677371, 3
+
+
+def parse_state_file(path: str | os.PathLike, *, has_ext: bool = False, n_blocks: int = 1) -> SeqState:
+    """Parse a `llama_state_seq_save_file` file (no tokens) as `parse_state` parses a blob, with the K and V
+    rows left in the file (`FileLayerKV`): only the headers and cell metadata are read now."""
+    path = str(path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 12:
+            raise StateFormatError(f"{path}: not a llama.cpp sequence state file ({size} bytes)")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            magic, version, n_tok = struct.unpack_from("<III", mm, 0)
+            if magic != SEQ_FILE_MAGIC or version != SEQ_FILE_VERSION or n_tok:
+                raise StateFormatError(f"{path}: not a llama.cpp sequence state file of this version (magic "
+                                       f"{magic:#x}, version {version}, {n_tok} tokens)")
+            r = _Reader(mm, copy=True, path=path, start=12)
+            blocks = [_parse_block(r, has_ext, i) for i in range(n_blocks)]
+            if r.off != len(r.buf):
+                raise StateFormatError(f"{path}: {len(r.buf) - r.off} unexpected trailing bytes")
+            r.buf.release()
+    return SeqState(seq_id=0, blocks=blocks, has_ext=has_ext)
 
 
 def parse_state(blob, *, has_ext: bool = False, n_blocks: int = 1, copy: bool = True) -> SeqState:
@@ -266,25 +355,35 @@ def _parse_block(r: _Reader, has_ext: bool, index: int) -> KVBlock:
         k_type, k_row = r.unpack("<iQ", f"layer {il} K header")
         type_name(k_type)
         row_elements(k_type, k_row)
-        ks.append((k_type, r.array(np.uint8, n * k_row, f"layer {il} K").reshape(n, k_row)))
+        k = r.rows(n * k_row, f"layer {il} K")
+        ks.append((k_type, k if isinstance(k, FileRows) else k.reshape(n, k_row), k_row))
     layers = []
     for il in range(n_layer):
+        k_type, k, k_row = ks[il]
         if not v_trans:
             v_type, v_row = r.unpack("<iQ", f"layer {il} V header")
             type_name(v_type)
             row_elements(v_type, v_row)
-            v = r.array(np.uint8, n * v_row, f"layer {il} V").reshape(n, v_row)
+            v = r.rows(n * v_row, f"layer {il} V")
+            if isinstance(v, FileRows):
+                layers.append(FileLayerKV(k_type, k, k_row, v_type, v, v_row, n, False))
+                continue
+            v = v.reshape(n, v_row)
         else:
             v_type, el, n_embd_v = r.unpack("<iII", f"layer {il} V header")
             name, blck, size = GGML_TYPES.get(v_type, (None, 0, 0))
             if name is None or blck != 1 or el != size:
                 raise StateFormatError(f"transposed V of type id {v_type} (element {el} B) is not supported")
-            raw = r.array(np.uint8, n_embd_v * n * el, f"layer {il} V").reshape(n_embd_v, n, el)
+            raw = r.rows(n_embd_v * n * el, f"layer {il} V")
+            if isinstance(raw, FileRows):
+                layers.append(FileLayerKV(k_type, k, k_row, v_type, raw, n_embd_v * el, n, True))
+                continue
+            raw = raw.reshape(n_embd_v, n, el)
             if not r.copy:  # left in the blob, transposed when read (one layer at a time)
-                layers.append(TransposedLayerKV(ks[il][0], ks[il][1], v_type, raw))
+                layers.append(TransposedLayerKV(k_type, k, v_type, raw))
                 continue
             v = raw.transpose(1, 0, 2).reshape(n, n_embd_v * el).copy()
-        layers.append(LayerKV(ks[il][0], ks[il][1], v_type, v))
+        layers.append(LayerKV(k_type, k, v_type, v))
     return KVBlock(pos=pos, seq_id=seq, ext=ext, v_trans=bool(v_trans), layers=layers)
 
 
@@ -324,19 +423,41 @@ def state_buffer(state: SeqState) -> ctypes.Array:
         off += struct.calcsize(fmt)
 
     header("<Ii", MAGIC, state.seq_id)
+    _write_blocks(state, put, header)
+    if off != len(buf):
+        raise AssertionError(f"state_buffer wrote {off} of {len(buf)} bytes")
+    return buf
+
+
+def write_state_file(state: SeqState, path: str | os.PathLike) -> int:
+    """`state` as `llama_state_seq_save_file` writes a sequence (no tokens), for `llama_state_seq_load_file`,
+    written a layer at a time: a lazy state is never held whole. Returns the bytes written."""
+    with open(path, "wb") as f:
+        def put(a: np.ndarray) -> None:
+            f.write(np.ascontiguousarray(a).data)
+
+        def header(fmt: str, *vals) -> None:
+            f.write(struct.pack(fmt, *vals))
+
+        header("<III", SEQ_FILE_MAGIC, SEQ_FILE_VERSION, 0)
+        _write_blocks(state, put, header)
+        return f.tell()
+
+
+def _write_blocks(state: SeqState, put, header) -> None:
     for b in state.blocks:
         header("<II", 1, b.n_cells)
         if b.n_cells == 0:
             continue
         width = 2 + (3 if state.has_ext else 0) + 1
-        meta = out[off:off + b.n_cells * width * 4].view("<i4").reshape(b.n_cells, width)
+        meta = np.empty((b.n_cells, width), "<i4")
         meta[:, 0], meta[:, 1] = b.pos, 1
         if state.has_ext:
             if b.ext is None:
                 raise ValueError("state has_ext but a block has no ext")
             meta[:, 2:5] = b.ext
         meta[:, -1] = b.seq_id
-        off += meta.nbytes
+        put(meta)
         header("<II", int(b.v_trans), b.n_layers)
         for l in b.layers:  # `l.k` / `l.v` read once each: a LazyLayerKV makes one layer at a time
             header("<iQ", l.k_type, l.k_row)
@@ -349,6 +470,3 @@ def state_buffer(state: SeqState) -> ctypes.Array:
                 el = GGML_TYPES[l.v_type][2]
                 header("<iII", l.v_type, el, l.v_row // el)
                 put(l.v_dim_major())
-    if off != len(buf):
-        raise AssertionError(f"state_buffer wrote {off} of {len(buf)} bytes")
-    return buf

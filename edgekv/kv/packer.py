@@ -204,11 +204,19 @@ class LayerFloats(NDArrayOperatorsMixin):
                     self._full, self._held = full, {}
         return self._full if dtype is None else self._full.astype(dtype)
 
+    _ROWS = 1024  # rows converted at once: a quantized type's dequantization makes several temporaries
+
     def _convert(self, il: int) -> np.ndarray:
         layer = self._block.layers[il]
         rows, t = (layer.k, layer.k_type) if self._which == "k" else (layer.v, layer.v_type)
-        f = to_float(rows if self._cells is None else rows[self._cells], t)
-        return f.reshape(f.shape[0], self._heads, -1).transpose(1, 0, 2)
+        if self._cells is not None:
+            rows = rows[self._cells]
+        H, T, d = self.shape[1:]
+        out = np.empty((H, T, d), np.float32)        # [H_kv, T, d], contiguous: filled a slice of rows at a time
+        for a in range(0, T, self._ROWS):
+            f = to_float(rows[a:a + self._ROWS], t)
+            out[:, a:a + f.shape[0]] = f.reshape(f.shape[0], H, d).transpose(1, 0, 2)
+        return out
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
         inputs = tuple(np.asarray(x) if isinstance(x, LayerFloats) else x for x in inputs)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgekv.methods.base import KVView, Method, Plan, allocate, check_budget, plan_from_scores, pool1d
+from edgekv.methods.base import KVView, Method, Plan, allocate, check_budget, pool1d, top_k
 from edgekv.methods.registry import register
 
 
@@ -72,19 +72,30 @@ class HybridKV(Method):
         budget = check_budget(budget, view.n_candidates)
         L, H, n = view.n_layers, view.n_kv_heads, view.n_candidates
         cand = view.candidate_index
-        a = view.window_scores[..., cand].astype(np.float64) / view.window     # [L, H, n] mean
-        k90 = coverage_k(a, self.theta)
+        ws = view.window_scores
+
+        def attn(layer: int) -> np.ndarray:      # [H, n] text-centric attention, float64, one layer
+            return ws[layer][..., cand].astype(np.float64) / view.window
+
+        # A layer at a time: over recall's universe (every stored cell) the [L, H, n] float64 arrays
+        # were the re-selection's largest temporaries (docs/recall.md, "Memory")
+        k90 = np.stack([coverage_k(attn(layer), self.theta) for layer in range(L)])
         static = k90 <= budget
         nominal = self._budgets(static, k90, budget, n)
         text = ~view.media_mask[cand]
-        scores = np.zeros((L, H, view.n_tokens))
-        # static: text first (tier 2), then media by pooled attention (pooled over the candidate run)
-        pooled = pool1d(a, self.kernel_size)
-        scores[..., cand] = np.where(static[..., None], np.where(text, 2.0 + a, pooled), 0.0)
-        for layer, head in zip(*np.nonzero(~static)):
-            scores[layer, head, cand] = self._chunk_scores(a[layer, head], int(nominal[layer, head]))
-        return plan_from_scores(self.name, view, scores, nominal, static=static.tolist(),
-                                k90=k90.tolist())
+        width = int(nominal.max())
+        keep = np.empty((L, H, width), np.int64)
+        for layer in range(L):
+            a = attn(layer)
+            scores = np.zeros((H, view.n_tokens))
+            # static: text first (tier 2), then media by pooled attention (pooled over the candidate run)
+            scores[..., cand] = np.where(static[layer][:, None], np.where(text, 2.0 + a, pool1d(a, self.kernel_size)),
+                                         0.0)
+            for head in np.flatnonzero(~static[layer]):
+                scores[head, cand] = self._chunk_scores(a[head], int(nominal[layer, head]))
+            keep[layer] = top_k(scores, view.candidates, width)
+        return Plan(keep=keep, nominal=nominal,
+                    info={"method": self.name, "static": static.tolist(), "k90": k90.tolist()}).validate(view)
 
     def _budgets(self, static: np.ndarray, k90: np.ndarray, budget: int, n: int) -> np.ndarray:
         total, n_dyn, n_stat = static.size * budget, int((~static).sum()), int(static.sum())

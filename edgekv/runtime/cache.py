@@ -17,10 +17,10 @@ from typing import Callable, Literal
 import numpy as np
 
 from edgekv.errors import Cancelled, ContextOverflowError, EdgeKVError, StateFormatError
-from edgekv.kv.codec import SeqState, parse_state
+from edgekv.kv.codec import SeqState, parse_state, parse_state_file
 from edgekv.kv.store import RecallStore
 from edgekv.methods import Method, Span
-from edgekv.runtime import compactor, lib
+from edgekv.runtime import compactor, lib, spill
 from edgekv.runtime.compactor import CompactionReport
 from edgekv.runtime.kinds import COVERED, FROZEN, PACKED, PENDING, PROTECTED, SCRATCH_SEQ, spans_of
 from edgekv.runtime.regions import LastChunk, WholeSequence
@@ -205,8 +205,11 @@ class CompressedCache:
             raise StateFormatError(f"llama.cpp returned {got} of {n} state bytes")
         return buf
 
-    def set_state(self, blob: bytes | ctypes.Array) -> bool:
-        """Write a state blob back: a ctypes buffer as it is, bytes without a copy (llama.cpp only reads)."""
+    def set_state(self, blob: bytes | ctypes.Array | spill.StateFile) -> bool:
+        """Write a state blob back: a ctypes buffer as it is, bytes without a copy (llama.cpp only reads),
+        a state file read by llama.cpp a layer at a time."""
+        if isinstance(blob, spill.StateFile):
+            return spill.load(self.model.ctx, blob)
         n = len(blob)
         if isinstance(blob, ctypes.Array):
             ptr = ctypes.cast(blob, ctypes.POINTER(ctypes.c_uint8))
@@ -215,13 +218,21 @@ class CompressedCache:
             ptr = ctypes.cast(ctypes.c_char_p(blob), ctypes.POINTER(ctypes.c_uint8))
         return llama_cpp.llama_state_seq_set_data(self.model.ctx, ptr, n, 0) == n
 
-    def parse(self, blob: bytes | ctypes.Array, copy: bool = True, cells: slice | None = None,
+    def spill_state(self, folder) -> spill.StateFile:
+        """Sequence 0 saved to a state file in `folder` (llama.cpp writes it a layer at a time)."""
+        return spill.save(self.model.ctx, 0, folder)
+
+    def parse(self, blob: bytes | ctypes.Array | spill.StateFile, copy: bool = True, cells: slice | None = None,
               ledger: bool = True) -> SeqState:
         """A state blob of the sequence (or, with `cells`, of those ledger cells alone) as arrays, checked
         against the ledger: the cells must stand where it has them (see the module docstring).
-        ledger=False: a blob from elsewhere (a saved conversation), not checked."""
+        ledger=False: a blob from elsewhere (a saved conversation), not checked. A state file's rows stay
+        in the file, read a layer at a time when used."""
         lay = self.model.layout
-        state = parse_state(blob, has_ext=lay.mrope, n_blocks=2 if lay.iswa else 1, copy=copy)
+        if isinstance(blob, spill.StateFile):
+            state = parse_state_file(blob.path, has_ext=lay.mrope, n_blocks=2 if lay.iswa else 1)
+        else:
+            state = parse_state(blob, has_ext=lay.mrope, n_blocks=2 if lay.iswa else 1, copy=copy)
         base = state.blocks[0]
         if ledger:
             self._check_ledger(base.pos, slice(None) if cells is None else cells)

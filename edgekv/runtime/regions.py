@@ -18,9 +18,9 @@ import ctypes
 import numpy as np
 
 from edgekv.errors import CompactionError
-from edgekv.kv.codec import SeqState, state_buffer
+from edgekv.kv.codec import SeqState, state_buffer, write_state_file
 from edgekv.methods import Method, Span
-from edgekv.runtime import lib
+from edgekv.runtime import lib, spill
 from edgekv.runtime.kinds import COVERED, FROZEN, PACKED, SCRATCH_SEQ
 from edgekv.runtime.lib import llama_cpp
 from edgekv.runtime.window_block import thin_window_block
@@ -30,7 +30,19 @@ def write_or_restore(cache, new_state: SeqState, blob, what: str) -> int:
     """Write `new_state` as sequence 0; when llama.cpp refuses it, put `blob` (what was read) back and
     raise CompactionError. Returns the K+V bytes written."""
     lib.release_free_memory()      # before the new blob: planning's freed temporaries leave the peak
-    if not cache.set_state(state_buffer(new_state)):
+    if isinstance(blob, spill.StateFile):   # read from a file: the new context goes through one too
+        new = spill.StateFile(blob.path.parent)
+        try:
+            write_state_file(new_state, new.path)
+            ok = cache.set_state(new)
+        except OSError as e:
+            raise CompactionError(f"could not write the {what} to {new.path}: {e.strerror or e}; the cache "
+                                  "is as it was") from None
+        finally:
+            new.close()
+    else:
+        ok = cache.set_state(state_buffer(new_state))
+    if not ok:
         restored = cache.set_state(blob)
         raise CompactionError(f"llama.cpp refused the {what}"
                               + ("; the original cache was restored" if restored

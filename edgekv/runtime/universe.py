@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgekv.errors import StateFormatError
 from edgekv.kv.codec import KVBlock, LazyLayerKV, SeqState, parse_state
 from edgekv.methods import Method, Span
 from edgekv.runtime.kinds import COVERED, PACKED, PENDING, spans_of
@@ -35,7 +36,15 @@ class Universe(Region):
 
     def read(self):
         c = self.cache
-        self.blob = c.state_buffer()
+        store = c.store
+        self.blob = None
+        if store is not None and store.mode == "disk":   # the context as read stays on disk too (spill.py)
+            try:
+                self.blob = c.spill_state(store.directory)
+            except (OSError, StateFormatError):   # no room for the file: hold it in memory, as a RAM store does
+                self.blob = None
+        if self.blob is None:
+            self.blob = c.state_buffer()
         self.state = c.parse(self.blob, copy=False)
         self.ctx = ctx = self.state.blocks[0]
         n = ctx.n_cells
