@@ -88,18 +88,24 @@ def test_methods_that_read_by_layer_never_hold_every_layer_in_floats(name):
     meth = get_method(name)
     view, _ = method_view(meth, block, Hk, cand, spans, queries, 0.25, 3)
     held = []
-    layer = type(view.keys).layer
+    cls = type(view.keys)
+    layer, head = cls.layer, cls.head
 
-    def spy(self, il):
+    def spy_layer(self, il):
         out = layer(self, il)
-        held.append(len(self._held))
+        held.append(len(self._held) + len(self._heads) / self.shape[1])   # in layers' worth
         return out
 
-    type(view.keys).layer = spy
+    def spy_head(self, il, h):
+        out = head(self, il, h)
+        held.append(len(self._held) + len(self._heads) / self.shape[1])
+        return out
+
+    cls.layer, cls.head = spy_layer, spy_head
     try:
         meth.plan(view, 40)
     finally:
-        type(view.keys).layer = layer
+        cls.layer, cls.head = layer, head
     assert view.keys._full is None and held and max(held) <= 3 < L
 
 
@@ -123,6 +129,13 @@ def test_layer_floats_made_a_slice_of_rows_at_a_time_are_the_whole_conversion(ty
         for il in range(2):
             want = to_float(rows[il] if sel is None else rows[il][sel], tid).reshape(-1, Hk, d).transpose(1, 0, 2)
             np.testing.assert_array_equal(lf.layer(il), want)
+        heads = LayerFloats(block, Hk, sel, "k")     # a head at a time: from that head's bytes alone
+        for il in range(2):
+            want = to_float(rows[il] if sel is None else rows[il][sel], tid).reshape(-1, Hk, d)
+            for h in range(Hk):
+                np.testing.assert_array_equal(heads[il, h], want[:, h])
+                np.testing.assert_array_equal(heads[il, h, 7], want[7, h])
+        assert not heads._held and len(heads._heads) <= LayerFloats._HELD_HEADS
 
 
 def test_hybridkv_plans_a_layer_at_a_time():
@@ -149,3 +162,31 @@ def test_hybridkv_plans_a_layer_at_a_time():
         tracemalloc.stop()
     one = L * Hk * T * 8
     assert plan.keep.shape == (L, Hk, 3000) and peak < 0.6 * one, (peak, one)
+
+
+def test_the_window_attention_over_a_big_block_holds_a_few_heads_of_floats():
+    """The window pass reads K one (layer, head) at a time: over recall's universe it holds a few heads of
+    float32 keys (it held three whole layers), and lets them go when done; the scores are the ones of the
+    whole float array."""
+    import tracemalloc
+
+    L, Hk, H, d, W, T = 6, 4, 8, 64, 4, 6000
+    cand = np.zeros(T, bool)
+    cand[2:T - 8] = True
+    spans = (Span(0, 2, "text"), Span(2, T - 8, "media", 0), Span(T - 8, T, "text"))
+    queries = np.random.default_rng(1).standard_normal((L, H, W, d)).astype(np.float32)
+    block = make_block(L, Hk, d, T, 8, False)             # f16 rows
+    meth = get_method("snapkv")
+    view, _ = method_view(meth, block, Hk, cand, spans, queries, 0.125, 3)
+    tracemalloc.start()
+    try:
+        scores = np.array(view.window_scores)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    layer_bytes = Hk * T * d * 4
+    assert peak < 1.5 * layer_bytes, (peak, layer_bytes)
+    assert not view.keys._held and not view.keys._heads
+    whole, _ = method_view(meth, block, Hk, cand, spans, queries, 0.125, 3)
+    np.asarray(whole.keys)     # the whole float array, made once
+    np.testing.assert_allclose(scores, whole.window_scores, rtol=1e-6, atol=1e-7)

@@ -169,3 +169,52 @@ def test_no_room_for_the_file_holds_the_context_in_memory(tiny_pairs, tmp_path, 
             blobs[broken] = s.state_blob()
             s.close()
     assert blobs[True] == blobs[False] and len(calls) == 1
+
+
+def _check_nbytes(s) -> None:
+    c = s.cache
+    parsed = c.counted_nbytes
+
+    def no_blob():
+        raise AssertionError("nbytes read the blob")
+
+    c.counted_nbytes = no_blob
+    try:
+        got = c.nbytes()
+    finally:
+        del c.counted_nbytes
+    assert got == parsed() > 0, (got, parsed())
+
+
+@pytest.mark.parametrize("variant", ["qwen2vl", "llava"])
+def test_the_cache_counts_its_bytes_without_reading_the_blob(tiny_pairs, variant):
+    """CompressedCache.nbytes from the ledger and llama.cpp's blob size equals the K+V bytes of the blob
+    llama.cpp writes (parsed), before and after compaction and recall, M-RoPE cells or not."""
+    _, _, img = tiny_pairs[variant]
+    with load(tiny_pairs, variant) as m:
+        s = Session(m, method="snapkv", budget=0.25, recall="ram", recall_min_share=0.0)
+        assert s.cache.nbytes() == 0
+        list(s.chat("Describe the image.", images=[img], max_tokens=2))
+        _check_nbytes(s)
+        list(s.chat("And what is in the bottom right corner, exactly?", max_tokens=2))
+        _check_nbytes(s)
+        s.close()
+
+
+@pytest.mark.parametrize("cache_type", ["f16", "q8_0"])
+def test_on_gemma_the_count_takes_the_sliding_window_block_from_the_blob_size(gemma_path, cache_type):
+    """Gemma 3: the window block's cells are not in the ledger; the count reads them off the blob's size,
+    whole, thinned (--swa-budget) and quantized."""
+    from test_recall import needle_doc
+
+    with Model.load(str(gemma_path), None, n_ctx=1024, n_batch=512, threads=THREADS, flash_attn="on",
+                    cache_type_k=cache_type, cache_type_v=cache_type) as m:
+        s = Session(m, method="hybridkv", budget=0.25, swa_budget=0.25)
+        s.append_text(needle_doc(), compressible=True)
+        _check_nbytes(s)
+        s.append_text("\nWhat is the pass key? The pass key is")
+        s.compact()
+        _check_nbytes(s)
+        "".join(r.text for r in s.generate(max_tokens=3))
+        _check_nbytes(s)
+        s.close()

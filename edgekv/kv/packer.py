@@ -152,6 +152,7 @@ class LayerFloats(NDArrayOperatorsMixin):
     ndim = 4
     dtype = np.dtype(np.float32)
     _HELD = 3     # layers kept (planning threads work on neighbouring layers)
+    _HELD_HEADS = 2   # heads kept (the window attention reads each (layer, head) once, a thread each)
 
     def __init__(self, block: KVBlock, n_kv_heads: int, cells: np.ndarray | None, which: str) -> None:
         self._block, self._heads, self._which = block, n_kv_heads, which
@@ -161,8 +162,10 @@ class LayerFloats(NDArrayOperatorsMixin):
         T = block.n_cells if cells is None else len(self._cells)
         self.shape = (block.n_layers, n_kv_heads, T, width // n_kv_heads)
         self._held: dict[int, np.ndarray] = {}
+        self._heads: dict[tuple[int, int], np.ndarray] = {}   # (layer, head) -> [T, d], see head()
+        self._rows_at: tuple[int, np.ndarray] | None = None
         self._full: np.ndarray | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -177,18 +180,66 @@ class LayerFloats(NDArrayOperatorsMixin):
         if self._full is not None:
             return self._full[il]
         with self._lock:
-            got = self._held.get(il)
+            return self._held_layer(il)
+
+    def _held_layer(self, il: int) -> np.ndarray:
+        got = self._held.get(il)
+        if got is None:
+            got = np.ascontiguousarray(self._convert(il))
+            got.flags.writeable = False
+            if len(self._held) >= self._HELD:
+                self._held.pop(next(iter(self._held)))
+            self._held[il] = got
+        return got
+
+    def head(self, il: int, h: int) -> np.ndarray:
+        """[T, d] float32 of KV head h in layer il (read-only): made from that head's bytes alone when a
+        head spans whole quantization blocks (the window attention reads one head at a time), so over a
+        big block this holds a few heads of floats, not a few layers."""
+        il = int(il) + (self.shape[0] if il < 0 else 0)
+        h = int(h) + (self.shape[1] if h < 0 else 0)
+        if self._full is not None:
+            return self._full[il, h]
+        with self._lock:
+            if il in self._held:
+                return self._held[il][h]
+            got = self._heads.get((il, h))
             if got is None:
-                got = np.ascontiguousarray(self._convert(il))
+                layer = self._block.layers[il]
+                t, width = (layer.k_type, layer.k_row) if self._which == "k" else (layer.v_type, layer.v_row)
+                per = bytes_per_head(t, width, self.shape[1])
+                if per is None:
+                    return self._held_layer(il)[h]
+                rows = self._rows_of(il)
+                T, d = self.shape[2:]
+                got = np.empty((T, d), np.float32)
+                for a in range(0, T, self._ROWS):
+                    part = to_float(np.ascontiguousarray(rows[a:a + self._ROWS, h * per:(h + 1) * per]), t)
+                    got[a:a + part.shape[0]] = part
                 got.flags.writeable = False
-                if len(self._held) >= self._HELD:
-                    self._held.pop(next(iter(self._held)))
-                self._held[il] = got
+                if len(self._heads) >= self._HELD_HEADS:
+                    self._heads.pop(next(iter(self._heads)))
+                self._heads[(il, h)] = got
             return got
+
+    def _rows_of(self, il: int) -> np.ndarray:
+        """Layer il's K or V bytes of the block's cells (the last layer's kept: its heads are read in turn)."""
+        if self._rows_at is None or self._rows_at[0] != il:
+            layer = self._block.layers[il]
+            rows = layer.k if self._which == "k" else layer.v
+            self._rows_at = (il, rows if self._cells is None else rows[self._cells])
+        return self._rows_at[1]
+
+    def release(self) -> None:
+        """Drop the floats and bytes held (a later read makes them again)."""
+        with self._lock:
+            self._held, self._heads, self._rows_at = {}, {}, None
 
     def __getitem__(self, key):
         if isinstance(key, (int, np.integer)):
             return self.layer(key)
+        if isinstance(key, tuple) and len(key) >= 2 and all(isinstance(k, (int, np.integer)) for k in key[:2]):
+            return self.head(key[0], key[1])[key[2:]]
         if isinstance(key, tuple) and key and isinstance(key[0], (int, np.integer)):
             return self.layer(key[0])[key[1:]]
         return self.__array__()[key]
@@ -201,7 +252,7 @@ class LayerFloats(NDArrayOperatorsMixin):
                     for il in range(self.shape[0]):
                         full[il] = self._held.get(il) if il in self._held else self._convert(il)
                     full.flags.writeable = False
-                    self._full, self._held = full, {}
+                    self._full, self._held, self._heads, self._rows_at = full, {}, {}, None
         return self._full if dtype is None else self._full.astype(dtype)
 
     _ROWS = 1024  # rows converted at once: a quantized type's dequantization makes several temporaries

@@ -181,6 +181,9 @@ class KVView:
 
         parallel_map(block, [(layer, h) for layer in range(L) for h in range(Hk)],
                      scratch=(self.queries.shape[1] // Hk * W, T))
+        release = getattr(self.keys, "release", None)   # the runtime's LayerFloats: drop the heads it made
+        if release is not None:
+            release()
         scores.flags.writeable = media_mass.flags.writeable = False
         return scores, media_mass
 

@@ -259,7 +259,26 @@ class CompressedCache:
         self.pos[cells] = pos
 
     def nbytes(self) -> int:
-        """K+V bytes the sequence holds in all cache blocks."""
+        """K+V bytes the sequence holds in all cache blocks, from the ledger and llama.cpp's blob size (not
+        the blob: after a re-selection over a big context that was a whole copy of it)."""
+        if not self.n_cells:
+            return 0
+        lay, m = self.model.layout, self.model
+        base = self.n_cells * m.cell_bytes
+        width = 4 * (2 + (3 if lay.mrope else 0) + 1)      # a cell's metadata in the blob (codec.py)
+        n_global = len(lay.global_layers)
+        rest = llama_cpp.llama_state_seq_get_size(m.ctx, 0) - 8 - (16 + self.n_cells * width + 24 * n_global + base)
+        if not lay.iswa:
+            return base if rest == 0 else self.counted_nbytes()
+        if rest == 8:                                       # an empty sliding-window block
+            return base
+        n_window = lay.n_layer - n_global
+        per = m.cell_bytes // n_global * n_window           # a window cell: the same rows in its layers
+        cells, left = divmod(rest - 16 - 24 * n_window, width + per)
+        return base + cells * per if not left and cells >= 0 else self.counted_nbytes()
+
+    def counted_nbytes(self) -> int:
+        """K+V bytes of the state blob, read and parsed (the ledger checked on the way)."""
         return self.parse(self.state_buffer(), copy=False).nbytes if self.n_cells else 0
 
     # --- decode ---------------------------------------------------------------------------------

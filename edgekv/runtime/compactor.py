@@ -17,6 +17,7 @@ from edgekv.errors import EdgeKVError
 from edgekv.kv.packer import LayerFloats, layer_floats, pack_block
 from edgekv.methods import KVView, Method, Span
 from edgekv.methods.parallel import planning_threads
+from edgekv.runtime import lib
 
 
 EARLY = " (early, before the question)"
@@ -115,12 +116,14 @@ def compact(cache, meth: Method, region, budget_cells: int, *, use_queries: bool
                                   window_outside=region.window_outside(meth),
                                   key_rotation=model.rotation.key_matrix(lay.head_dim))
         slots = region.slots(budget_cells)
+        lib.release_free_memory()   # what reading and viewing the region freed: not under planning's peak
         t1 = time.perf_counter()
         with planning_threads(model.threads):
             plan = meth.plan(view, slots) if region.wants_plan(meth, slots, view.n_candidates) else None
         if plan is not None and region.cap:
             plan = plan.capped(slots)   # a context sized for the budget: never more cells than it
         plan_s = time.perf_counter() - t1
+        lib.release_free_memory()   # planning's temporaries (the planning threads' arenas too) leave the peak
         n_candidates, bytes_before = region.counts()
         if plan is None:  # the budget covers everything: keep the cells as they are
             region.keep_as_is()

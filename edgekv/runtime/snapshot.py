@@ -89,9 +89,10 @@ class SessionState:
         return self.cache.state_blob()
 
     def kv_bytes(self) -> int:
-        """K+V bytes the sequence holds in all cache blocks."""
+        """K+V bytes the sequence holds in all cache blocks, read off llama.cpp's state (which is checked
+        against the session's ledger on the way: a desync is a StateFormatError)."""
         self.check_open()
-        return self.cache.nbytes()
+        return self.cache.counted_nbytes()
 
     def snapshot(self) -> SessionSnapshot:
         """The cache and bookkeeping as they are now (e.g. to try several methods on one prefill)."""
