@@ -4,22 +4,51 @@
 
 A point is `method budget` (the method as the eval names it: `hybridkv+swa0.1`, `full 1`). Prints a markdown
 table row per cache type holding both: n, the accuracy of each, A - B with a paired bootstrap 95 % interval
-(scripts/swa_paired.py's), and both byte ratios to the full f16 cache.
+(samples resampled), and both byte ratios to the full f16 cache.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import random
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from edgekv.eval.report import RETRIEVAL_TASKS
 from edgekv.eval.runner import load_records
 
-_spec = importlib.util.spec_from_file_location("swa_paired", Path(__file__).with_name("swa_paired.py"))
-_swa = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_swa)
-diff_ci = _swa.diff_ci
+
+def diff_ci(pairs: list[tuple[float, float]], n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile interval of mean(a - b) over resampled samples (the pairs kept together)."""
+    rng = random.Random(seed)
+    stats = sorted(sum(a - b for a, b in (pairs[rng.randrange(len(pairs))] for _ in pairs)) / len(pairs)
+                   for _ in range(n_boot))
+    return stats[int(0.025 * (n_boot - 1))], stats[int(0.975 * (n_boot - 1))]
+
+
+@dataclass(frozen=True)
+class Compared:
+    """Two points on the samples both hold: n, each accuracy, a - b with its interval, each byte ratio."""
+
+    n: int
+    a: float
+    b: float
+    diff: float
+    ci: tuple[float, float]
+    ratio_a: float
+    ratio_b: float
+
+
+def compare(a: dict, b: dict) -> Compared | None:
+    """a, b: sample -> eval record of one point each. None when they share fewer than two samples."""
+    common = sorted(set(a) & set(b))
+    if len(common) < 2:
+        return None
+    pairs = [(float(a[s]["score"]), float(b[s]["score"])) for s in common]
+    n = len(pairs)
+    ra, rb = (sum(d[s]["kv_bytes"] / d[s]["kv_bytes_full_f16"] for s in common) / n for d in (a, b))
+    return Compared(n, sum(p[0] for p in pairs) / n, sum(p[1] for p in pairs) / n,
+                    sum(x - y for x, y in pairs) / n, diff_ci(pairs), ra, rb)
 
 
 def parse_point(text: str) -> tuple[str, float]:
@@ -39,16 +68,10 @@ def rows(run: Path, a: str, b: str, task: str = "retrieval") -> list[str]:
             by[(r["method"].partition("@")[0], float(r["budget"]), r.get("cache_type") or "f16")][r["sample"]] = r
     out = [f"| cache | n | {a} | {b} | A - B [95 % CI] | bytes / f16: A, B |", "|---|---|---|---|---|---|"]
     for ct in sorted({k[2] for k in by}):
-        ra, rb = by.get((*pa, ct)), by.get((*pb, ct))
-        common = sorted(set(ra or {}) & set(rb or {}))
-        if len(common) < 2:
-            continue
-        pairs = [(float(ra[s]["score"]), float(rb[s]["score"])) for s in common]
-        lo, hi = diff_ci(pairs)
-        n = len(pairs)
-        ratio = [sum(d[s]["kv_bytes"] / d[s]["kv_bytes_full_f16"] for s in common) / n for d in (ra, rb)]
-        out.append(f"| {ct} | {n} | {sum(p[0] for p in pairs) / n:.2f} | {sum(p[1] for p in pairs) / n:.2f} | "
-                   f"{sum(x - y for x, y in pairs) / n:+.2f} [{lo:+.2f}, {hi:+.2f}] | {ratio[0]:.3f}, {ratio[1]:.3f} |")
+        c = compare(by.get((*pa, ct)) or {}, by.get((*pb, ct)) or {})
+        if c is not None:
+            out.append(f"| {ct} | {c.n} | {c.a:.2f} | {c.b:.2f} | {c.diff:+.2f} [{c.ci[0]:+.2f}, {c.ci[1]:+.2f}] | "
+                       f"{c.ratio_a:.3f}, {c.ratio_b:.3f} |")
     return out
 
 

@@ -9,7 +9,7 @@ bootstrap 95 % interval (samples resampled, the pairs kept together), and both b
 from __future__ import annotations
 
 import argparse
-import random
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -17,13 +17,8 @@ from edgekv.eval.engine import split_swa
 from edgekv.eval.runner import load_records
 from edgekv.eval.report import RETRIEVAL_TASKS
 
-
-def diff_ci(pairs: list[tuple[float, float]], n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95 % percentile interval of mean(thinned - whole) over resampled samples."""
-    rng = random.Random(seed)
-    stats = sorted(sum(a - b for a, b in (pairs[rng.randrange(len(pairs))] for _ in pairs)) / len(pairs)
-                   for _ in range(n_boot))
-    return stats[int(0.025 * (n_boot - 1))], stats[int(0.975 * (n_boot - 1))]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paired import compare, diff_ci  # noqa: E402  (scripts/paired.py, beside this one)
 
 
 def rows(run: Path, task: str = "retrieval") -> list[str]:
@@ -39,16 +34,10 @@ def rows(run: Path, task: str = "retrieval") -> list[str]:
         whole = by.get((method, 1.0, budget, ct))
         if swa >= 1.0 or not whole:
             continue
-        common = sorted(set(thin) & set(whole))
-        if len(common) < 2:
-            continue
-        pairs = [(float(thin[s]["score"]), float(whole[s]["score"])) for s in common]
-        lo, hi = diff_ci(pairs)
-        n = len(pairs)
-        b = [sum(d[s]["kv_bytes"] / d[s]["kv_bytes_full_f16"] for s in common) / n for d in (whole, thin)]
-        out.append(f"| {method} {budget:g}, window {swa:g}, {ct} | {n} | {sum(p[1] for p in pairs) / n:.2f} | "
-                   f"{sum(p[0] for p in pairs) / n:.2f} | {sum(a - b for a, b in pairs) / n:+.2f} [{lo:+.2f}, {hi:+.2f}] | "
-                   f"{b[0]:.3f} -> {b[1]:.3f} |")
+        c = compare(thin, whole)
+        if c is not None:
+            out.append(f"| {method} {budget:g}, window {swa:g}, {ct} | {c.n} | {c.b:.2f} | {c.a:.2f} | "
+                       f"{c.diff:+.2f} [{c.ci[0]:+.2f}, {c.ci[1]:+.2f}] | {c.ratio_b:.3f} -> {c.ratio_a:.3f} |")
     return out
 
 

@@ -3,6 +3,7 @@ f16 full cache of the same samples; the front is monotone and is the best at or 
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -106,6 +107,7 @@ def _load_script(name: str):
 
     spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod      # a script's dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 

@@ -286,8 +286,9 @@ def needle_doc() -> str:
             + " The secret animal is a pelican. Remember it. " + body[b:])
 
 
-def follow_up(m: Model, recall: str, budget: float) -> tuple[str, list]:
-    s = Session(m, method="hybridkv", budget=budget, recall=recall)
+def follow_up(m: Model, recall: str, budget: float, blobs: list | None = None, **kw) -> tuple[str, list]:
+    """The two needle questions in turn; `blobs` gets the state blob at the end; kw: more Session options."""
+    s = Session(m, method="hybridkv", budget=budget, recall=recall, **kw)
     s.append_text(needle_doc(), compressible=True)
     s.append_text("\nWhat is the pass key? The pass key is")
     s.compact()
@@ -295,6 +296,8 @@ def follow_up(m: Model, recall: str, budget: float) -> tuple[str, list]:
     s.append_text("\nWhat is the secret animal? The secret animal is a")
     second = "".join(r.text for r in s.generate(max_tokens=4))
     reports = list(s.reports)
+    if blobs is not None:
+        blobs.append(s.state_blob())
     s.close()
     return first + "|" + second, reports
 

@@ -128,23 +128,16 @@ def test_a_failed_turn_after_a_disk_reselection_rolls_back_from_the_file(tiny_pa
 def test_on_gemma_a_disk_reselection_writes_the_ram_stores_blob(gemma_path, tmp_path, swa_budget):
     """Gemma 3 keeps a sliding-window block beside the global one: both go through the files (the question's
     cells cut, or the block thinned), and the result is the RAM store's, byte for byte."""
-    from test_recall import needle_doc
+    from test_recall import follow_up
 
     blobs = {}
     with Model.load(str(gemma_path), None, n_ctx=1024, n_batch=512, threads=THREADS) as m:
         for recall in ("ram", "disk"):
-            s = Session(m, method="hybridkv", budget=0.1, recall=recall, recall_dir=tmp_path, recall_min_share=0.0,
-                        swa_budget=swa_budget)
-            s.append_text(needle_doc(), compressible=True)
-            s.append_text("\nWhat is the pass key? The pass key is")
-            s.compact()
-            first = "".join(r.text for r in s.generate(max_tokens=4))
-            s.append_text("\nWhat is the secret animal? The secret animal is a")
-            second = "".join(r.text for r in s.generate(max_tokens=3))
-            r = s.reports[-1]
-            assert r.reselect and r.rewritten
-            blobs[recall] = (s.state_blob(), first, second)
-            s.close()
+            got: list = []
+            answers, reports = follow_up(m, recall, 0.1, got, recall_dir=tmp_path, recall_min_share=0.0,
+                                         swa_budget=swa_budget)
+            assert reports[-1].reselect and reports[-1].rewritten
+            blobs[recall] = (got[0], answers)
     assert blobs["disk"] == blobs["ram"]
     gc.collect()
     assert seq_files(tmp_path) == []
