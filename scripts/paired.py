@@ -58,14 +58,23 @@ def parse_point(text: str) -> tuple[str, float]:
     return method, float(budget)
 
 
-def rows(run: Path, a: str, b: str, task: str = "retrieval") -> list[str]:
-    pa, pb = parse_point(a), parse_point(b)
-    by = defaultdict(dict)   # (method, budget, cache type) -> sample -> record
+def by_point(run: Path, task: str = "retrieval", regime: str | None = None) -> dict[tuple, dict[str, dict]]:
+    """(method as the eval names it, without its regime; budget; cache type) -> sample -> scored record with
+    its bytes, for `task` (retrieval: every needle task) and, when given, one regime."""
+    by: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in load_records(run):
-        if r.get("score") is None or not r.get("kv_bytes_full_f16") or r.get("regime", "after") != "after":
+        if r.get("score") is None or not r.get("kv_bytes_full_f16"):
+            continue
+        if regime is not None and r.get("regime", "after") != regime:
             continue
         if (r["task"] in RETRIEVAL_TASKS) if task == "retrieval" else r["task"] == task:
             by[(r["method"].partition("@")[0], float(r["budget"]), r.get("cache_type") or "f16")][r["sample"]] = r
+    return by
+
+
+def rows(run: Path, a: str, b: str, task: str = "retrieval") -> list[str]:
+    pa, pb = parse_point(a), parse_point(b)
+    by = by_point(run, task, regime="after")
     out = [f"| cache | n | {a} | {b} | A - B [95 % CI] | bytes / f16: A, B |", "|---|---|---|---|---|---|"]
     for ct in sorted({k[2] for k in by}):
         c = compare(by.get((*pa, ct)) or {}, by.get((*pb, ct)) or {})

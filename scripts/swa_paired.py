@@ -10,24 +10,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 from edgekv.eval.engine import split_swa
-from edgekv.eval.runner import load_records
-from edgekv.eval.report import RETRIEVAL_TASKS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paired import compare, diff_ci  # noqa: E402  (scripts/paired.py, beside this one)
+from paired import by_point, compare  # noqa: E402  (scripts/paired.py, beside this one)
 
 
 def rows(run: Path, task: str = "retrieval") -> list[str]:
-    recs = [r for r in load_records(run) if r.get("score") is not None and r.get("kv_bytes_full_f16")
-            and (r["task"] in RETRIEVAL_TASKS if task == "retrieval" else r["task"] == task)]
-    by = defaultdict(dict)   # (method, swa, budget, cache type) -> sample -> record
-    for r in recs:
-        method, swa = split_swa(r["method"].partition("@")[0])
-        by[(method, swa, float(r["budget"]), r.get("cache_type") or "f16")][r["sample"]] = r
+    # (method, the window block's share, budget, cache type) -> sample -> record
+    by = {(*split_swa(name), budget, ct): recs for (name, budget, ct), recs in by_point(run, task).items()}
     out = ["| point | n | whole block | thinned | difference [95 % CI] | bytes whole -> thinned |",
            "|---|---|---|---|---|---|"]
     for (method, swa, budget, ct), thin in sorted(by.items(), key=lambda kv: (kv[0][3], kv[0][2], -kv[0][1])):

@@ -93,12 +93,12 @@ def test_methods_that_read_by_layer_never_hold_every_layer_in_floats(name):
 
     def spy_layer(self, il):
         out = layer(self, il)
-        held.append(len(self._held) + len(self._heads) / self.shape[1])   # in layers' worth
+        held.append(len(self._held) + len(self._head_floats) / self.shape[1])   # in layers' worth
         return out
 
     def spy_head(self, il, h):
         out = head(self, il, h)
-        held.append(len(self._held) + len(self._heads) / self.shape[1])
+        held.append(len(self._held) + len(self._head_floats) / self.shape[1])
         return out
 
     cls.layer, cls.head = spy_layer, spy_head
@@ -135,7 +135,7 @@ def test_layer_floats_made_a_slice_of_rows_at_a_time_are_the_whole_conversion(ty
             for h in range(Hk):
                 np.testing.assert_array_equal(heads[il, h], want[:, h])
                 np.testing.assert_array_equal(heads[il, h, 7], want[7, h])
-        assert not heads._held and len(heads._heads) <= LayerFloats._HELD_HEADS
+        assert not heads._held and len(heads._head_floats) <= LayerFloats._HELD_HEADS
 
 
 def test_hybridkv_plans_a_layer_at_a_time():
@@ -186,7 +186,7 @@ def test_the_window_attention_over_a_big_block_holds_a_few_heads_of_floats():
         tracemalloc.stop()
     layer_bytes = Hk * T * d * 4
     assert peak < 1.5 * layer_bytes, (peak, layer_bytes)
-    assert not view.keys._held and not view.keys._heads
+    assert not view.keys._held and not view.keys._head_floats
     whole, _ = method_view(meth, block, Hk, cand, spans, queries, 0.125, 3)
     np.asarray(whole.keys)     # the whole float array, made once
     np.testing.assert_allclose(scores, whole.window_scores, rtol=1e-6, atol=1e-7)

@@ -453,20 +453,21 @@ def test_gemma_chat_template_follow_up_turns_with_recall(gemma_path):
     a third turn still re-renders the history against the cache."""
     from edgekv.errors import SessionError  # noqa: F401  (a template mismatch would raise it)
 
-    ends = {}
+    ends, blobs = {}, {}
     with Model.load(str(gemma_path), n_ctx=4096, threads=THREADS, chat_template="gemma") as m:
-        for recall in ("off", "ram"):
+        for recall in ("off", "ram", "disk"):     # disk: the context goes through state files (spill.py)
             s = Session(m, method="hybridkv", budget=0.1, recall=recall, compress="all")
             list(s.chat(needle_doc() + "\n\nWhat is the pass key?", max_tokens=6))
             list(s.chat("What is the secret animal?", max_tokens=6))
-            if recall == "ram":
+            if recall != "off":
                 r = s.reports[-1]
                 assert r.reselect and r.rewritten and r.recalled > 0 and r.reprefill_tokens > 5
             list(s.chat("Thanks. Anything else?", max_tokens=3))
             assert [x["role"] for x in s.messages] == ["user", "assistant"] * 3
-            ends[recall] = s.cache.n_past
+            ends[recall], blobs[recall] = s.cache.n_past, s.state_blob()
             s.close()
-    assert ends["off"] == ends["ram"]
+    assert ends["off"] == ends["ram"] == ends["disk"]
+    assert blobs["disk"] == blobs["ram"]
 
 
 def test_on_a_q8_0_gemma_cache_recalled_rows_are_the_prefills(gemma_path):

@@ -124,14 +124,16 @@ def test_a_failed_turn_after_a_disk_reselection_rolls_back_from_the_file(tiny_pa
     assert seq_files(tmp_path) == []
 
 
-@pytest.mark.parametrize("swa_budget", [1.0, 0.5])
-def test_on_gemma_a_disk_reselection_writes_the_ram_stores_blob(gemma_path, tmp_path, swa_budget):
+@pytest.mark.parametrize("swa_budget,cache_type", [(1.0, "f16"), (0.5, "f16"), (0.5, "q8_0")])
+def test_on_gemma_a_disk_reselection_writes_the_ram_stores_blob(gemma_path, tmp_path, swa_budget, cache_type):
     """Gemma 3 keeps a sliding-window block beside the global one: both go through the files (the question's
-    cells cut, or the block thinned), and the result is the RAM store's, byte for byte."""
+    cells cut, or the block thinned), on an f16 or a q8_0 cache, and the result is the RAM store's, byte for
+    byte."""
     from test_recall import follow_up
 
     blobs = {}
-    with Model.load(str(gemma_path), None, n_ctx=1024, n_batch=512, threads=THREADS) as m:
+    with Model.load(str(gemma_path), None, n_ctx=1024, n_batch=512, threads=THREADS, flash_attn="on",
+                    cache_type_k=cache_type, cache_type_v=cache_type) as m:
         for recall in ("ram", "disk"):
             got: list = []
             answers, reports = follow_up(m, recall, 0.1, got, recall_dir=tmp_path, recall_min_share=0.0,
@@ -210,4 +212,33 @@ def test_on_gemma_the_count_takes_the_sliding_window_block_from_the_blob_size(ge
         _check_nbytes(s)
         "".join(r.text for r in s.generate(max_tokens=3))
         _check_nbytes(s)
+        s.close()
+
+
+def test_no_room_for_the_new_context_is_a_clear_error_and_the_turn_is_undone(tiny_pairs, tmp_path, monkeypatch):
+    """The context was read into a file, then the new one cannot be written (the disk filled up meanwhile):
+    one CompactionError naming the folder, the conversation as before the turn, no file left behind, and
+    the same question goes through once there is room."""
+    from edgekv.errors import CompactionError
+    from edgekv.runtime import regions
+
+    _, _, img = tiny_pairs["qwen2vl"]
+    with load(tiny_pairs) as m:
+        s = Session(m, method="snapkv", budget=0.25, recall="disk", recall_dir=tmp_path, recall_min_share=0.0)
+        list(s.chat("Describe the image.", images=[img], max_tokens=2))
+        blob, n0 = s.state_blob(), s.cache.store.n
+        write = regions.write_state_file
+
+        def full_disk(*a):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(regions, "write_state_file", full_disk)
+        with pytest.raises(CompactionError, match=f"could not write the re-selected cache to {tmp_path}: No space"):
+            list(s.chat("And what is in the bottom right corner, exactly?", max_tokens=2))
+        assert s.state_blob() == blob and s.cache.store.n == n0
+        gc.collect()
+        assert seq_files(tmp_path) == []
+        monkeypatch.setattr(regions, "write_state_file", write)
+        list(s.chat("And what is in the bottom right corner, exactly?", max_tokens=2))
+        assert s.reports[-1].rewritten
         s.close()

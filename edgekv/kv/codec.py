@@ -227,7 +227,6 @@ class _Reader:
         a.flags.writeable = False  # a view into the blob: the blob must not change through it
         return a
 
-
     def rows(self, count: int, what: str):
         """`count` bytes of K or V rows: an array (see `array`), or for a state file where they lie."""
         if self.path is None:
@@ -394,13 +393,29 @@ def serialize_state(state: SeqState) -> bytes:
 
 def state_size(state: SeqState) -> int:
     """Bytes of the blob `state_buffer(state)` writes."""
-    n = 8
-    for b in state.blocks:
-        n += 8
-        if b.n_cells:
-            n += b.n_cells * 4 * (2 + (3 if state.has_ext else 0) + 1) + 8
-            n += sum(24 + l.nbytes for l in b.layers)  # K "<iQ" and V "<iQ" or "<iII" headers
-    return n
+    return 8 + sum(block_size(b.n_cells, b.n_layers, b.nbytes, state.has_ext) for b in state.blocks)
+
+
+def block_size(n_cells: int, n_layers: int, kv_bytes: int, has_ext: bool) -> int:
+    """Bytes a KV block of `n_cells` cells holding `kv_bytes` of K and V rows takes in a blob."""
+    if not n_cells:
+        return 8
+    return 8 + n_cells * _cell_meta(has_ext) + 8 + 24 * n_layers + kv_bytes  # K "<iQ", V "<iQ" or "<iII"
+
+
+def block_cells(size: int, n_layers: int, cell_bytes: int, has_ext: bool) -> int | None:
+    """The cells of a KV block that takes `size` bytes in a blob (the inverse of `block_size`, each cell
+    holding `cell_bytes` of K and V rows); None when no cell count gives that size."""
+    if size == block_size(0, n_layers, 0, has_ext):
+        return 0
+    cells, left = divmod(size - block_size(1, n_layers, 0, has_ext) + _cell_meta(has_ext),
+                         _cell_meta(has_ext) + cell_bytes)
+    return cells if not left and cells > 0 else None
+
+
+def _cell_meta(has_ext: bool) -> int:
+    """A cell's metadata in a blob: pos, n_seq_id, [x, y, tok,] seq_id."""
+    return 4 * (2 + (3 if has_ext else 0) + 1)
 
 
 def state_buffer(state: SeqState) -> ctypes.Array:
@@ -449,8 +464,7 @@ def _write_blocks(state: SeqState, put, header) -> None:
         header("<II", 1, b.n_cells)
         if b.n_cells == 0:
             continue
-        width = 2 + (3 if state.has_ext else 0) + 1
-        meta = np.empty((b.n_cells, width), "<i4")
+        meta = np.empty((b.n_cells, _cell_meta(state.has_ext) // 4), "<i4")
         meta[:, 0], meta[:, 1] = b.pos, 1
         if state.has_ext:
             if b.ext is None:

@@ -155,15 +155,15 @@ class LayerFloats(NDArrayOperatorsMixin):
     _HELD_HEADS = 2   # heads kept (the window attention reads each (layer, head) once, a thread each)
 
     def __init__(self, block: KVBlock, n_kv_heads: int, cells: np.ndarray | None, which: str) -> None:
-        self._block, self._heads, self._which = block, n_kv_heads, which
+        self._block, self._which = block, which
         self._cells = None if cells is None else np.asarray(cells, dtype=np.int64)
         layer = block.layers[0]
         width = layer.n_embd_k if which == "k" else layer.n_embd_v
         T = block.n_cells if cells is None else len(self._cells)
         self.shape = (block.n_layers, n_kv_heads, T, width // n_kv_heads)
         self._held: dict[int, np.ndarray] = {}
-        self._heads: dict[tuple[int, int], np.ndarray] = {}   # (layer, head) -> [T, d], see head()
-        self._rows_at: tuple[int, np.ndarray] | None = None
+        self._head_floats: dict[tuple[int, int], np.ndarray] = {}   # (layer, head) -> [T, d], see head()
+        self._rows_at: tuple[int, np.ndarray, int] | None = None    # (layer, its bytes, type), see head()
         self._full: np.ndarray | None = None
         self._lock = threading.RLock()
 
@@ -203,37 +203,37 @@ class LayerFloats(NDArrayOperatorsMixin):
         with self._lock:
             if il in self._held:
                 return self._held[il][h]
-            got = self._heads.get((il, h))
+            got = self._head_floats.get((il, h))
             if got is None:
                 layer = self._block.layers[il]
                 t, width = (layer.k_type, layer.k_row) if self._which == "k" else (layer.v_type, layer.v_row)
                 per = bytes_per_head(t, width, self.shape[1])
                 if per is None:
                     return self._held_layer(il)[h]
-                rows = self._rows_of(il)
+                if self._rows_at is None or self._rows_at[0] != il:   # the layer's heads are read in turn
+                    self._rows_at = (il, *self._layer_rows(il))
+                rows = self._rows_at[1]
                 T, d = self.shape[2:]
                 got = np.empty((T, d), np.float32)
                 for a in range(0, T, self._ROWS):
                     part = to_float(np.ascontiguousarray(rows[a:a + self._ROWS, h * per:(h + 1) * per]), t)
                     got[a:a + part.shape[0]] = part
                 got.flags.writeable = False
-                if len(self._heads) >= self._HELD_HEADS:
-                    self._heads.pop(next(iter(self._heads)))
-                self._heads[(il, h)] = got
+                if len(self._head_floats) >= self._HELD_HEADS:
+                    self._head_floats.pop(next(iter(self._head_floats)))
+                self._head_floats[(il, h)] = got
             return got
 
-    def _rows_of(self, il: int) -> np.ndarray:
-        """Layer il's K or V bytes of the block's cells (the last layer's kept: its heads are read in turn)."""
-        if self._rows_at is None or self._rows_at[0] != il:
-            layer = self._block.layers[il]
-            rows = layer.k if self._which == "k" else layer.v
-            self._rows_at = (il, rows if self._cells is None else rows[self._cells])
-        return self._rows_at[1]
+    def _layer_rows(self, il: int) -> tuple[np.ndarray, int]:
+        """Layer il's K or V bytes of the block's cells, and their ggml type."""
+        layer = self._block.layers[il]
+        rows, t = (layer.k, layer.k_type) if self._which == "k" else (layer.v, layer.v_type)
+        return (rows if self._cells is None else rows[self._cells]), t
 
     def release(self) -> None:
         """Drop the floats and bytes held (a later read makes them again)."""
         with self._lock:
-            self._held, self._heads, self._rows_at = {}, {}, None
+            self._held, self._head_floats, self._rows_at = {}, {}, None
 
     def __getitem__(self, key):
         if isinstance(key, (int, np.integer)):
@@ -252,16 +252,13 @@ class LayerFloats(NDArrayOperatorsMixin):
                     for il in range(self.shape[0]):
                         full[il] = self._held.get(il) if il in self._held else self._convert(il)
                     full.flags.writeable = False
-                    self._full, self._held, self._heads, self._rows_at = full, {}, {}, None
+                    self._full, self._held, self._head_floats, self._rows_at = full, {}, {}, None
         return self._full if dtype is None else self._full.astype(dtype)
 
     _ROWS = 1024  # rows converted at once: a quantized type's dequantization makes several temporaries
 
     def _convert(self, il: int) -> np.ndarray:
-        layer = self._block.layers[il]
-        rows, t = (layer.k, layer.k_type) if self._which == "k" else (layer.v, layer.v_type)
-        if self._cells is not None:
-            rows = rows[self._cells]
+        rows, t = self._layer_rows(il)
         H, T, d = self.shape[1:]
         out = np.empty((H, T, d), np.float32)        # [H_kv, T, d], contiguous: filled a slice of rows at a time
         for a in range(0, T, self._ROWS):

@@ -17,7 +17,7 @@ from typing import Callable, Literal
 import numpy as np
 
 from edgekv.errors import Cancelled, ContextOverflowError, EdgeKVError, StateFormatError
-from edgekv.kv.codec import SeqState, parse_state, parse_state_file
+from edgekv.kv.codec import SeqState, block_cells, block_size, parse_state, parse_state_file
 from edgekv.kv.store import RecallStore
 from edgekv.methods import Method, Span
 from edgekv.runtime import compactor, lib, spill
@@ -264,18 +264,15 @@ class CompressedCache:
         if not self.n_cells:
             return 0
         lay, m = self.model.layout, self.model
-        base = self.n_cells * m.cell_bytes
-        width = 4 * (2 + (3 if lay.mrope else 0) + 1)      # a cell's metadata in the blob (codec.py)
         n_global = len(lay.global_layers)
-        rest = llama_cpp.llama_state_seq_get_size(m.ctx, 0) - 8 - (16 + self.n_cells * width + 24 * n_global + base)
+        base = self.n_cells * m.cell_bytes                       # the base block: the ledger's cells
+        rest = llama_cpp.llama_state_seq_get_size(m.ctx, 0) - 8 - block_size(self.n_cells, n_global, base, lay.mrope)
         if not lay.iswa:
             return base if rest == 0 else self.counted_nbytes()
-        if rest == 8:                                       # an empty sliding-window block
-            return base
-        n_window = lay.n_layer - n_global
-        per = m.cell_bytes // n_global * n_window           # a window cell: the same rows in its layers
-        cells, left = divmod(rest - 16 - 24 * n_window, width + per)
-        return base + cells * per if not left and cells >= 0 else self.counted_nbytes()
+        n_window = lay.n_layer - n_global                        # the window block: as many cells as its size says
+        per = m.cell_bytes // n_global * n_window                # a window cell: the same rows in its layers
+        cells = block_cells(rest, n_window, per, lay.mrope)
+        return base + cells * per if cells is not None else self.counted_nbytes()
 
     def counted_nbytes(self) -> int:
         """K+V bytes of the state blob, read and parsed (the ledger checked on the way)."""

@@ -31,15 +31,17 @@ def write_or_restore(cache, new_state: SeqState, blob, what: str) -> int:
     raise CompactionError. Returns the K+V bytes written."""
     lib.release_free_memory()      # before the new blob: planning's freed temporaries leave the peak
     if isinstance(blob, spill.StateFile):   # read from a file: the new context goes through one too
-        new = spill.StateFile(blob.path.parent)
+        new = None
         try:
+            new = spill.StateFile(blob.path.parent)
             write_state_file(new_state, new.path)
             ok = cache.set_state(new)
         except OSError as e:
-            raise CompactionError(f"could not write the {what} to {new.path}: {e.strerror or e}; the cache "
-                                  "is as it was") from None
+            raise CompactionError(f"could not write the {what} to {blob.path.parent}: {e.strerror or e}; the "
+                                  "cache is as it was") from None
         finally:
-            new.close()
+            if new is not None:
+                new.close()
     else:
         ok = cache.set_state(state_buffer(new_state))
     if not ok:
